@@ -1,0 +1,81 @@
+/*
+ * check.h: the plain C structs that cross the thread boundary.
+ *
+ * A check is allocated by the Python thread (under the GIL), handed to a loop
+ * thread through its request queue, and handed back through a port's
+ * completion queue; whoever holds it owns it, and no PyObject is reachable
+ * from it.  A spec is immutable after creation and shared by reference count
+ * (atomic: the last check holding it may be freed on a loop thread).
+ */
+#ifndef RG_CHECK_H
+#define RG_CHECK_H
+
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "gcra.h"
+
+/* Why a check got a failure decision instead of an answer from the store. */
+enum rg_err {
+    RG_ERR_NONE = 0,
+    RG_ERR_TIMEOUT,     /* deadline passed before the reply */
+    RG_ERR_UNAVAILABLE, /* not connected, or the connection dropped */
+    RG_ERR_OVERLOADED,  /* too many checks outstanding */
+    RG_ERR_CLOSED,      /* the limiter was closed with the check in flight */
+    RG_ERR_REDIS,       /* Redis answered with an error */
+    RG_ERR__COUNT
+};
+
+/* A compiled list of rates, with the strings the Redis script needs. */
+typedef struct rg_spec {
+    atomic_int refcnt;
+    int n;
+    uint64_t id;                    /* unique in the process, never reused */
+    rg_rate rates[RG_MAX_RATES];
+    char arg_T[RG_MAX_RATES][32];   /* "%.17g" of T, tau: script arguments */
+    char arg_tau[RG_MAX_RATES][32];
+    char key_id[RG_MAX_RATES][48];  /* the rate's part of the key, "100/60000" */
+    uint8_t key_id_len[RG_MAX_RATES];
+} rg_spec;
+
+struct rg_port;
+struct rg_batch;
+
+typedef struct rg_check {
+    struct rg_check *next; /* request queue, then the sent/waiting list, then the port */
+    struct rg_check *prev; /* sent/waiting list (loop thread only) */
+    struct rg_port *port;  /* owns a reference */
+    rg_spec *spec;         /* owns a reference */
+    struct rg_batch *batch; /* while sent: the batch and our index in it */
+    uint32_t bidx;
+    uint32_t slot;         /* the port's future slot, meaningful to Python only */
+    uint64_t submit_ns;    /* CLOCK_MONOTONIC */
+    uint64_t deadline_ns;
+    int64_t cost;
+    int err;               /* enum rg_err */
+    rg_result res;
+    uint32_t keylen;
+    char key[];
+} rg_check;
+
+static inline void
+rg_spec_incref(rg_spec *s)
+{
+    atomic_fetch_add_explicit(&s->refcnt, 1, memory_order_relaxed);
+}
+
+void rg_spec_decref(rg_spec *s);
+
+/* Allocate a check with a copy of the key; NULL on out of memory. */
+rg_check *rg_check_new(const char *key, size_t keylen);
+/* Drop the check's references and free it.  Any thread. */
+void rg_check_free(rg_check *c);
+
+uint64_t rg_now_ns(void);
+
+/* Live objects, for the leak tests (always on: two relaxed atomics). */
+extern atomic_long rg_live_checks;
+extern atomic_long rg_live_ports;
+
+#endif

@@ -1,0 +1,51 @@
+/*
+ * gcra.h: the Generic Cell Rate Algorithm, one implementation for every store.
+ *
+ * A rate "limit per period, bucket of burst tokens" becomes an emission
+ * interval T = period / limit and a tolerance tau = burst * T, both in
+ * microseconds.  The state of one bucket is its theoretical arrival time (TAT):
+ * the instant at which the bucket is full again.  A check of `cost` tokens at
+ * time `now` is allowed when  max(TAT, now) + cost*T - now <= tau + RG_SLACK_US.
+ *
+ * The same arithmetic runs in C (the in-memory store, unit tests) and in Lua
+ * inside Redis (redis.c holds the script); keep the two in step.  Times are
+ * doubles of microseconds: exact for integers below 2^53, i.e. for centuries.
+ */
+#ifndef RG_GCRA_H
+#define RG_GCRA_H
+
+#include <stdint.h>
+
+#define RG_MAX_RATES 16
+
+/* One microsecond of slack absorbs the rounding of repeated additions of a
+ * fractional T, so a bucket of N tokens admits exactly N back-to-back hits. */
+#define RG_SLACK_US 1.0
+
+typedef struct rg_rate {
+    double T;      /* emission interval, us */
+    double tau;    /* burst * T, us */
+    int64_t burst; /* bucket size, tokens: the "limit" reported to clients */
+} rg_rate;
+
+/* A decision for one check over n rates.  Durations are microseconds. */
+typedef struct rg_result {
+    int allowed;
+    int rate;          /* index of the reported rate (closest to its limit) */
+    int64_t remaining; /* tokens left in that rate's bucket after the check */
+    int64_t reset_us;  /* until that bucket is full again */
+    int64_t retry_us;  /* 0 if allowed, else until this cost would be allowed */
+    int64_t block_us;  /* if denied: until a cost of 1 could be allowed (>= 0) */
+} rg_result;
+
+/*
+ * Decide a check of `cost` over rates[0..n) given each bucket's stored TAT
+ * (tats[j] <= 0 for a bucket with no state) at time `now`.  A denial by any
+ * rate consumes from none.  If allowed and cost > 0, tats[] is updated to the
+ * values to store; each must then be kept for (tats[j] - now) us.  Returns
+ * out->allowed.
+ */
+int rg_gcra_check(const rg_rate *rates, int n, double now, int64_t cost,
+                  double *tats, rg_result *out);
+
+#endif

@@ -1,0 +1,565 @@
+/*
+ * module.c: the rategate._core module: state, Decision, Spec.
+ *
+ * Multi-phase init (PEP 489), heap types, all state in the module state.
+ * One interpreter only: the loop threads and the fork handler are
+ * process-wide, and free-threaded builds are not supported (no Py_mod_gil
+ * slot, so such a build re-enables the GIL for us).
+ */
+#include "module.h"
+
+#include <pthread.h>
+#include <structmember.h>
+
+#include "memstore.h"
+#include "cache.h"
+#include "engine.h"
+
+unsigned long rg_fork_generation;
+
+static void
+rg_atfork_child(void)
+{
+    rg_fork_generation++;
+}
+
+rg_state *
+rg_state_of_type(PyTypeObject *tp)
+{
+    PyObject *m = PyType_GetModuleByDef(tp, &rg_module_def);
+    return m == NULL ? NULL : rg_get_state(m);
+}
+
+/* ---- Decision --------------------------------------------------------------- */
+
+PyObject *
+rg_decision_new(rg_state *st, int allowed, int rate, long long limit,
+                long long remaining, double reset_after, double retry_after, int err)
+{
+    DecisionObject *d = (DecisionObject *)st->DecisionType->tp_alloc(st->DecisionType, 0);
+    if (d == NULL)
+        return NULL;
+    d->allowed = (char)(allowed != 0);
+    d->rate = rate;
+    d->limit = limit;
+    d->remaining = remaining;
+    d->reset_after = reset_after;
+    d->retry_after = retry_after;
+    d->error = Py_NewRef(st->err_str[err]);
+    return (PyObject *)d;
+}
+
+PyObject *
+rg_failure(rg_state *st, rg_counters *k, const rg_spec *spec, int failure_open, int err)
+{
+    k->errors[err]++;
+    if (failure_open)
+        k->allowed++;
+    else
+        k->denied++;
+    return rg_decision_new(st, failure_open, 0, spec->rates[0].burst, 0, 0.0,
+                           failure_open ? 0.0 : 1.0, err);
+}
+
+PyObject *
+rg_answer(rg_state *st, rg_counters *k, const rg_spec *spec, const rg_result *r)
+{
+    if (r->allowed)
+        k->allowed++;
+    else
+        k->denied++;
+    return rg_decision_new(st, r->allowed, r->rate, spec->rates[r->rate].burst,
+                           r->remaining, (double)r->reset_us / 1e6,
+                           r->allowed ? 0.0 : (double)r->retry_us / 1e6, RG_ERR_NONE);
+}
+
+static PyObject *
+decision_tp_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"allowed", "limit", "remaining", "reset_after",
+                             "retry_after", "error", "rate", NULL};
+    int allowed, rate = 0;
+    long long limit, remaining;
+    double reset_after, retry_after;
+    PyObject *error = Py_None;
+    DecisionObject *d;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "pLLdd|Oi:Decision", kwlist, &allowed,
+                                     &limit, &remaining, &reset_after, &retry_after,
+                                     &error, &rate))
+        return NULL;
+    if (error != Py_None && !PyUnicode_Check(error)) {
+        PyErr_SetString(PyExc_TypeError, "Decision error must be a str or None");
+        return NULL;
+    }
+    d = (DecisionObject *)tp->tp_alloc(tp, 0);
+    if (d == NULL)
+        return NULL;
+    d->allowed = (char)allowed;
+    d->rate = rate;
+    d->limit = limit;
+    d->remaining = remaining;
+    d->reset_after = reset_after;
+    d->retry_after = retry_after;
+    d->error = Py_NewRef(error);
+    return (PyObject *)d;
+}
+
+static void
+decision_dealloc(DecisionObject *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    Py_CLEAR(self->error);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+static PyObject *
+decision_repr(DecisionObject *self)
+{
+    PyObject *r, *reset = PyFloat_FromDouble(self->reset_after);
+    PyObject *retry = PyFloat_FromDouble(self->retry_after);
+    if (reset == NULL || retry == NULL) {
+        r = NULL;
+        goto done;
+    }
+    r = PyUnicode_FromFormat("Decision(allowed=%s, limit=%lld, remaining=%lld, "
+                             "reset_after=%R, retry_after=%R, error=%R)",
+                             self->allowed ? "True" : "False", self->limit,
+                             self->remaining, reset, retry, self->error);
+done:
+    Py_XDECREF(reset);
+    Py_XDECREF(retry);
+    return r;
+}
+
+static PyMemberDef decision_members[] = {
+    {"allowed", T_BOOL, offsetof(DecisionObject, allowed), READONLY, "True if the request may proceed"},
+    {"limit", T_LONGLONG, offsetof(DecisionObject, limit), READONLY, "bucket size of the reported rate"},
+    {"remaining", T_LONGLONG, offsetof(DecisionObject, remaining), READONLY, "tokens left after this check"},
+    {"reset_after", T_DOUBLE, offsetof(DecisionObject, reset_after), READONLY, "seconds until the bucket is full"},
+    {"retry_after", T_DOUBLE, offsetof(DecisionObject, retry_after), READONLY, "seconds until this cost would be allowed; 0 if allowed"},
+    {"error", T_OBJECT, offsetof(DecisionObject, error), READONLY, "None, or why the failure mode decided"},
+    {"rate", T_INT, offsetof(DecisionObject, rate), READONLY, "index of the reported rate"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyType_Slot decision_slots[] = {
+    {Py_tp_new, decision_tp_new},
+    {Py_tp_dealloc, decision_dealloc},
+    {Py_tp_repr, decision_repr},
+    {Py_tp_members, decision_members},
+    {Py_tp_doc, "The answer to one check (immutable)."},
+    {0, NULL},
+};
+
+static PyType_Spec decision_spec = {
+    .name = "rategate._core.Decision",
+    .basicsize = sizeof(DecisionObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = decision_slots,
+};
+
+/* ---- Spec -------------------------------------------------------------------- */
+
+/* Read an attribute as a C number; -1 with an error set on failure. */
+static int
+attr_double(PyObject *o, const char *name, double *out)
+{
+    PyObject *v = PyObject_GetAttrString(o, name);
+    if (v == NULL)
+        return -1;
+    *out = PyFloat_AsDouble(v);
+    Py_DECREF(v);
+    return (*out == -1.0 && PyErr_Occurred()) ? -1 : 0;
+}
+
+static PyObject *
+spec_tp_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
+{
+    rg_state *st = rg_state_of_type(tp);
+    PyObject *rates;
+    SpecObject *self = NULL;
+    rg_spec *s = NULL;
+    Py_ssize_t i, n;
+
+    if (st == NULL)
+        return NULL;
+    if (!PyArg_ParseTuple(args, "O!:Spec", &PyTuple_Type, &rates))
+        return NULL;
+    if (kw != NULL && PyDict_GET_SIZE(kw) != 0) {
+        PyErr_SetString(PyExc_TypeError, "Spec() takes no keyword arguments");
+        return NULL;
+    }
+    n = PyTuple_GET_SIZE(rates);
+    if (n < 1 || n > RG_MAX_RATES) {
+        PyErr_Format(PyExc_ValueError, "a check takes 1 to %d rates, got %zd", RG_MAX_RATES, n);
+        return NULL;
+    }
+    s = calloc(1, sizeof(*s));
+    if (s == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    atomic_init(&s->refcnt, 1);
+    s->n = (int)n;
+    s->id = ++st->next_spec_id;
+    for (i = 0; i < n; i++) {
+        PyObject *r = PyTuple_GET_ITEM(rates, i), *kid;
+        double limit, period, burst;
+        const char *id;
+        Py_ssize_t idlen;
+
+        if (attr_double(r, "limit", &limit) < 0 || attr_double(r, "period", &period) < 0 ||
+            attr_double(r, "burst", &burst) < 0)
+            goto error;
+        if (!(limit >= 1 && period > 0 && burst >= 1)) {
+            PyErr_Format(PyExc_ValueError, "bad rate %R: limit, period and burst must be positive", r);
+            goto error;
+        }
+        s->rates[i].T = period * 1e6 / limit;
+        s->rates[i].tau = burst * s->rates[i].T;
+        s->rates[i].burst = (int64_t)burst;
+        if (s->rates[i].T < 1.0) {
+            PyErr_Format(PyExc_ValueError,
+                         "rate %R is too fast: at most 1,000,000 per second", r);
+            goto error;
+        }
+        snprintf(s->arg_T[i], sizeof(s->arg_T[i]), "%.17g", s->rates[i].T);
+        snprintf(s->arg_tau[i], sizeof(s->arg_tau[i]), "%.17g", s->rates[i].tau);
+        kid = PyObject_GetAttrString(r, "key_id");
+        if (kid == NULL)
+            goto error;
+        id = PyUnicode_Check(kid) ? PyUnicode_AsUTF8AndSize(kid, &idlen) : NULL;
+        if (id == NULL || idlen < 1 || idlen >= (Py_ssize_t)sizeof(s->key_id[i])) {
+            if (!PyErr_Occurred())
+                PyErr_Format(PyExc_ValueError, "bad key_id %R", kid);
+            Py_DECREF(kid);
+            goto error;
+        }
+        memcpy(s->key_id[i], id, (size_t)idlen);
+        s->key_id_len[i] = (uint8_t)idlen;
+        Py_DECREF(kid);
+    }
+    self = (SpecObject *)tp->tp_alloc(tp, 0);
+    if (self == NULL)
+        goto error;
+    self->spec = s;
+    self->rates = Py_NewRef(rates);
+    return (PyObject *)self;
+error:
+    free(s);
+    return NULL;
+}
+
+static void
+spec_dealloc(SpecObject *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    if (self->spec != NULL)
+        rg_spec_decref(self->spec);
+    Py_CLEAR(self->rates);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+static PyMemberDef spec_members[] = {
+    {"rates", T_OBJECT, offsetof(SpecObject, rates), READONLY, "the rates, a tuple of Rate"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyType_Slot spec_slots[] = {
+    {Py_tp_new, spec_tp_new},
+    {Py_tp_dealloc, spec_dealloc},
+    {Py_tp_members, spec_members},
+    {Py_tp_doc, "A compiled list of rates (see Limiter.compile)."},
+    {0, NULL},
+};
+
+static PyType_Spec spec_spec = {
+    .name = "rategate._core.Spec",
+    .basicsize = sizeof(SpecObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = spec_slots,
+};
+
+/* ---- shared helpers ---------------------------------------------------------- */
+
+int
+rg_parse_submit(rg_state *st, PyObject *const *args, Py_ssize_t nargs, const char **key,
+                Py_ssize_t *keylen, SpecObject **spec, long long *cost)
+{
+    PyObject *k;
+
+    if (nargs != 3) {
+        PyErr_Format(PyExc_TypeError, "submit() takes (key, spec, cost), got %zd arguments", nargs);
+        return -1;
+    }
+    k = args[0];
+    if (PyBytes_Check(k)) {
+        *key = PyBytes_AS_STRING(k);
+        *keylen = PyBytes_GET_SIZE(k);
+    } else if (PyUnicode_Check(k)) {
+        *key = PyUnicode_AsUTF8AndSize(k, keylen);
+        if (*key == NULL)
+            return -1;
+    } else {
+        PyErr_Format(PyExc_TypeError, "key must be str or bytes, not %.100s", Py_TYPE(k)->tp_name);
+        return -1;
+    }
+    if (*keylen == 0) {
+        PyErr_SetString(PyExc_ValueError, "key must not be empty");
+        return -1;
+    }
+    if (*keylen > RG_MAX_KEY) {
+        PyErr_Format(PyExc_ValueError,
+                     "key is %zd bytes, at most %d allowed: hash long keys (rategate.keys does)",
+                     *keylen, RG_MAX_KEY);
+        return -1;
+    }
+    if (Py_TYPE(args[1]) != st->SpecType) {
+        PyErr_Format(PyExc_TypeError, "spec must come from Limiter.compile(), not %.100s",
+                     Py_TYPE(args[1])->tp_name);
+        return -1;
+    }
+    *spec = (SpecObject *)args[1];
+    if (!PyLong_Check(args[2])) {
+        PyErr_Format(PyExc_ValueError, "cost must be an int >= 0, got %R", args[2]);
+        return -1;
+    }
+    *cost = PyLong_AsLongLong(args[2]);
+    if (*cost == -1 && PyErr_Occurred())
+        return -1;
+    if (*cost < 0 || *cost > 1000000000LL) {
+        PyErr_Format(PyExc_ValueError, "cost must be an int from 0 to 10**9, got %lld", *cost);
+        return -1;
+    }
+    return 0;
+}
+
+PyObject *
+rg_counters_dict(rg_state *st, const rg_counters *k)
+{
+    PyObject *d = NULL, *errs = NULL;
+    int i;
+
+    errs = PyDict_New();
+    if (errs == NULL)
+        goto error;
+    for (i = 1; i < RG_ERR__COUNT; i++) {
+        PyObject *v = PyLong_FromUnsignedLongLong(k->errors[i]);
+        if (v == NULL || PyDict_SetItem(errs, st->err_str[i], v) < 0) {
+            Py_XDECREF(v);
+            goto error;
+        }
+        Py_DECREF(v);
+    }
+    d = Py_BuildValue("{sKsKsKsKsO}", "checks", k->checks, "allowed", k->allowed,
+                      "denied", k->denied, "cached_denials", k->cached, "errors", errs);
+error:
+    Py_XDECREF(errs);
+    return d;
+}
+
+/* ---- module functions -------------------------------------------------------- */
+
+/* _gcra_check(spec, now_us, cost, tats) -> (allowed, rate, remaining,
+ * reset_us, retry_us, block_us, new_tats): the C algorithm, for tests. */
+static PyObject *
+mod_gcra_check(PyObject *module, PyObject *args)
+{
+    rg_state *st = rg_get_state(module);
+    PyObject *spec, *tats, *out = NULL, *nt = NULL;
+    double now, tv[RG_MAX_RATES];
+    long long cost;
+    rg_result r;
+    int i, n;
+
+    if (!PyArg_ParseTuple(args, "O!dLO!:_gcra_check", st->SpecType, &spec, &now, &cost,
+                          &PyList_Type, &tats))
+        return NULL;
+    n = ((SpecObject *)spec)->spec->n;
+    if (PyList_GET_SIZE(tats) != n) {
+        PyErr_SetString(PyExc_ValueError, "one TAT per rate");
+        return NULL;
+    }
+    for (i = 0; i < n; i++) {
+        tv[i] = PyFloat_AsDouble(PyList_GET_ITEM(tats, i));
+        if (tv[i] == -1.0 && PyErr_Occurred())
+            return NULL;
+    }
+    rg_gcra_check(((SpecObject *)spec)->spec->rates, n, now, cost, tv, &r);
+    nt = PyList_New(n);
+    if (nt == NULL)
+        return NULL;
+    for (i = 0; i < n; i++) {
+        PyObject *f = PyFloat_FromDouble(tv[i]);
+        if (f == NULL)
+            goto done;
+        PyList_SET_ITEM(nt, i, f);
+    }
+    out = Py_BuildValue("(iiLLLLO)", r.allowed, r.rate, (long long)r.remaining,
+                        (long long)r.reset_us, (long long)r.retry_us, (long long)r.block_us, nt);
+done:
+    Py_DECREF(nt);
+    return out;
+}
+
+static PyObject *
+mod_live(PyObject *module, PyObject *unused)
+{
+    (void)module;
+    (void)unused;
+    return Py_BuildValue("{slsl}", "checks", atomic_load(&rg_live_checks), "ports",
+                         atomic_load(&rg_live_ports));
+}
+
+extern const char rg_script[];
+
+static PyMethodDef module_methods[] = {
+    {"_gcra_check", mod_gcra_check, METH_VARARGS, "The C GCRA, for tests."},
+    {"_live", mod_live, METH_NOARGS, "Live checks and ports (leak tests)."},
+    {NULL, NULL, 0, NULL},
+};
+
+/* ---- init --------------------------------------------------------------------- */
+
+static int
+module_exec(PyObject *m)
+{
+    static const char *kinds[RG_ERR__COUNT] = {NULL, "timeout", "unavailable",
+                                               "overloaded", "closed", "redis_error"};
+    static int atfork_done;
+    rg_state *st = rg_get_state(m);
+    PyObject *asyncio = NULL, *script = NULL;
+    int i, rc = -1;
+
+    if (!atfork_done) {
+        if (pthread_atfork(NULL, NULL, rg_atfork_child) != 0) {
+            PyErr_SetString(PyExc_RuntimeError, "pthread_atfork failed");
+            return -1;
+        }
+        atfork_done = 1;
+        rg_hash_seed(rg_now_ns() ^ (uint64_t)(uintptr_t)&atfork_done);
+    }
+#define TYPE(field, spec, base)                                                          \
+    do {                                                                                 \
+        st->field = (PyTypeObject *)PyType_FromModuleAndSpec(m, &spec, base);            \
+        if (st->field == NULL || PyModule_AddType(m, st->field) < 0)                     \
+            goto done;                                                                   \
+    } while (0)
+    TYPE(DecisionType, decision_spec, NULL);
+    TYPE(SpecType, spec_spec, NULL);
+#undef TYPE
+    if (rg_engine_types_init(m, st) < 0)
+        goto done;
+
+    st->err_str[0] = Py_NewRef(Py_None);
+    for (i = 1; i < RG_ERR__COUNT; i++)
+        if ((st->err_str[i] = PyUnicode_InternFromString(kinds[i])) == NULL)
+            goto done;
+#define STR(field, text)                                                                 \
+    if ((st->field = PyUnicode_InternFromString(text)) == NULL)                          \
+        goto done;
+    STR(s_create_future, "create_future");
+    STR(s_set_result, "set_result");
+    STR(s_add_reader, "add_reader");
+    STR(s_remove_reader, "remove_reader");
+    STR(s_is_closed, "is_closed");
+    STR(s_is_running, "is_running");
+    STR(s_call_soon_threadsafe, "call_soon_threadsafe");
+    STR(s_drain, "_drain");
+    STR(s_close_in_loop, "_close_in_loop");
+#undef STR
+    asyncio = PyImport_ImportModule("asyncio");
+    if (asyncio == NULL)
+        goto done;
+    st->get_running_loop = PyObject_GetAttrString(asyncio, "get_running_loop");
+    st->InvalidStateError = PyObject_GetAttrString(asyncio, "InvalidStateError");
+    if (st->get_running_loop == NULL || st->InvalidStateError == NULL)
+        goto done;
+    script = PyUnicode_FromString(rg_script);
+    if (script == NULL || PyModule_AddObjectRef(m, "SCRIPT", script) < 0)
+        goto done;
+    if (PyModule_AddIntConstant(m, "MAX_KEY", RG_MAX_KEY) < 0 ||
+        PyModule_AddIntConstant(m, "BATCH_MAX", RG_BATCH_MAX) < 0)
+        goto done;
+    rc = 0;
+done:
+    Py_XDECREF(asyncio);
+    Py_XDECREF(script);
+    return rc;
+}
+
+static int
+module_traverse(PyObject *m, visitproc visit, void *arg)
+{
+    rg_state *st = rg_get_state(m);
+    Py_VISIT(st->DecisionType);
+    Py_VISIT(st->SpecType);
+    Py_VISIT(st->EngineType);
+    Py_VISIT(st->MemoryEngineType);
+    Py_VISIT(st->PortType);
+    Py_VISIT(st->get_running_loop);
+    Py_VISIT(st->InvalidStateError);
+    return 0;
+}
+
+static int
+module_clear(PyObject *m)
+{
+    rg_state *st = rg_get_state(m);
+    int i;
+    Py_CLEAR(st->DecisionType);
+    Py_CLEAR(st->SpecType);
+    Py_CLEAR(st->EngineType);
+    Py_CLEAR(st->MemoryEngineType);
+    Py_CLEAR(st->PortType);
+    for (i = 0; i < RG_ERR__COUNT; i++)
+        Py_CLEAR(st->err_str[i]);
+    Py_CLEAR(st->get_running_loop);
+    Py_CLEAR(st->InvalidStateError);
+    Py_CLEAR(st->s_create_future);
+    Py_CLEAR(st->s_set_result);
+    Py_CLEAR(st->s_add_reader);
+    Py_CLEAR(st->s_remove_reader);
+    Py_CLEAR(st->s_is_closed);
+    Py_CLEAR(st->s_is_running);
+    Py_CLEAR(st->s_call_soon_threadsafe);
+    Py_CLEAR(st->s_drain);
+    Py_CLEAR(st->s_close_in_loop);
+    return 0;
+}
+
+static void
+module_free(void *m)
+{
+    module_clear((PyObject *)m);
+}
+
+static PyModuleDef_Slot module_slots[] = {
+    {Py_mod_exec, module_exec},
+#ifdef Py_mod_multiple_interpreters
+    /* Loop threads and the fork hook are per process: one interpreter. */
+    {Py_mod_multiple_interpreters, Py_MOD_MULTIPLE_INTERPRETERS_NOT_SUPPORTED},
+#endif
+    {0, NULL},
+};
+
+PyModuleDef rg_module_def = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "rategate._core",
+    .m_doc = "rategate's C core: GCRA checks on a libuv thread that owns the Redis connection.",
+    .m_size = sizeof(rg_state),
+    .m_methods = module_methods,
+    .m_slots = module_slots,
+    .m_traverse = module_traverse,
+    .m_clear = module_clear,
+    .m_free = module_free,
+};
+
+PyMODINIT_FUNC
+PyInit__core(void)
+{
+    return PyModuleDef_Init(&rg_module_def);
+}

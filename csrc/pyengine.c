@@ -1,0 +1,948 @@
+/*
+ * pyengine.c: the engines as Python objects, and the ports that hand their
+ * decisions to asyncio.
+ *
+ * Engine       a Redis engine: submit() returns a Decision when it can
+ *              answer at once (the over-limit cache, fail-fast while Redis
+ *              is down, overload) and otherwise an asyncio future that the
+ *              loop thread's answer resolves.
+ * Port         one per (engine, asyncio loop): a C port (port.h) whose
+ *              eventfd the loop watches with add_reader, and the futures
+ *              waiting on it, by slot.  _drain() resolves every finished
+ *              check in one call.
+ * MemoryEngine memory://, answered synchronously under the GIL.
+ *
+ * All of this runs with the GIL held; the only calls into the loop threads
+ * are rg_engine_start/submit/stop (engine.h).
+ */
+#include "module.h"
+
+#include <structmember.h>
+
+#include "cache.h"
+#include "engine.h"
+#include "memstore.h"
+#include "port.h"
+
+typedef struct PortObject PortObject;
+
+typedef struct {
+    PyObject_HEAD
+    rg_state *st;
+    PyObject *module;    /* keeps st alive */
+    rg_engine eng;
+    rg_cache cache;
+    rg_counters k;
+    int failure_open;
+    int closed;
+    unsigned long fork_gen;
+    PyObject *ports;     /* dict: loop -> Port */
+    PyObject *last_loop; /* the loop of the last submit, and its port */
+    PortObject *last_port;
+    PyObject *weakreflist;
+} EngineObject;
+
+struct PortObject {
+    PyObject_HEAD
+    EngineObject *engine; /* strong */
+    PyObject *loop;       /* strong */
+    rg_port *port;        /* our reference; NULL once shut down */
+    unsigned long fork_gen;
+    int registered;       /* the eventfd is watched by loop */
+    PyObject **futs;      /* slot -> future (strong), NULL if free */
+    uint32_t *next_free;
+    uint32_t cap, free_head, used;
+};
+
+#define NO_SLOT UINT32_MAX
+
+/* ---- Port -------------------------------------------------------------------- */
+
+static int
+port_grow(PortObject *p)
+{
+    uint32_t cap = p->cap ? p->cap * 2 : 64, i;
+    PyObject **f;
+    uint32_t *nf;
+
+    if (cap <= p->cap) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    f = PyMem_Realloc(p->futs, cap * sizeof(*f));
+    if (f == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    p->futs = f;
+    nf = PyMem_Realloc(p->next_free, cap * sizeof(*nf));
+    if (nf == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    p->next_free = nf;
+    for (i = p->cap; i < cap; i++) {
+        p->futs[i] = NULL;
+        p->next_free[i] = i + 1 < cap ? i + 1 : p->free_head;
+    }
+    p->free_head = p->cap;
+    p->cap = cap;
+    return 0;
+}
+
+/* Park a future (new reference taken) and return its slot. */
+static int
+port_park(PortObject *p, PyObject *fut, uint32_t *slot)
+{
+    uint32_t s;
+    if (p->free_head == NO_SLOT && port_grow(p) < 0)
+        return -1;
+    s = p->free_head;
+    p->free_head = p->next_free[s];
+    p->futs[s] = Py_NewRef(fut);
+    p->used++;
+    *slot = s;
+    return 0;
+}
+
+/* Take the future out of its slot (reference passed to the caller). */
+static PyObject *
+port_unpark(PortObject *p, uint32_t s)
+{
+    PyObject *f;
+    if (s >= p->cap || p->futs[s] == NULL)
+        return NULL;
+    f = p->futs[s];
+    p->futs[s] = NULL;
+    p->next_free[s] = p->free_head;
+    p->free_head = s;
+    p->used--;
+    return f;
+}
+
+/* Turn a finished check into its Decision, counted, and teach the cache. */
+static PyObject *
+engine_decide(EngineObject *e, const rg_check *c)
+{
+    rg_state *st = e->st;
+    if (c->err != RG_ERR_NONE)
+        return rg_failure(st, &e->k, c->spec, e->failure_open, c->err);
+    if (!c->res.allowed && c->res.block_us > 0) {
+        /* Counted from submission, which is before Redis read its clock:
+         * the cached block ends no later than Redis's (see cache.h). */
+        rg_cache_put(&e->cache, rg_hash(c->key, c->keylen), c->spec->id, c->key, c->keylen,
+                     c->submit_ns + (uint64_t)c->res.block_us * 1000u,
+                     c->submit_ns + (uint64_t)(c->res.reset_us > 0 ? c->res.reset_us : 0) * 1000u,
+                     c->res.rate);
+    } else if (c->res.allowed) {
+        rg_cache_forget(&e->cache, rg_hash(c->key, c->keylen), c->spec->id, c->key, c->keylen);
+    }
+    return rg_answer(st, &e->k, c->spec, &c->res);
+}
+
+/* Resolve the future of one finished check, then free the check. */
+static void
+port_resolve(PortObject *p, rg_check *c)
+{
+    PyObject *fut = port_unpark(p, c->slot), *dec, *r;
+
+    dec = engine_decide(p->engine, c);
+    rg_check_free(c);
+    if (fut == NULL) {
+        Py_XDECREF(dec);
+        return;
+    }
+    if (dec == NULL) {
+        PyErr_WriteUnraisable((PyObject *)p);
+        Py_DECREF(fut);
+        return;
+    }
+    r = PyObject_CallMethodOneArg(fut, p->engine->st->s_set_result, dec);
+    if (r == NULL) {
+        /* Cancelled (its task was cancelled): nobody wants the answer.
+         * A closed loop refusing the callback: nobody can get it. */
+        if (PyErr_ExceptionMatches(p->engine->st->InvalidStateError) ||
+            PyErr_ExceptionMatches(PyExc_RuntimeError))
+            PyErr_Clear();
+        else
+            PyErr_WriteUnraisable(fut);
+    }
+    Py_XDECREF(r);
+    Py_DECREF(dec);
+    Py_DECREF(fut);
+}
+
+static PyObject *
+port_drain(PortObject *self, PyObject *unused)
+{
+    rg_check *c;
+    (void)unused;
+
+    if (self->port == NULL || self->fork_gen != rg_fork_generation)
+        Py_RETURN_NONE;
+    c = rg_port_take(self->port);
+    while (c != NULL) {
+        rg_check *next = c->next;
+        port_resolve(self, c);
+        c = next;
+    }
+    Py_RETURN_NONE;
+}
+
+/*
+ * Let go of the C port.  `resolve`: answer what already arrived (the loop is
+ * usable); otherwise just drop it.  Checks still inside the engine are freed
+ * by the loop thread when it pushes them (the port is closed).  After a fork
+ * the C port belongs to the parent: leave it alone, leak it.
+ */
+static void
+port_shutdown(PortObject *self, int resolve)
+{
+    rg_check *c;
+    uint32_t i;
+
+    if (self->port == NULL)
+        return;
+    if (self->fork_gen != rg_fork_generation) {
+        self->port = NULL;
+        self->registered = 0;
+    } else {
+        if (self->registered) {
+            PyObject *r;
+            int closed = 1;
+            r = PyObject_CallMethodNoArgs(self->loop, self->engine->st->s_is_closed);
+            if (r != NULL) {
+                closed = PyObject_IsTrue(r);
+                Py_DECREF(r);
+            }
+            if (closed == 0) {
+                PyObject *fd = PyLong_FromLong(self->port->efd);
+                r = fd ? PyObject_CallMethodOneArg(self->loop, self->engine->st->s_remove_reader, fd)
+                       : NULL;
+                Py_XDECREF(fd);
+                Py_XDECREF(r);
+            }
+            PyErr_Clear();
+            self->registered = 0;
+        }
+        c = rg_port_close(self->port);
+        while (c != NULL) {
+            rg_check *next = c->next;
+            if (resolve) {
+                port_resolve(self, c);
+            } else {
+                PyObject *f = port_unpark(self, c->slot);
+                Py_XDECREF(f);
+                rg_check_free(c);
+            }
+            c = next;
+        }
+        rg_port_decref(self->port);
+        self->port = NULL;
+    }
+    for (i = 0; i < self->cap; i++)
+        Py_CLEAR(self->futs[i]);
+    self->used = 0;
+}
+
+/* Shut down from the port's own loop (scheduled by close() from elsewhere). */
+static PyObject *
+port_close_in_loop(PortObject *self, PyObject *unused)
+{
+    (void)unused;
+    port_drain(self, NULL);
+    port_shutdown(self, 1);
+    Py_RETURN_NONE;
+}
+
+static PortObject *
+port_new(EngineObject *e, PyObject *loop)
+{
+    rg_state *st = e->st;
+    PortObject *p;
+    PyObject *fd = NULL, *cb = NULL, *r = NULL;
+
+    p = (PortObject *)st->PortType->tp_alloc(st->PortType, 0);
+    if (p == NULL)
+        return NULL;
+    p->engine = (EngineObject *)Py_NewRef(e);
+    p->loop = Py_NewRef(loop);
+    p->fork_gen = rg_fork_generation;
+    p->free_head = NO_SLOT;
+    p->port = rg_port_new();
+    if (p->port == NULL) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        goto error;
+    }
+    fd = PyLong_FromLong(p->port->efd);
+    cb = PyObject_GetAttr((PyObject *)p, st->s_drain);
+    if (fd == NULL || cb == NULL)
+        goto error;
+    r = PyObject_CallMethodObjArgs(loop, st->s_add_reader, fd, cb, NULL);
+    if (r == NULL)
+        goto error;
+    p->registered = 1;
+    Py_DECREF(r);
+    Py_DECREF(fd);
+    Py_DECREF(cb);
+    return p;
+error:
+    Py_XDECREF(fd);
+    Py_XDECREF(cb);
+    Py_DECREF(p);
+    return NULL;
+}
+
+static int
+port_traverse(PortObject *self, visitproc visit, void *arg)
+{
+    uint32_t i;
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->engine);
+    Py_VISIT(self->loop);
+    for (i = 0; i < self->cap; i++)
+        Py_VISIT(self->futs[i]);
+    return 0;
+}
+
+static int
+port_clear(PortObject *self)
+{
+    uint32_t i;
+    for (i = 0; i < self->cap; i++)
+        Py_CLEAR(self->futs[i]);
+    Py_CLEAR(self->loop);
+    Py_CLEAR(self->engine);
+    return 0;
+}
+
+static void
+port_dealloc(PortObject *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    if (self->port != NULL) {
+        if (self->engine != NULL && self->loop != NULL) {
+            port_shutdown(self, 0);
+        } else if (self->fork_gen == rg_fork_generation) {
+            /* cleared by the GC first: cannot reach the loop; just let go */
+            rg_check *c = rg_port_close(self->port);
+            while (c != NULL) {
+                rg_check *next = c->next;
+                rg_check_free(c);
+                c = next;
+            }
+            rg_port_decref(self->port);
+        }
+        self->port = NULL;
+    }
+    port_clear(self);
+    PyMem_Free(self->futs);
+    PyMem_Free(self->next_free);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+static PyMethodDef port_methods[] = {
+    {"_drain", (PyCFunction)port_drain, METH_NOARGS, "Resolve every finished check."},
+    {"_close_in_loop", (PyCFunction)port_close_in_loop, METH_NOARGS, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyType_Slot port_slots[] = {
+    {Py_tp_dealloc, port_dealloc},
+    {Py_tp_traverse, port_traverse},
+    {Py_tp_clear, port_clear},
+    {Py_tp_methods, port_methods},
+    {0, NULL},
+};
+
+static PyType_Spec port_spec = {
+    .name = "rategate._core.Port",
+    .basicsize = sizeof(PortObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_IMMUTABLETYPE |
+             Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .slots = port_slots,
+};
+
+/* ---- Engine ------------------------------------------------------------------- */
+
+static char *
+dup_arg(PyObject *o, size_t *len, const char *what)
+{
+    const char *s;
+    Py_ssize_t n;
+    char *out;
+
+    if (o == Py_None)
+        return NULL;
+    if (PyBytes_Check(o)) {
+        s = PyBytes_AS_STRING(o);
+        n = PyBytes_GET_SIZE(o);
+    } else if (PyUnicode_Check(o)) {
+        s = PyUnicode_AsUTF8AndSize(o, &n);
+        if (s == NULL)
+            return NULL;
+    } else {
+        PyErr_Format(PyExc_TypeError, "%s must be str, bytes or None", what);
+        return NULL;
+    }
+    out = malloc((size_t)n + 1);
+    if (out == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    memcpy(out, s, (size_t)n);
+    out[n] = '\0';
+    if (len != NULL)
+        *len = (size_t)n;
+    return out;
+}
+
+static PyObject *
+engine_tp_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"host", "port", "path", "username", "password", "db",
+                             "timeout", "failure_open", "threads", "max_pending",
+                             "cache_size", "connect_timeout", "stall_timeout", NULL};
+    PyObject *host, *path, *user, *pass;
+    int port, db, failure_open, threads;
+    long max_pending;
+    Py_ssize_t cache_size;
+    double timeout, connect_timeout, stall_timeout;
+    rg_state *st = rg_state_of_type(tp);
+    EngineObject *self;
+
+    if (st == NULL)
+        return NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OiOOOidpilndd:Engine", kwlist, &host, &port,
+                                     &path, &user, &pass, &db, &timeout, &failure_open,
+                                     &threads, &max_pending, &cache_size, &connect_timeout,
+                                     &stall_timeout))
+        return NULL;
+    if (!(timeout > 0 && connect_timeout > 0 && stall_timeout > 0)) {
+        PyErr_SetString(PyExc_ValueError, "timeouts must be > 0 seconds");
+        return NULL;
+    }
+    if (threads < 1 || threads > 64 || max_pending < 1 || cache_size < 0) {
+        PyErr_SetString(PyExc_ValueError, "threads must be 1..64, max_pending >= 1, cache_size >= 0");
+        return NULL;
+    }
+    if ((host == Py_None) == (path == Py_None)) {
+        PyErr_SetString(PyExc_ValueError, "give exactly one of host and path");
+        return NULL;
+    }
+    self = (EngineObject *)tp->tp_alloc(tp, 0);
+    if (self == NULL)
+        return NULL;
+    self->st = st;
+    self->module = PyType_GetModuleByDef(tp, &rg_module_def);
+    Py_XINCREF(self->module);
+    self->fork_gen = rg_fork_generation;
+    self->failure_open = failure_open;
+    atomic_init(&self->eng.outstanding, 0);
+    atomic_init(&self->eng.reconnects, 0);
+    pthread_mutex_init(&self->eng.err_mu, NULL);
+    self->eng.cfg.port = port;
+    self->eng.cfg.db = db;
+    self->eng.cfg.nshards = threads;
+    self->eng.cfg.max_pending = max_pending;
+    self->eng.cfg.timeout_ns = (uint64_t)(timeout * 1e9);
+    self->eng.cfg.connect_timeout_ns = (uint64_t)(connect_timeout * 1e9);
+    self->eng.cfg.stall_ns = (uint64_t)(stall_timeout * 1e9);
+    if ((self->ports = PyDict_New()) == NULL)
+        goto error;
+    self->eng.cfg.host = dup_arg(host, NULL, "host");
+    if (PyErr_Occurred())
+        goto error;
+    self->eng.cfg.path = dup_arg(path, NULL, "path");
+    if (PyErr_Occurred())
+        goto error;
+    self->eng.cfg.username = dup_arg(user, &self->eng.cfg.username_len, "username");
+    if (PyErr_Occurred())
+        goto error;
+    self->eng.cfg.password = dup_arg(pass, &self->eng.cfg.password_len, "password");
+    if (PyErr_Occurred())
+        goto error;
+    if (rg_cache_init(&self->cache, (size_t)cache_size) < 0) {
+        PyErr_NoMemory();
+        goto error;
+    }
+    return (PyObject *)self;
+error:
+    Py_DECREF(self);
+    return NULL;
+}
+
+/* After fork(), in the child: the parent's threads and ports are not ours. */
+static void
+engine_after_fork(EngineObject *self)
+{
+    PyObject *loop, *port;
+    Py_ssize_t pos = 0;
+
+    rg_engine_abandon(&self->eng);
+    while (PyDict_Next(self->ports, &pos, &loop, &port))
+        port_shutdown((PortObject *)port, 0); /* fork_gen differs: no touching */
+    PyDict_Clear(self->ports);
+    Py_CLEAR(self->last_loop);
+    Py_CLEAR(self->last_port);
+    self->fork_gen = rg_fork_generation;
+}
+
+/* The port of the running loop (borrowed), made on first use. */
+static PortObject *
+engine_port(EngineObject *self)
+{
+    rg_state *st = self->st;
+    PyObject *loop = PyObject_CallNoArgs(st->get_running_loop), *key, *val;
+    PortObject *port;
+    Py_ssize_t pos = 0;
+
+    if (loop == NULL)
+        return NULL;
+    if (loop == self->last_loop) {
+        Py_DECREF(loop);
+        return self->last_port;
+    }
+    port = (PortObject *)PyDict_GetItemWithError(self->ports, loop);
+    if (port == NULL) {
+        if (PyErr_Occurred())
+            goto error;
+        /* A new loop: forget ports of loops that have closed since. */
+        PyObject *dead = PyList_New(0);
+        if (dead == NULL)
+            goto error;
+        while (PyDict_Next(self->ports, &pos, &key, &val)) {
+            PyObject *r = PyObject_CallMethodNoArgs(key, st->s_is_closed);
+            int closed = r == NULL ? -1 : PyObject_IsTrue(r);
+            Py_XDECREF(r);
+            if (closed < 0 || (closed && PyList_Append(dead, key) < 0)) {
+                Py_DECREF(dead);
+                goto error;
+            }
+        }
+        for (pos = 0; pos < PyList_GET_SIZE(dead); pos++) {
+            key = PyList_GET_ITEM(dead, pos);
+            val = PyDict_GetItemWithError(self->ports, key);
+            if (val != NULL)
+                port_shutdown((PortObject *)val, 0);
+            if (PyDict_DelItem(self->ports, key) < 0) {
+                Py_DECREF(dead);
+                goto error;
+            }
+        }
+        Py_DECREF(dead);
+        port = port_new(self, loop);
+        if (port == NULL)
+            goto error;
+        if (PyDict_SetItem(self->ports, loop, (PyObject *)port) < 0) {
+            port_shutdown(port, 0);
+            Py_DECREF(port);
+            goto error;
+        }
+        Py_DECREF(port); /* the dict holds it */
+    }
+    Py_XSETREF(self->last_loop, loop); /* steals our reference */
+    Py_INCREF(port);
+    Py_XSETREF(self->last_port, port);
+    return port;
+error:
+    Py_DECREF(loop);
+    return NULL;
+}
+
+static PyObject *
+engine_submit(EngineObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    rg_state *st = self->st;
+    const char *key;
+    Py_ssize_t keylen;
+    SpecObject *spec;
+    long long cost;
+    uint64_t now, hash;
+    rg_shard *shard;
+    PortObject *port;
+    PyObject *fut;
+    rg_check *c;
+    uint32_t slot;
+
+    if (rg_parse_submit(st, args, nargs, &key, &keylen, &spec, &cost) < 0)
+        return NULL;
+    if (self->closed) {
+        PyErr_SetString(PyExc_RuntimeError, "this Limiter is closed (aclose() was called)");
+        return NULL;
+    }
+    if (self->fork_gen != rg_fork_generation)
+        engine_after_fork(self);
+    if (!self->eng.started) {
+        char err[200];
+        if (rg_engine_start(&self->eng, err, sizeof(err)) < 0) {
+            PyErr_Format(PyExc_RuntimeError, "rategate: cannot start the engine: %s", err);
+            return NULL;
+        }
+    }
+    self->k.checks++;
+    now = rg_now_ns();
+    hash = rg_hash(key, (size_t)keylen);
+    if (cost > 0) {
+        const rg_cache_entry *e =
+            rg_cache_get(&self->cache, hash, spec->spec->id, key, (size_t)keylen, now);
+        if (e != NULL) {
+            self->k.cached++;
+            self->k.denied++;
+            return rg_decision_new(st, 0, e->rate, spec->spec->rates[e->rate].burst, 0,
+                                   e->reset_ns > now ? (double)(e->reset_ns - now) / 1e9 : 0.0,
+                                   (double)(e->until_ns - now) / 1e9, RG_ERR_NONE);
+        }
+    }
+    shard = &self->eng.shards[(hash >> 40) % (uint64_t)self->eng.cfg.nshards];
+    if (atomic_load_explicit(&shard->down, memory_order_relaxed))
+        return rg_failure(st, &self->k, spec->spec, self->failure_open, RG_ERR_UNAVAILABLE);
+    if (atomic_fetch_add_explicit(&self->eng.outstanding, 1, memory_order_relaxed) >=
+        self->eng.cfg.max_pending) {
+        atomic_fetch_sub_explicit(&self->eng.outstanding, 1, memory_order_relaxed);
+        return rg_failure(st, &self->k, spec->spec, self->failure_open, RG_ERR_OVERLOADED);
+    }
+    port = engine_port(self);
+    if (port == NULL)
+        goto undo;
+    fut = PyObject_CallMethodNoArgs(port->loop, st->s_create_future);
+    if (fut == NULL)
+        goto undo;
+    c = rg_check_new(key, (size_t)keylen);
+    if (c == NULL) {
+        Py_DECREF(fut);
+        PyErr_NoMemory();
+        goto undo;
+    }
+    if (port_park(port, fut, &slot) < 0) {
+        rg_check_free(c);
+        Py_DECREF(fut);
+        goto undo;
+    }
+    c->slot = slot;
+    c->port = port->port;
+    rg_port_incref(port->port);
+    c->spec = spec->spec;
+    rg_spec_incref(spec->spec);
+    c->cost = cost;
+    c->submit_ns = now;
+    c->deadline_ns = now + self->eng.cfg.timeout_ns;
+    rg_engine_submit(&self->eng, shard, c);
+    return fut;
+undo:
+    self->k.checks--;
+    atomic_fetch_sub_explicit(&self->eng.outstanding, 1, memory_order_relaxed);
+    return NULL;
+}
+
+/*
+ * Stop the threads (every check still held is answered "closed"), then
+ * resolve what the ports hold: directly for the running loop's port or a
+ * loop that is not running; from their own loop for loops running in
+ * other threads (a future is not thread-safe).
+ */
+static PyObject *
+engine_close(EngineObject *self, PyObject *unused)
+{
+    rg_state *st = self->st;
+    PyObject *loop, *port, *running, *items;
+    Py_ssize_t i;
+    (void)unused;
+
+    if (self->closed)
+        Py_RETURN_NONE;
+    self->closed = 1;
+    if (self->fork_gen != rg_fork_generation)
+        engine_after_fork(self);
+    if (self->eng.started) {
+        Py_BEGIN_ALLOW_THREADS
+        rg_engine_stop(&self->eng);
+        Py_END_ALLOW_THREADS
+    }
+    running = PyObject_CallNoArgs(st->get_running_loop);
+    if (running == NULL)
+        PyErr_Clear();
+    items = PyDict_Items(self->ports);
+    if (items == NULL) {
+        Py_XDECREF(running);
+        return NULL;
+    }
+    for (i = 0; i < PyList_GET_SIZE(items); i++) {
+        PyObject *r;
+        int other_running = 0;
+        loop = PyTuple_GET_ITEM(PyList_GET_ITEM(items, i), 0);
+        port = PyTuple_GET_ITEM(PyList_GET_ITEM(items, i), 1);
+        if (loop != running) {
+            r = PyObject_CallMethodNoArgs(loop, st->s_is_running);
+            other_running = r != NULL && PyObject_IsTrue(r) == 1;
+            Py_XDECREF(r);
+            PyErr_Clear();
+        }
+        if (other_running) {
+            PyObject *cb = PyObject_GetAttr(port, st->s_close_in_loop);
+            r = cb ? PyObject_CallMethodOneArg(loop, st->s_call_soon_threadsafe, cb) : NULL;
+            Py_XDECREF(cb);
+            if (r != NULL) {
+                Py_DECREF(r);
+                continue;
+            }
+            PyErr_Clear();
+        }
+        port_drain((PortObject *)port, NULL);
+        port_shutdown((PortObject *)port, 1);
+    }
+    Py_DECREF(items);
+    Py_XDECREF(running);
+    PyDict_Clear(self->ports);
+    Py_CLEAR(self->last_loop);
+    Py_CLEAR(self->last_port);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+engine_stats(EngineObject *self, PyObject *unused)
+{
+    PyObject *d = rg_counters_dict(self->st, &self->k), *v;
+    int i, connected = self->eng.started ? 1 : 0;
+    char err[256];
+    (void)unused;
+
+    if (d == NULL)
+        return NULL;
+    if (self->eng.started && self->fork_gen == rg_fork_generation)
+        for (i = 0; i < self->eng.cfg.nshards; i++)
+            connected &= atomic_load(&self->eng.shards[i].connected);
+    else
+        connected = 0;
+    pthread_mutex_lock(&self->eng.err_mu);
+    memcpy(err, self->eng.last_error, sizeof(err));
+    pthread_mutex_unlock(&self->eng.err_mu);
+    v = Py_BuildValue("{slslsOsNsl}", "in_flight", atomic_load(&self->eng.outstanding),
+                      "reconnects", atomic_load(&self->eng.reconnects), "connected",
+                      connected ? Py_True : Py_False, "last_error",
+                      err[0] ? PyUnicode_DecodeUTF8(err, (Py_ssize_t)strlen(err), "replace")
+                             : Py_NewRef(Py_None),
+                      "threads", (long)self->eng.cfg.nshards);
+    if (v == NULL || PyDict_Update(d, v) < 0) {
+        Py_XDECREF(v);
+        Py_DECREF(d);
+        return NULL;
+    }
+    Py_DECREF(v);
+    return d;
+}
+
+static int
+engine_traverse(EngineObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->module);
+    Py_VISIT(self->ports);
+    Py_VISIT(self->last_loop);
+    Py_VISIT(self->last_port);
+    return 0;
+}
+
+static int
+engine_clear(EngineObject *self)
+{
+    Py_CLEAR(self->last_loop);
+    Py_CLEAR(self->last_port);
+    if (self->ports != NULL)
+        PyDict_Clear(self->ports);
+    return 0;
+}
+
+static void
+engine_dealloc(EngineObject *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    if (self->weakreflist != NULL)
+        PyObject_ClearWeakRefs((PyObject *)self);
+    if (self->eng.started) {
+        if (self->fork_gen == rg_fork_generation) {
+            Py_BEGIN_ALLOW_THREADS
+            rg_engine_stop(&self->eng);
+            Py_END_ALLOW_THREADS
+        } else {
+            rg_engine_abandon(&self->eng);
+        }
+    }
+    engine_clear(self);
+    Py_CLEAR(self->ports);
+    rg_cache_free(&self->cache);
+    rg_engine_free_cfg(&self->eng.cfg);
+    pthread_mutex_destroy(&self->eng.err_mu);
+    Py_CLEAR(self->module);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+static PyMethodDef engine_methods[] = {
+    {"submit", (PyCFunction)(void (*)(void))engine_submit, METH_FASTCALL,
+     "submit(key, spec, cost) -> Decision | Future[Decision]"},
+    {"close", (PyCFunction)engine_close, METH_NOARGS, "Stop and join the loop threads."},
+    {"stats", (PyCFunction)engine_stats, METH_NOARGS, "Counters."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef engine_members[] = {
+    {"__weaklistoffset__", T_PYSSIZET, offsetof(EngineObject, weakreflist), READONLY, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyType_Slot engine_slots[] = {
+    {Py_tp_new, engine_tp_new},
+    {Py_tp_dealloc, engine_dealloc},
+    {Py_tp_traverse, engine_traverse},
+    {Py_tp_clear, engine_clear},
+    {Py_tp_methods, engine_methods},
+    {Py_tp_members, engine_members},
+    {Py_tp_doc, "A Redis engine: loop threads owning hiredis connections."},
+    {0, NULL},
+};
+
+static PyType_Spec engine_spec = {
+    .name = "rategate._core.Engine",
+    .basicsize = sizeof(EngineObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = engine_slots,
+};
+
+/* ---- MemoryEngine -------------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    rg_state *st;
+    PyObject *module;
+    rg_memstore mem;
+    rg_counters k;
+    int failure_open;
+    int closed;
+} MemoryEngineObject;
+
+static PyObject *
+mem_tp_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"failure_open", NULL};
+    int failure_open = 0;
+    rg_state *st = rg_state_of_type(tp);
+    MemoryEngineObject *self;
+
+    if (st == NULL)
+        return NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|p:MemoryEngine", kwlist, &failure_open))
+        return NULL;
+    self = (MemoryEngineObject *)tp->tp_alloc(tp, 0);
+    if (self == NULL)
+        return NULL;
+    self->st = st;
+    self->module = PyType_GetModuleByDef(tp, &rg_module_def);
+    Py_XINCREF(self->module);
+    self->failure_open = failure_open;
+    if (rg_memstore_init(&self->mem) < 0) {
+        Py_DECREF(self);
+        return PyErr_NoMemory();
+    }
+    return (PyObject *)self;
+}
+
+static PyObject *
+mem_submit(MemoryEngineObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    const char *key;
+    Py_ssize_t keylen;
+    SpecObject *spec;
+    long long cost;
+    rg_result r;
+
+    if (rg_parse_submit(self->st, args, nargs, &key, &keylen, &spec, &cost) < 0)
+        return NULL;
+    if (self->closed) {
+        PyErr_SetString(PyExc_RuntimeError, "this Limiter is closed (aclose() was called)");
+        return NULL;
+    }
+    self->k.checks++;
+    if (rg_memstore_check(&self->mem, spec->spec, key, (size_t)keylen, cost, rg_now_ns(), &r) < 0)
+        return rg_failure(self->st, &self->k, spec->spec, self->failure_open, RG_ERR_OVERLOADED);
+    return rg_answer(self->st, &self->k, spec->spec, &r);
+}
+
+static PyObject *
+mem_close(MemoryEngineObject *self, PyObject *unused)
+{
+    (void)unused;
+    self->closed = 1;
+    rg_memstore_free(&self->mem);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+mem_stats(MemoryEngineObject *self, PyObject *unused)
+{
+    PyObject *d = rg_counters_dict(self->st, &self->k), *v;
+    (void)unused;
+    if (d == NULL)
+        return NULL;
+    v = Py_BuildValue("{sisisOsOsnsi}", "in_flight", 0, "reconnects", 0, "connected", Py_True,
+                      "last_error", Py_None, "keys", (Py_ssize_t)rg_memstore_size(&self->mem),
+                      "threads", 0);
+    if (v == NULL || PyDict_Update(d, v) < 0) {
+        Py_XDECREF(v);
+        Py_DECREF(d);
+        return NULL;
+    }
+    Py_DECREF(v);
+    return d;
+}
+
+static void
+mem_dealloc(MemoryEngineObject *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    rg_memstore_free(&self->mem);
+    Py_CLEAR(self->module);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+static PyMethodDef mem_methods[] = {
+    {"submit", (PyCFunction)(void (*)(void))mem_submit, METH_FASTCALL,
+     "submit(key, spec, cost) -> Decision"},
+    {"close", (PyCFunction)mem_close, METH_NOARGS, "Forget every bucket."},
+    {"stats", (PyCFunction)mem_stats, METH_NOARGS, "Counters."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyType_Slot mem_slots[] = {
+    {Py_tp_new, mem_tp_new},
+    {Py_tp_dealloc, mem_dealloc},
+    {Py_tp_methods, mem_methods},
+    {Py_tp_doc, "memory://: the same GCRA in process, answered synchronously."},
+    {0, NULL},
+};
+
+static PyType_Spec mem_spec = {
+    .name = "rategate._core.MemoryEngine",
+    .basicsize = sizeof(MemoryEngineObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = mem_slots,
+};
+
+int
+rg_engine_types_init(PyObject *m, rg_state *st)
+{
+    st->EngineType = (PyTypeObject *)PyType_FromModuleAndSpec(m, &engine_spec, NULL);
+    if (st->EngineType == NULL || PyModule_AddType(m, st->EngineType) < 0)
+        return -1;
+    st->MemoryEngineType = (PyTypeObject *)PyType_FromModuleAndSpec(m, &mem_spec, NULL);
+    if (st->MemoryEngineType == NULL || PyModule_AddType(m, st->MemoryEngineType) < 0)
+        return -1;
+    st->PortType = (PyTypeObject *)PyType_FromModuleAndSpec(m, &port_spec, NULL);
+    if (st->PortType == NULL || PyModule_AddType(m, st->PortType) < 0)
+        return -1;
+    return 0;
+}

@@ -1,0 +1,222 @@
+"""Limiter: a storage URL turned into an engine, and hit().
+
+The engine is the C core (``rategate._core``): for ``redis://`` and
+``unix://`` a loop thread per shard owns the Redis connection; for
+``memory://`` the same GCRA runs in process.  Nothing here touches the
+network; the Python side only submits checks and awaits futures that the
+core resolves in batches.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import weakref
+from typing import TYPE_CHECKING, Any, Awaitable, Dict, Optional, Tuple, Union
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from . import _core
+from ._core import Decision, Spec
+from .rates import Rate, RateLike, parse_rates
+
+__all__ = ["Limiter", "Decision", "parse_storage_url"]
+
+FAILURE_MODES = ("closed", "open")
+_live: "weakref.WeakSet[Limiter]" = weakref.WeakSet()
+
+
+def parse_storage_url(url: str) -> Dict[str, Any]:
+    """Split a storage URL into engine arguments; ValueError names the bad part."""
+    if not isinstance(url, str) or not url:
+        raise ValueError(
+            f"storage must be a URL string like 'redis://127.0.0.1:6379/0' or 'memory://', got {url!r}"
+        )
+    try:
+        u = urlsplit(url)
+    except ValueError as e:
+        raise ValueError(f"bad storage URL {url!r}: {e}") from None
+    scheme = u.scheme.lower()
+    if scheme == "memory":
+        return {"kind": "memory"}
+    if scheme in ("redis", "unix"):
+        user = unquote(u.username) if u.username else None
+        password = unquote(u.password) if u.password is not None else None
+        query = parse_qs(u.query, keep_blank_values=True)
+        db = 0
+        if scheme == "redis":
+            if u.query:
+                raise ValueError(f"bad storage URL {url!r}: redis:// takes no query; the db goes in the path (/0)")
+            host = u.hostname
+            if not host:
+                raise ValueError(f"bad storage URL {url!r}: no host; write it like redis://127.0.0.1:6379/0")
+            try:
+                port = u.port or 6379
+            except ValueError:
+                raise ValueError(
+                    f"bad storage URL {url!r}: the port must be a number from 1 to 65535"
+                ) from None
+            if not 1 <= port <= 65535:
+                raise ValueError(f"bad storage URL {url!r}: the port must be a number from 1 to 65535")
+            path = u.path.strip("/")
+            if path:
+                if not path.isdigit():
+                    raise ValueError(
+                        f"bad storage URL {url!r}: the database {path!r} must be a number, like /0"
+                    )
+                db = int(path)
+            if user == "":
+                user = None
+            if host.startswith("[") or ":" in host:
+                host = host.strip("[]")
+            return {"kind": "redis", "host": host, "port": port, "path": None,
+                    "username": user, "password": password, "db": db}
+        # unix:///path/to/redis.sock?db=N
+        if u.netloc and u.hostname not in (None, "", "localhost"):
+            raise ValueError(
+                f"bad storage URL {url!r}: unix:// takes a path (three slashes: unix:///run/redis.sock)"
+            )
+        if not u.path or u.path == "/":
+            raise ValueError(f"bad storage URL {url!r}: no socket path; write it like unix:///run/redis.sock?db=0")
+        unknown = set(query) - {"db"}
+        if unknown:
+            raise ValueError(f"bad storage URL {url!r}: unknown option {sorted(unknown)[0]!r}; only db=N")
+        if "db" in query:
+            v = query["db"][-1]
+            if not v.isdigit():
+                raise ValueError(f"bad storage URL {url!r}: db={v!r} must be a number")
+            db = int(v)
+        if len(u.path.encode()) > 107:
+            raise ValueError(f"bad storage URL {url!r}: the socket path is longer than 107 bytes")
+        return {"kind": "redis", "host": None, "port": 0, "path": u.path,
+                "username": user or None, "password": password, "db": db}
+    if scheme in ("rediss", "redis+tls"):
+        raise ValueError(f"bad storage URL {url!r}: TLS (rediss://) is not supported yet; use redis:// or unix://")
+    raise ValueError(
+        f"bad storage URL {url!r}: unknown scheme {u.scheme!r}; use redis://, unix:// or memory://"
+    )
+
+
+class Limiter:
+    """Checks rate limits against a store.
+
+    ``Limiter("redis://127.0.0.1:6379/0", timeout=0.05, failure_mode="closed")``
+
+    * ``timeout``: the deadline of one check, in seconds; past it the
+      failure mode decides (``error="timeout"``).
+    * ``failure_mode``: ``"closed"`` (default) denies when Redis cannot
+      answer; ``"open"`` allows.  Either way ``Decision.error`` says why.
+    * ``threads``: loop threads, each with its own connection; keys are
+      sharded among them by hash.
+    * ``max_pending``: checks outstanding at once; past it, the failure mode
+      decides at once (``error="overloaded"``).
+    * ``deny_cache``: entries of the local cache of keys over their limit
+      (answered in C without a round trip; 0 disables).
+
+    The engine starts on first use in each process (so a fork after import
+    gets its own thread) and is stopped by :meth:`aclose` or at exit.
+    """
+
+    def __init__(
+        self,
+        storage: str = "memory://",
+        *,
+        timeout: float = 0.05,
+        failure_mode: str = "closed",
+        threads: int = 1,
+        max_pending: int = 100_000,
+        deny_cache: int = 65536,
+        connect_timeout: float = 1.0,
+        stall_timeout: Optional[float] = None,
+    ) -> None:
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+        if failure_mode not in FAILURE_MODES:
+            raise ValueError(f"failure_mode must be 'closed' or 'open', got {failure_mode!r}")
+        if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= 64:
+            raise ValueError(f"threads must be an int from 1 to 64, got {threads!r}")
+        if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
+            raise ValueError(f"max_pending must be an int >= 1, got {max_pending!r}")
+        if isinstance(deny_cache, bool) or not isinstance(deny_cache, int) or deny_cache < 0:
+            raise ValueError(f"deny_cache must be an int >= 0 (0 disables it), got {deny_cache!r}")
+        if not isinstance(connect_timeout, (int, float)) or not connect_timeout > 0:
+            raise ValueError(f"connect_timeout must be a number of seconds > 0, got {connect_timeout!r}")
+        if stall_timeout is None:
+            stall_timeout = max(2.0, 20 * float(timeout))
+        if not isinstance(stall_timeout, (int, float)) or not stall_timeout > 0:
+            raise ValueError(f"stall_timeout must be a number of seconds > 0, got {stall_timeout!r}")
+        cfg = parse_storage_url(storage)
+        self.storage = storage
+        self.timeout = float(timeout)
+        self.failure_mode = failure_mode
+        self.kind = cfg["kind"]
+        self._specs: Dict[Any, Spec] = {}
+        self._closed = False
+        if cfg["kind"] == "memory":
+            self._engine: Any = _core.MemoryEngine(failure_mode == "open")
+        else:
+            self._engine = _core.Engine(
+                cfg["host"], cfg["port"], cfg["path"], cfg["username"], cfg["password"], cfg["db"],
+                float(timeout), failure_mode == "open", threads, max_pending, deny_cache,
+                float(connect_timeout), float(stall_timeout),
+            )
+        # The hot path: bound once, called per request.
+        self.submit = self._engine.submit
+        _live.add(self)
+
+    def __repr__(self) -> str:
+        u = urlsplit(self.storage)
+        shown = self.storage if u.password is None else self.storage.replace(f":{u.password}@", ":***@")
+        return f"Limiter({shown!r}, timeout={self.timeout}, failure_mode={self.failure_mode!r})"
+
+    def compile(self, rates: Union[RateLike, Spec]) -> Spec:
+        """Compile rates once (cache the result): "10/second; 1000/hour", a Rate or a list."""
+        if isinstance(rates, Spec):
+            return rates
+        key = rates if isinstance(rates, (str, Rate)) else None
+        if key is not None:
+            spec = self._specs.get(key)
+            if spec is not None:
+                return spec
+        spec = Spec(parse_rates(rates))
+        if key is not None and len(self._specs) < 10_000:
+            self._specs[key] = spec
+        return spec
+
+    async def hit(self, key: Union[str, bytes], rates: Union[RateLike, Spec], cost: int = 1) -> Decision:
+        """Check ``key`` against ``rates``, consuming ``cost`` tokens if allowed (0: peek)."""
+        if isinstance(cost, bool) or not isinstance(cost, int):
+            raise ValueError(f"cost must be an int >= 0, got {cost!r}")
+        r = self.submit(key, self.compile(rates), cost)
+        if type(r) is Decision:
+            return r
+        return await r
+
+    def stats(self) -> Dict[str, Any]:
+        """Counters: checks, allowed, denied, cached_denials, errors by kind, in_flight, reconnects, connected."""
+        return self._engine.stats()
+
+    async def aclose(self) -> None:
+        """Stop the engine: checks in flight resolve with error "closed"; hit() then raises."""
+        self.close()
+
+    def close(self) -> None:
+        """Synchronous :meth:`aclose` (for atexit and sync code)."""
+        if not self._closed:
+            self._closed = True
+            self._engine.close()
+
+    async def __aenter__(self) -> "Limiter":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+@atexit.register
+def _close_all() -> None:
+    # Stop and join every loop thread before the interpreter finalizes.
+    for lim in list(_live):
+        try:
+            lim.close()
+        except Exception:  # pragma: no cover - best effort at exit
+            pass
