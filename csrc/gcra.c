@@ -5,6 +5,12 @@
 
 #include <math.h>
 
+static int64_t
+clamp_us(double v)
+{
+    return v > RG_MAX_US ? (int64_t)RG_MAX_US : (int64_t)v;
+}
+
 int
 rg_gcra_check(const rg_rate *rates, int n, double now, int64_t cost,
               double *tats, rg_result *out)
@@ -36,7 +42,7 @@ rg_gcra_check(const rg_rate *rates, int n, double now, int64_t cost,
             if (out->remaining < 0 || rem < out->remaining) {
                 out->remaining = rem;
                 out->rate = j;
-                out->reset_us = (int64_t)ceil(nw[j] - now);
+                out->reset_us = clamp_us(ceil(nw[j] - now));
             }
             if (cost > 0)
                 tats[j] = nw[j];
@@ -59,9 +65,9 @@ rg_gcra_check(const rg_rate *rates, int n, double now, int64_t cost,
         double rem = floor((rates[r].tau - (tat0[r] - now) + RG_SLACK_US) / rates[r].T);
         out->rate = r;
         out->remaining = rem < 0 ? 0 : (int64_t)rem;
-        out->reset_us = (int64_t)ceil(tat0[r] - now);
-        out->retry_us = (int64_t)ceil(worst);
-        out->block_us = (int64_t)floor(block);
+        out->reset_us = clamp_us(ceil(tat0[r] - now));
+        out->retry_us = clamp_us(ceil(worst));
+        out->block_us = clamp_us(floor(block));
     }
     return allowed;
 }

@@ -18,6 +18,11 @@
 
 #define RG_MAX_RATES 16
 
+/* Costs and durations stay below 2^53 (exact doubles, and integers in the
+ * script's reply); a wait longer than that (285 years) is reported as that. */
+#define RG_MAX_COST 9007199254740992LL
+#define RG_MAX_US 9e15
+
 /* One microsecond of slack absorbs the rounding of repeated additions of a
  * fractional T, so a bucket of N tokens admits exactly N back-to-back hits. */
 #define RG_SLACK_US 1.0

@@ -328,10 +328,9 @@ rg_parse_submit(rg_state *st, PyObject *const *args, Py_ssize_t nargs, const cha
         return -1;
     }
     *cost = PyLong_AsLongLong(args[2]);
-    if (*cost == -1 && PyErr_Occurred())
-        return -1;
-    if (*cost < 0 || *cost > 1000000000LL) {
-        PyErr_Format(PyExc_ValueError, "cost must be an int from 0 to 10**9, got %lld", *cost);
+    if ((*cost == -1 && PyErr_Occurred()) || *cost < 0 || *cost > RG_MAX_COST) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "cost must be an int from 0 to 2**53, got %R", args[2]);
         return -1;
     }
     return 0;

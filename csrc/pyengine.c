@@ -585,7 +585,9 @@ engine_submit(EngineObject *self, PyObject *const *args, Py_ssize_t nargs)
     self->k.checks++;
     now = rg_now_ns();
     hash = rg_hash(key, (size_t)keylen);
-    if (cost > 0) {
+    /* The cache knows the wait of a cost of 1; a larger cost waits longer
+     * by an amount only Redis knows (several rates), so it asks Redis. */
+    if (cost == 1) {
         const rg_cache_entry *e =
             rg_cache_get(&self->cache, hash, spec->spec->id, key, (size_t)keylen, now);
         if (e != NULL) {

@@ -20,7 +20,10 @@
  * ARGV: [1] number of checks; then per check: cost, number of rates, then
  *       per rate: T and tau in microseconds ("%.17g").
  * Reply: per check six integers: allowed, reported rate (0-based),
- *       remaining, reset_us, retry_us, block_us (see rg_result).
+ *       remaining, reset_us, retry_us, block_us (see rg_result).  allowed
+ *       is -1 when Redis refused one of the check's commands (a key of the
+ *       wrong type, OOM): redis.pcall keeps that from failing the other
+ *       checks of the batch, which are decided as usual.
  *
  * Time is Redis's TIME, counted from 2023-11-14 (1.7e9 s) so that
  * microseconds stay far below 2^53.  A TAT is stored with 17 significant
@@ -32,7 +35,7 @@ const char rg_script[] =
     "local t = redis.call('TIME')\n"
     "local now = (tonumber(t[1]) - 1700000000) * 1000000 + tonumber(t[2])\n"
     "local out, a, k = {}, 2, 1\n"
-    "local floor, ceil = math.floor, math.ceil\n"
+    "local floor, ceil, pcall = math.floor, math.ceil, redis.pcall\n"
     "for c = 1, tonumber(ARGV[1]) do\n"
     "  local cost, nr = tonumber(ARGV[a]), tonumber(ARGV[a + 1])\n"
     "  a = a + 2\n"
@@ -40,10 +43,12 @@ const char rg_script[] =
     "  for j = 1, nr do\n"
     "    T[j], tau[j] = tonumber(ARGV[a]), tonumber(ARGV[a + 1])\n"
     "    a = a + 2\n"
-    "    local v = tonumber(redis.call('GET', KEYS[k + j - 1])) or 0\n"
+    "    local v = pcall('GET', KEYS[k + j - 1])\n"
+    "    if type(v) == 'table' then allowed = -1; v = 0 end\n"
+    "    v = tonumber(v) or 0\n"
     "    if v < now then v = now end\n"
     "    t0[j], nw[j] = v, v + cost * T[j]\n"
-    "    if nw[j] - now > tau[j] + 1 then allowed = 0 end\n"
+    "    if allowed == 1 and nw[j] - now > tau[j] + 1 then allowed = 0 end\n"
     "  end\n"
     "  local rate, rem, reset, retry, block = 1, -1, 0, 0, 0\n"
     "  if allowed == 1 then\n"
@@ -54,10 +59,11 @@ const char rg_script[] =
     "      if cost > 0 then\n"
     "        local ttl = ceil((nw[j] - now) / 1000)\n"
     "        if ttl < 1 then ttl = 1 end\n"
-    "        redis.call('SET', KEYS[k + j - 1], string.format('%.17g', nw[j]), 'PX', ttl)\n"
+    "        local e = pcall('SET', KEYS[k + j - 1], string.format('%.17g', nw[j]), 'PX', ttl)\n"
+    "        if type(e) == 'table' and e.err then allowed = -1 end\n"
     "      end\n"
     "    end\n"
-    "  else\n"
+    "  elseif allowed == 0 then\n"
     "    local worst = -1\n"
     "    for j = 1, nr do\n"
     "      local w = nw[j] - now - tau[j]\n"
@@ -69,6 +75,10 @@ const char rg_script[] =
     "    if rem < 0 then rem = 0 end\n"
     "    reset, retry, block = ceil(t0[rate] - now), ceil(worst), floor(block)\n"
     "  end\n"
+    "  if rem < 0 then rem = 0 end\n"
+    "  if reset > 9e15 then reset = 9e15 end\n"
+    "  if retry > 9e15 then retry = 9e15 end\n"
+    "  if block > 9e15 then block = 9e15 end\n"
     "  local o = #out\n"
     "  out[o + 1], out[o + 2], out[o + 3] = allowed, rate - 1, rem\n"
     "  out[o + 4], out[o + 5], out[o + 6] = reset, retry, block\n"
@@ -467,8 +477,11 @@ on_batch_reply(redisAsyncContext *ac, void *r, void *priv)
         c->res.reset_us = int_at(reply, o + 3, &ok);
         c->res.retry_us = int_at(reply, o + 4, &ok);
         c->res.block_us = int_at(reply, o + 5, &ok);
-        if (c->res.rate < 0 || c->res.rate >= c->spec->n)
+        if (c->res.rate < 0 || c->res.rate >= c->spec->n || c->res.allowed < 0 ||
+            c->res.allowed > 1)
             ok = 0;
+        if (c->res.allowed < 0)
+            set_error(s, "Redis refused a command of the script (a key of the wrong type?)", NULL);
         b->checks[i] = NULL;
         rg_list_remove(c);
         rg_shard_complete(s, c, ok ? RG_ERR_NONE : RG_ERR_REDIS);

@@ -37,6 +37,8 @@ def parse_storage_url(url: str) -> Dict[str, Any]:
         raise ValueError(f"bad storage URL {url!r}: {e}") from None
     scheme = u.scheme.lower()
     if scheme == "memory":
+        if u.netloc or u.path or u.query:
+            raise ValueError(f"bad storage URL {url!r}: memory:// takes nothing after it")
         return {"kind": "memory"}
     if scheme in ("redis", "unix"):
         user = unquote(u.username) if u.username else None
@@ -50,7 +52,7 @@ def parse_storage_url(url: str) -> Dict[str, Any]:
             if not host:
                 raise ValueError(f"bad storage URL {url!r}: no host; write it like redis://127.0.0.1:6379/0")
             try:
-                port = u.port or 6379
+                port = u.port if u.port is not None else 6379
             except ValueError:
                 raise ValueError(
                     f"bad storage URL {url!r}: the port must be a number from 1 to 65535"
@@ -109,8 +111,8 @@ class Limiter:
       sharded among them by hash.
     * ``max_pending``: checks outstanding at once; past it, the failure mode
       decides at once (``error="overloaded"``).
-    * ``deny_cache``: entries of the local cache of keys over their limit
-      (answered in C without a round trip; 0 disables).
+    * ``deny_cache``: the local cache of keys over their limit, answered in
+      C without a round trip: True (65536 entries), False, or a size.
 
     The engine starts on first use in each process (so a fork after import
     gets its own thread) and is stopped by :meth:`aclose` or at exit.
@@ -124,7 +126,7 @@ class Limiter:
         failure_mode: str = "closed",
         threads: int = 1,
         max_pending: int = 100_000,
-        deny_cache: int = 65536,
+        deny_cache: Union[bool, int] = True,
         connect_timeout: float = 1.0,
         stall_timeout: Optional[float] = None,
     ) -> None:
@@ -136,16 +138,23 @@ class Limiter:
             raise ValueError(f"threads must be an int from 1 to 64, got {threads!r}")
         if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
             raise ValueError(f"max_pending must be an int >= 1, got {max_pending!r}")
-        if isinstance(deny_cache, bool) or not isinstance(deny_cache, int) or deny_cache < 0:
-            raise ValueError(f"deny_cache must be an int >= 0 (0 disables it), got {deny_cache!r}")
+        if deny_cache is True:
+            deny_cache = 65536
+        elif deny_cache is False:
+            deny_cache = 0
+        if not isinstance(deny_cache, int) or deny_cache < 0:
+            raise ValueError(
+                f"deny_cache must be True, False or a number of entries >= 0, got {deny_cache!r}"
+            )
         if not isinstance(connect_timeout, (int, float)) or not connect_timeout > 0:
             raise ValueError(f"connect_timeout must be a number of seconds > 0, got {connect_timeout!r}")
         if stall_timeout is None:
             stall_timeout = max(2.0, 20 * float(timeout))
         if not isinstance(stall_timeout, (int, float)) or not stall_timeout > 0:
             raise ValueError(f"stall_timeout must be a number of seconds > 0, got {stall_timeout!r}")
-        cfg = parse_storage_url(storage)
         self.storage = storage
+        self._closed = True  # until the engine exists (__del__, __repr__ rely on it)
+        cfg = parse_storage_url(storage)
         self.timeout = float(timeout)
         self.failure_mode = failure_mode
         self.kind = cfg["kind"]
@@ -159,9 +168,20 @@ class Limiter:
                 float(timeout), failure_mode == "open", threads, max_pending, deny_cache,
                 float(connect_timeout), float(stall_timeout),
             )
+        self._closed = False
         # The hot path: bound once, called per request.
         self.submit = self._engine.submit
         _live.add(self)
+
+    def __del__(self) -> None:
+        # Dropped without aclose(): the event loop's reader keeps the engine
+        # alive (it must, to resolve futures), so stop it here, or its thread
+        # and connection would live as long as the loop.
+        if not getattr(self, "_closed", True):
+            try:
+                self.close()
+            except Exception:  # pragma: no cover - interpreter teardown
+                pass
 
     def __repr__(self) -> str:
         u = urlsplit(self.storage)

@@ -25,7 +25,7 @@ _UNITS = {
 # "<limit> (/|per) [<count>] <unit>"
 _RATE_RE = re.compile(
     r"^\s*(?P<limit>\d+)\s*(?:/|\s+per\s+)\s*(?P<count>\d+(?:\.\d+)?)?\s*(?P<unit>[a-z]+)\s*$",
-    re.IGNORECASE,
+    re.IGNORECASE | re.ASCII,
 )
 
 _EXAMPLE = 'write it like "100/minute", "100 per minute", "5/s" or "10/5 seconds"'
@@ -89,8 +89,10 @@ class Rate:
     @property
     def key_id(self) -> str:
         """The rate's part of a Redis key: changes whenever the rate does."""
-        ms = round(self.period * 1000)
-        return f"{self.limit}/{ms}" if self.burst == self.limit else f"{self.limit}/{ms}b{self.burst}"
+        us = round(self.period * 1_000_000)
+        # Whole milliseconds (every unit-based rate) keep the short form.
+        per = str(us // 1000) if us % 1000 == 0 else f"{us}us"
+        return f"{self.limit}/{per}" if self.burst == self.limit else f"{self.limit}/{per}b{self.burst}"
 
     def __str__(self) -> str:
         p = self.period

@@ -1,0 +1,87 @@
+"""Types of the C extension rategate._core (see csrc/)."""
+
+import asyncio
+from typing import Any, Dict, List, Optional, Tuple, Union, final
+
+from .rates import Rate
+
+MAX_KEY: int
+BATCH_MAX: int
+SCRIPT: str
+
+@final
+class Decision:
+    """The answer to one check (immutable)."""
+
+    @property
+    def allowed(self) -> bool: ...
+    @property
+    def limit(self) -> int: ...
+    @property
+    def remaining(self) -> int: ...
+    @property
+    def reset_after(self) -> float: ...
+    @property
+    def retry_after(self) -> float: ...
+    @property
+    def error(self) -> Optional[str]: ...
+    @property
+    def rate(self) -> int: ...
+    def __new__(
+        cls,
+        allowed: bool,
+        limit: int,
+        remaining: int,
+        reset_after: float,
+        retry_after: float,
+        error: Optional[str] = None,
+        rate: int = 0,
+    ) -> "Decision": ...
+
+@final
+class Spec:
+    """A compiled tuple of rates."""
+
+    @property
+    def rates(self) -> Tuple[Rate, ...]: ...
+    def __new__(cls, rates: Tuple[Rate, ...], /) -> "Spec": ...
+
+@final
+class Engine:
+    def __new__(
+        cls,
+        host: Optional[str],
+        port: int,
+        path: Optional[str],
+        username: Optional[str],
+        password: Optional[str],
+        db: int,
+        timeout: float,
+        failure_open: bool,
+        threads: int,
+        max_pending: int,
+        cache_size: int,
+        connect_timeout: float,
+        stall_timeout: float,
+    ) -> "Engine": ...
+    def submit(
+        self, key: Union[str, bytes], spec: Spec, cost: int, /
+    ) -> Union[Decision, "asyncio.Future[Decision]"]: ...
+    def close(self) -> None: ...
+    def stats(self) -> Dict[str, Any]: ...
+
+@final
+class MemoryEngine:
+    def __new__(cls, failure_open: bool = False) -> "MemoryEngine": ...
+    def submit(self, key: Union[str, bytes], spec: Spec, cost: int, /) -> Decision: ...
+    def close(self) -> None: ...
+    def stats(self) -> Dict[str, Any]: ...
+
+@final
+class Port:
+    def _drain(self) -> None: ...
+
+def _gcra_check(
+    spec: Spec, now_us: float, cost: int, tats: List[float], /
+) -> Tuple[int, int, int, int, int, int, List[float]]: ...
+def _live() -> Dict[str, int]: ...

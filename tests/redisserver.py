@@ -1,0 +1,306 @@
+"""A throwaway ``redis-server`` for the tests.
+
+:class:`RedisServer` starts the system ``redis-server`` on a free loopback
+port (or on a unix socket) in a private temporary directory, with no
+persistence, and waits until it answers ``PING``.  Tests can kill it, start it
+again on the *same* address (what a client sees when Redis restarts), and make
+it unresponsive for a while (``CLIENT PAUSE`` or ``DEBUG SLEEP``) to exercise
+deadlines.
+
+No process is ever left behind: the server is SIGKILLed by :meth:`close`, by a
+``weakref.finalize`` finalizer (which also runs at interpreter exit), and, when
+started from the main thread, by the kernel if the test process itself dies
+(``setpriv --pdeathsig KILL``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import weakref
+from typing import Any
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+__all__ = ["RedisServer", "RedisServerError", "free_port", "REDIS_SERVER"]
+
+REDIS_SERVER = os.environ.get("RATEGATE_REDIS_SERVER", "/usr/bin/redis-server")
+_SETPRIV = shutil.which("setpriv")
+_START_TIMEOUT = 10.0
+
+
+class RedisServerError(RuntimeError):
+    """redis-server could not be started (the message carries its log)."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _reap(state: dict[str, Any]) -> None:
+    """Kill the current process and remove the directory (finalizer: no self)."""
+    proc: subprocess.Popen[bytes] | None = state.get("proc")
+    state["proc"] = None
+    if proc is not None:
+        _kill(proc)
+    d = state.pop("dir", None)
+    if d:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        try:
+            proc.kill()
+        except ProcessLookupError:  # pragma: no cover - raced with its exit
+            pass
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:  # pragma: no cover - unkillable?
+        pass
+
+
+class _Pause:
+    """A running pause: :meth:`wait` blocks until the server answers again."""
+
+    def __init__(self, until: float, thread: threading.Thread | None) -> None:
+        self.until = until
+        self._thread = thread
+
+    def wait(self, timeout: float = 30.0) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():  # pragma: no cover
+                raise TimeoutError("DEBUG SLEEP did not return")
+        else:
+            delay = self.until - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+
+
+class RedisServer:
+    """One redis-server process on 127.0.0.1:<free port> or a unix socket.
+
+    ``port`` picks the TCP port (default: a free one).  ``extra_args`` are passed to redis-server as they are (for example
+    ``["--requirepass", "secret"]``); ``password`` is used by :meth:`client`
+    and in :attr:`url`.
+    """
+
+    def __init__(
+        self,
+        *,
+        unix: bool = False,
+        port: int | None = None,
+        password: str | None = None,
+        extra_args: list[str] | None = None,
+    ) -> None:
+        self.unix = unix
+        self.password = password
+        self.extra_args = list(extra_args or [])
+        self.dir = tempfile.mkdtemp(prefix="rategate-redis-")
+        self.port = 0 if unix else (port or free_port())
+        self.socket_path = os.path.join(self.dir, "redis.sock") if unix else None
+        self._clients: list[redis.Redis] = []
+        self._state: dict[str, Any] = {"proc": None, "dir": self.dir}
+        self._finalizer = weakref.finalize(self, _reap, self._state)
+        try:
+            for attempt in range(5):
+                try:
+                    self.start()
+                    break
+                except RedisServerError:
+                    # Another process may have taken the free port between
+                    # free_port() and the bind: try another one.
+                    if unix or port or attempt == 4:
+                        raise
+                    self.port = free_port()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- addresses ---------------------------------------------------------
+    @property
+    def url(self) -> str:
+        """``redis://127.0.0.1:PORT/0`` (or ``unix:///dir/redis.sock``)."""
+        return self.url_for(0)
+
+    def url_for(self, db: int) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        if self.unix:
+            assert self.socket_path is not None
+            q = f"?db={db}" if db else ""
+            # unix URLs carry no password in this form; tests that need one
+            # use TCP.
+            return f"unix://{self.socket_path}{q}"
+        return f"redis://{auth}127.0.0.1:{self.port}/{db}"
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes] | None:
+        return self._state["proc"]
+
+    @property
+    def running(self) -> bool:
+        p = self.proc
+        return p is not None and p.poll() is None
+
+    # -- lifecycle ---------------------------------------------------------
+    def _argv(self) -> list[str]:
+        argv = [
+            REDIS_SERVER,
+            "--bind", "127.0.0.1",
+            "--port", str(self.port),
+            "--dir", self.dir,
+            "--save", "",
+            "--appendonly", "no",
+            "--daemonize", "no",
+            "--logfile", os.path.join(self.dir, "redis.log"),
+            "--loglevel", "warning",
+            # DEBUG SLEEP, for the deadline tests; only from loopback.
+            "--enable-debug-command", "local",
+        ]
+        if self.unix:
+            argv += ["--unixsocket", self.socket_path or "", "--unixsocketperm", "700"]
+        if self.password:
+            argv += ["--requirepass", self.password]
+        argv += self.extra_args
+        if _SETPRIV and threading.current_thread() is threading.main_thread():
+            # The kernel kills redis-server if this process dies without
+            # running its finalizers (SIGKILL, a crash in the C extension).
+            # PDEATHSIG follows the forking *thread*, so only from main.
+            argv = [_SETPRIV, "--pdeathsig", "KILL", "--"] + argv
+        return argv
+
+    def start(self) -> None:
+        """Start (or restart) the server on the same address and wait for PING."""
+        if self.running:
+            return
+        if self.unix and self.socket_path and os.path.exists(self.socket_path):
+            os.unlink(self.socket_path)
+        proc = subprocess.Popen(
+            self._argv(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd=self.dir,
+        )
+        self._state["proc"] = proc
+        deadline = time.monotonic() + _START_TIMEOUT
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                self._state["proc"] = None
+                raise RedisServerError(
+                    f"redis-server exited with {proc.returncode} on "
+                    f"{self.socket_path or self.port}:\n{self.log()}"
+                )
+            try:
+                with self._raw_client(socket_timeout=0.5) as c:
+                    if c.ping():
+                        return
+            except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
+                last = e
+            time.sleep(0.01)
+        _kill(proc)
+        self._state["proc"] = None
+        raise RedisServerError(f"redis-server did not answer PING in {_START_TIMEOUT}s: {last}\n{self.log()}")
+
+    def stop(self) -> None:
+        """SIGKILL the server (no shutdown courtesy: a crash) and wait for it."""
+        self._close_clients()
+        proc = self.proc
+        self._state["proc"] = None
+        if proc is not None:
+            _kill(proc)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def close(self) -> None:
+        """Stop the server for good and remove its directory."""
+        self._close_clients()
+        self._finalizer()
+
+    def __enter__(self) -> "RedisServer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def log(self) -> str:
+        try:
+            with open(os.path.join(self.dir, "redis.log"), encoding="utf-8", errors="replace") as f:
+                return f.read()[-4000:]
+        except OSError:
+            return "(no log)"
+
+    # -- clients -----------------------------------------------------------
+    def _raw_client(self, *, db: int = 0, socket_timeout: float = 10.0) -> redis.Redis:
+        # No retries: a test (or a probe) must see what the server does.
+        kw: dict[str, Any] = dict(
+            db=db, password=self.password, socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_timeout, retry=Retry(NoBackoff(), 0),
+        )
+        if self.unix:
+            return redis.Redis(unix_socket_path=self.socket_path, **kw)
+        return redis.Redis(host="127.0.0.1", port=self.port, **kw)
+
+    def client(self, db: int = 0) -> redis.Redis:
+        """A synchronous redis-py client; closed by stop()/close()."""
+        c = self._raw_client(db=db)
+        self._clients.append(c)
+        return c
+
+    def _close_clients(self) -> None:
+        clients, self._clients = self._clients, []
+        for c in clients:
+            c.close()
+
+    def flushall(self) -> None:
+        with self._raw_client() as c:
+            c.flushall()
+
+    # -- unresponsiveness --------------------------------------------------
+    def pause(self, seconds: float, how: str = "client") -> _Pause:
+        """Make the server stop answering for ``seconds``; returns at once.
+
+        ``how="client"``: ``CLIENT PAUSE <ms> ALL`` - commands are held
+        (connections and socket reads still happen), in effect when this
+        returns.  ``how="debug"``: ``DEBUG SLEEP`` in a thread - the whole
+        server blocks; this returns once a probe PING goes unanswered.
+        Call ``.wait()`` on the result to block until the pause is over.
+        """
+        until = time.monotonic() + seconds
+        if how == "client":
+            with self._raw_client() as c:
+                c.execute_command("CLIENT", "PAUSE", str(int(seconds * 1000)), "ALL")
+            return _Pause(until, None)
+        if how != "debug":
+            raise ValueError(f"how must be 'client' or 'debug', got {how!r}")
+
+        def sleeper() -> None:
+            with self._raw_client(socket_timeout=seconds + 10) as c:
+                c.execute_command("DEBUG", "SLEEP", f"{seconds:.3f}")
+
+        t = threading.Thread(target=sleeper, name="redis-debug-sleep", daemon=True)
+        t.start()
+        # Wait until the server is really asleep: a PING that goes unanswered.
+        probe_deadline = time.monotonic() + min(seconds, 5.0)
+        while time.monotonic() < probe_deadline and t.is_alive():
+            try:
+                with self._raw_client(socket_timeout=0.05) as c:
+                    c.ping()
+            except (redis.TimeoutError, redis.ConnectionError):
+                break
+            time.sleep(0.005)
+        return _Pause(until, t)
