@@ -23,7 +23,7 @@ rg_gcra_check(const rg_rate *rates, int n, double now, int64_t cost,
         double v = tats[j] < now ? now : tats[j];
         tat0[j] = v;
         nw[j] = v + (double)cost * rates[j].T;
-        if (nw[j] - now > rates[j].tau + RG_SLACK_US)
+        if (nw[j] - now > rates[j].tau + RG_SLACK(rates[j].T))
             allowed = 0;
     }
 
@@ -37,7 +37,7 @@ rg_gcra_check(const rg_rate *rates, int n, double now, int64_t cost,
     if (allowed) {
         /* Report the rate with the fewest tokens left. */
         for (j = 0; j < n; j++) {
-            double r = floor((rates[j].tau - (nw[j] - now) + RG_SLACK_US) / rates[j].T);
+            double r = floor((rates[j].tau - (nw[j] - now) + RG_SLACK(rates[j].T)) / rates[j].T);
             int64_t rem = r < 0 ? 0 : (int64_t)r;
             if (out->remaining < 0 || rem < out->remaining) {
                 out->remaining = rem;
@@ -54,7 +54,7 @@ rg_gcra_check(const rg_rate *rates, int n, double now, int64_t cost,
         int r = 0;
         for (j = 0; j < n; j++) {
             double w = nw[j] - now - rates[j].tau;
-            double b = tat0[j] + rates[j].T - now - rates[j].tau - RG_SLACK_US;
+            double b = tat0[j] + rates[j].T - now - rates[j].tau - RG_SLACK(rates[j].T);
             if (w > worst) {
                 worst = w;
                 r = j;
@@ -62,7 +62,7 @@ rg_gcra_check(const rg_rate *rates, int n, double now, int64_t cost,
             if (b > block)
                 block = b;
         }
-        double rem = floor((rates[r].tau - (tat0[r] - now) + RG_SLACK_US) / rates[r].T);
+        double rem = floor((rates[r].tau - (tat0[r] - now) + RG_SLACK(rates[r].T)) / rates[r].T);
         out->rate = r;
         out->remaining = rem < 0 ? 0 : (int64_t)rem;
         out->reset_us = clamp_us(ceil(tat0[r] - now));

@@ -5,7 +5,7 @@
  * interval T = period / limit and a tolerance tau = burst * T, both in
  * microseconds.  The state of one bucket is its theoretical arrival time (TAT):
  * the instant at which the bucket is full again.  A check of `cost` tokens at
- * time `now` is allowed when  max(TAT, now) + cost*T - now <= tau + RG_SLACK_US.
+ * time `now` is allowed when  max(TAT, now) + cost*T - now <= tau + RG_SLACK(T).
  *
  * The same arithmetic runs in C (the in-memory store, unit tests) and in Lua
  * inside Redis (redis.c holds the script); keep the two in step.  Times are
@@ -23,9 +23,10 @@
 #define RG_MAX_COST 9007199254740992LL
 #define RG_MAX_US 9e15
 
-/* One microsecond of slack absorbs the rounding of repeated additions of a
- * fractional T, so a bucket of N tokens admits exactly N back-to-back hits. */
-#define RG_SLACK_US 1.0
+/* Slack absorbs the rounding of repeated additions of a fractional T, so a
+ * bucket of N tokens admits exactly N back-to-back hits: 1 us, or T/2 when T
+ * is under 2 us (T >= 1 us is enforced), so it is never a whole token. */
+#define RG_SLACK(T) ((T) < 2.0 ? (T) / 2.0 : 1.0)
 
 typedef struct rg_rate {
     double T;      /* emission interval, us */

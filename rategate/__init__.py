@@ -1,8 +1,33 @@
 """rategate: rate limiting for ASGI apps, with a C core that checks GCRA limits in Redis off the event loop."""
 
 from ._core import Decision, Spec
+from .headers import RateLimitHeaders
+from .keys import client_ip, header
 from .limiter import Limiter
+from .middleware import RateLimitMiddleware, Rule
 from .rates import Rate, parse_rates
 
-__all__ = ["Decision", "Limiter", "Rate", "Spec", "parse_rates", "__version__"]
+# RateLimit (the FastAPI dependency) is left out of __all__ and imported on
+# first use, so Starlette-only users need not install FastAPI.
+__all__ = [
+    "Decision",
+    "Limiter",
+    "Rate",
+    "RateLimitHeaders",
+    "RateLimitMiddleware",
+    "Rule",
+    "Spec",
+    "client_ip",
+    "header",
+    "parse_rates",
+    "__version__",
+]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    if name == "RateLimit":
+        from .fastapi import RateLimit
+
+        return RateLimit
+    raise AttributeError(f"module 'rategate' has no attribute {name!r}")

@@ -1,0 +1,179 @@
+"""A FastAPI dependency for per-route limits.
+
+::
+
+    from fastapi import Depends, FastAPI
+    import rategate
+
+    limiter = rategate.Limiter("redis://127.0.0.1:6379/0")
+    app = FastAPI()
+
+    @app.get("/items/{item_id}", dependencies=[Depends(rategate.RateLimit("10/minute", limiter=limiter))])
+    async def item(item_id: int): ...
+
+The counter is per route *template* and method (``GET /items/{item_id}``, not
+``/items/42``), and per key (the client address by default).  Give ``name=``
+to make several routes share one counter.  An allowed request gets the
+rate-limit headers on its response (when the endpoint returns data; an
+endpoint returning its own ``Response`` object keeps its headers as they are,
+which is how FastAPI treats every dependency's headers); a denied one raises
+``HTTPException(429)`` with ``Retry-After`` and the same headers, which FastAPI
+renders as ``{"detail":"Too Many Requests"}``.
+
+This module imports FastAPI; the rest of rategate does not need it.  For
+WebSocket routes, and for the fastest path, use :class:`RateLimitMiddleware`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import HTTPException, Request, Response
+
+from .headers import make_headers, retry_after_header
+from .keys import MAX_KEY_LENGTH, client_ip
+from .middleware import (
+    _NAME_ESCAPES,
+    FailureLog,
+    ShadowLog,
+    _check_cost,
+    _check_key,
+    _decision_type,
+    _digest,
+)
+
+__all__ = ["RateLimit"]
+
+_MAX_ROUTES = 4096
+
+
+class RateLimit:
+    """``Depends(RateLimit("10/minute", limiter=...))``: limit one route.
+
+    ``limits``: rates (``"10/minute; 200/day"``, a ``Rate`` or a list).
+    ``limiter``: a :class:`rategate.Limiter` or a storage URL.  ``key``: a key
+    function (default :func:`rategate.client_ip` with no trusted proxies;
+    returning ``None`` skips the limit).  ``cost``: int or callable(scope) ->
+    int.  ``headers``: ``"draft-6"`` (default), ``"draft-11"``,
+    ``"x-ratelimit"`` or ``None``.  ``name``: share one counter between the
+    routes that give the same name (default: the route's method and template).
+    ``shadow``: count and log, never raise.
+    """
+
+    def __init__(
+        self,
+        limits: Any,
+        *,
+        limiter: Any,
+        key: Callable[..., Any] | None = None,
+        cost: int | Callable[..., int] | None = None,
+        headers: str | None = "draft-6",
+        name: str | None = None,
+        shadow: bool = False,
+    ) -> None:
+        if isinstance(limiter, str):
+            from .limiter import Limiter
+
+            limiter = Limiter(limiter)
+        if limiter is None or not (hasattr(limiter, "submit") or hasattr(limiter, "hit")):
+            raise TypeError(
+                "RateLimit: limiter must be a rategate.Limiter or a storage URL like "
+                f"\"redis://127.0.0.1:6379/0\", got {limiter!r}"
+            )
+        if name is not None and (not isinstance(name, str) or not name):
+            raise ValueError(f"RateLimit: name must be a non-empty str, got {name!r}")
+        if not isinstance(shadow, bool):
+            raise TypeError(f"RateLimit: shadow must be True or False, got {shadow!r}")
+        self.limiter = limiter
+        self.limits = limits
+        self.key = _check_key(key, "RateLimit") or client_ip()
+        self.cost = _check_cost(cost, "RateLimit")
+        self.name = name
+        self.shadow = shadow
+        try:
+            if hasattr(limiter, "compile") and hasattr(limiter, "submit"):
+                self._spec = limiter.compile(limits)
+                self._submit = limiter.submit
+                rates = tuple(self._spec.rates)
+            else:
+                from .rates import parse_rates
+
+                rates = parse_rates(limits)
+                self._spec = rates
+                self._submit = limiter.hit
+        except ValueError as e:
+            raise ValueError(f"RateLimit({limits!r}): {e}") from None
+        self.rates = rates
+        self.headers = make_headers(headers, rates, name or "default")
+        self._header_style = headers
+        self._Decision = _decision_type()
+        # (method, template) -> (str prefix, bytes prefix, str hashed prefix, bytes hashed prefix, headers)
+        self._prefixes: dict[tuple[str, str], tuple[Any, ...]] = {}
+        if name is not None:
+            self._fixed = self._make_prefixes(name)
+        else:
+            self._fixed = None
+        self._failures = FailureLog()
+        self._shadow_log = ShadowLog()
+
+    def __repr__(self) -> str:
+        return f"RateLimit({self.limits!r}, name={self.name!r}, headers={self._header_style!r})"
+
+    def _make_prefixes(self, name: str) -> tuple[Any, ...]:
+        esc = "dep:" + name.translate(_NAME_ESCAPES)
+        hdrs = self.headers if self.name is not None else make_headers(self._header_style, self.rates, name)
+        return (esc + "|", (esc + "|").encode("utf-8", "surrogatepass"),
+                esc + "#", (esc + "#").encode("utf-8", "surrogatepass"), hdrs)
+
+    def _prefixes_for(self, scope: Any) -> tuple[Any, ...]:
+        route = scope.get("route")
+        template = getattr(route, "path", None) or scope.get("path", "")
+        template = scope.get("root_path", "") + template
+        k = (scope.get("method", "GET"), template)
+        p = self._prefixes.get(k)
+        if p is None:
+            if len(self._prefixes) >= _MAX_ROUTES:  # pragma: no cover - unbounded templates?
+                self._prefixes.clear()
+            p = self._prefixes[k] = self._make_prefixes(f"{k[0]} {template}")
+        return p
+
+    async def __call__(self, request: Request, response: Response) -> None:
+        scope = request.scope
+        k = self.key(scope)
+        if k is None:
+            return
+        p = self._fixed or self._prefixes_for(scope)
+        if isinstance(k, str):
+            k = p[0] + k if len(k) <= MAX_KEY_LENGTH else p[2] + _digest(k)
+        elif isinstance(k, (bytes, bytearray, memoryview)):
+            k = bytes(k)
+            k = p[1] + k if len(k) <= MAX_KEY_LENGTH else p[3] + _digest(k).encode()
+        else:
+            raise TypeError(
+                f"RateLimit: the key function returned {type(k).__name__}; it must return str, bytes, or None"
+            )
+        cost = self.cost
+        if cost is None:
+            cost = 1
+        elif not isinstance(cost, int):
+            cost = cost(scope)
+        d = self._submit(k, self._spec, cost)
+        if type(d) is not self._Decision:
+            d = await d
+        err = d.error
+        if err is not None or self._failures.active:
+            self._failures.note(d)
+        h = p[4]
+        if d.allowed or self.shadow:
+            if not d.allowed:
+                self._shadow_log.note(self.name or "", k, d)
+            if h is not None and err is None:  # a failure in "open" mode knows no counts
+                response.raw_headers.extend(h.render(d))
+            return
+        pairs = h.render_denied(d) if h is not None else retry_after_header(d)
+        raise HTTPException(
+            status_code=429,
+            detail="Too Many Requests",
+            headers={name.decode("latin-1"): value.decode("latin-1") for name, value in pairs},
+        )

@@ -1,0 +1,682 @@
+"""RateLimitMiddleware: a pure ASGI rate-limiting middleware.
+
+::
+
+    app.add_middleware(
+        rategate.RateLimitMiddleware,
+        limiter="redis://127.0.0.1:6379/0",     # a Limiter, or a storage URL
+        limits="100/minute",                     # default for every path; None: rules only
+        rules={"/api/chat": "10/minute; 200/day", "POST /login": "5/minute"},
+        key=rategate.client_ip(trusted_proxies=["10.0.0.0/8"]),
+        exempt=["/health", "/metrics"],
+        headers="draft-6",                       # "draft-6" | "draft-11" | "x-ratelimit" | None
+    )
+
+Why it is written the way it is:
+
+- Pure ASGI (no ``BaseHTTPMiddleware``, which costs most of an app's
+  throughput): ``__init__`` resolves everything that can be resolved once
+  (rates compiled by the limiter, header policies rendered, key prefixes
+  built), and ``__call__`` does a set look-up for exempt paths, a dict look-up
+  for the rule of a path (cached, bounded), the key function, and one
+  ``limiter.submit()``.  A key the core already knows to be over its limit is
+  answered synchronously from its local cache, so a flood of 429s never
+  suspends the request's task.
+- ``send`` is wrapped only when headers must be added to a response that the
+  app produces; the app's header list is copied, never mutated in place (an
+  app may send the same Response object twice).
+- A denied request gets its 429 without the app being called and without
+  its body being read.
+- Configuration mistakes raise ``ValueError``/``TypeError`` from
+  ``__init__``.  Note that Starlette and FastAPI build their middleware stack
+  (and so call ``__init__``) on the first ASGI event, which under uvicorn is
+  the lifespan startup, not at ``add_middleware()`` time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Union
+
+from .headers import RateLimitHeaders, make_headers, retry_after_header
+from .keys import MAX_KEY_LENGTH, client_ip
+
+if TYPE_CHECKING:  # pragma: no cover
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = ["FailureLog", "RateLimitMiddleware", "Rule", "ShadowLog"]
+
+logger = logging.getLogger("rategate")
+
+# The 429 every denial answers with.
+DENIED_BODY = b'{"detail":"Too Many Requests"}'
+_DENIED_BASE = (
+    (b"content-type", b"application/json"),
+    (b"content-length", str(len(DENIED_BODY)).encode()),
+)
+_HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
+# A "METHOD[,METHOD...] /path" rule key.
+_METHOD_RULE_RE = re.compile(r"^\s*([A-Za-z]+(?:\s*[,|]\s*[A-Za-z]+)*)\s+(/\S*)\s*$")
+
+# The routing cache (path -> rule) is cleared when it reaches this size: an
+# attacker walking random paths costs recomputation, never memory.
+_ROUTE_CACHE_MAX = 4096
+# Shadow-mode "would deny" log lines remember this many keys.
+_SHADOW_LOG_MAX = 4096
+
+# A rule's name goes into the Redis key as "<name>|<client key>" (or
+# "<name>#<digest>" for a hashed client key); these characters are escaped in
+# names so that the split is unambiguous, and braces so they never form a
+# Redis Cluster hash tag of their own.
+_NAME_ESCAPES = {ord(c): f"%{ord(c):02X}" for c in "%|#{}"}
+# A namespace is joined to a rule's name with ":", so it escapes ":" too.
+_NAMESPACE_ESCAPES = {ord(c): f"%{ord(c):02X}" for c in "%|#{}:"}
+
+RateSpec = Any  # str | Rate | list of them (see rategate.rates.parse_rates)
+
+
+class _Pass:
+    """The routing result "not limited" (exempt rule, or no rule and no default)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<not limited>"
+
+
+_PASS = _Pass()
+
+
+def _normalize_methods(methods: Iterable[str] | str | None, where: str) -> frozenset[str] | None:
+    if methods is None:
+        return None
+    if isinstance(methods, str):
+        methods = re.split(r"[\s,|]+", methods.strip())
+    out = set()
+    for m in methods:
+        if not isinstance(m, str) or not m.strip():
+            raise ValueError(f"{where}: methods must be HTTP method names like \"POST\", got {m!r}")
+        m = m.strip().upper()
+        if m not in _HTTP_METHODS:
+            raise ValueError(
+                f"{where}: unknown HTTP method {m!r}; use {', '.join(sorted(_HTTP_METHODS))}"
+            )
+        out.add(m)
+    if not out:
+        raise ValueError(f"{where}: methods is empty; leave it out (None) to match every method")
+    if "GET" in out:
+        out.add("HEAD")  # as Starlette does: a GET route answers HEAD too, limit both
+    return frozenset(out)
+
+
+def _check_key(key: Any, where: str) -> Any:
+    if key is not None and not callable(key):
+        raise TypeError(
+            f"{where}: key must be a callable(scope) -> str | bytes | None, such as "
+            f"rategate.client_ip() or rategate.header(\"x-api-key\"), got {key!r}"
+        )
+    return key
+
+
+def _check_cost(cost: Any, where: str) -> Any:
+    if cost is None or callable(cost):
+        return cost
+    if isinstance(cost, bool) or not isinstance(cost, int) or cost < 0:
+        raise ValueError(f"{where}: cost must be an int >= 0 or a callable(scope) -> int, got {cost!r}")
+    return cost
+
+
+class Rule:
+    """Where a limit applies, what it is, and whom it counts.
+
+    ``path``: a path prefix (``"/api"`` covers ``/api`` and ``/api/...`` but
+    not ``/apiary``; ``"/"`` covers everything), or a compiled regular
+    expression (matched with ``pattern.match(path)``, i.e. anchored at the
+    start).  ``limits``: rates (``"10/minute; 200/day"``, a ``Rate``, a list),
+    or ``None`` to leave matching requests unlimited.  ``methods``: only these
+    HTTP methods (``GET`` implies ``HEAD``; a WebSocket handshake counts as
+    ``GET``).  ``key`` and ``cost`` override the middleware's.  ``name`` is the
+    rule's part of the Redis key and its header policy name; by default the
+    rule as written (``"POST /login"``), so two processes with the same rules
+    share counters.
+    """
+
+    __slots__ = ("path", "regex", "limits", "methods", "key", "cost", "name", "spec", "headers",
+                 "sprefix", "bprefix", "shprefix", "bhprefix", "rates")
+
+    def __init__(
+        self,
+        path: str | re.Pattern[str],
+        limits: RateSpec | None,
+        *,
+        methods: Iterable[str] | str | None = None,
+        key: Callable[..., Any] | None = None,
+        cost: int | Callable[..., int] | None = None,
+        name: str | None = None,
+    ) -> None:
+        where = f"rule {path!r}"
+        self.regex: re.Pattern[str] | None = None
+        if isinstance(path, re.Pattern):
+            if not isinstance(path.pattern, str):
+                raise ValueError(f"{where}: the regular expression must be of str, not bytes")
+            self.regex = path
+        elif isinstance(path, str):
+            if not path.startswith("/"):
+                raise ValueError(
+                    f"{where}: a path prefix starts with '/' (like \"/api\"); "
+                    "for a regular expression pass re.compile(...)"
+                )
+        else:
+            raise ValueError(f"{where}: path must be a str prefix like \"/api\" or a compiled re.Pattern")
+        self.path = path
+        self.limits = limits
+        self.methods = _normalize_methods(methods, where)
+        self.key = _check_key(key, where)
+        self.cost = _check_cost(cost, where)
+        if name is None:
+            text = path.pattern if isinstance(path, re.Pattern) else path
+            if self.methods is not None:
+                shown = sorted(self.methods - {"HEAD"} if "GET" in self.methods else self.methods)
+                text = ",".join(shown) + " " + text
+            name = text
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{where}: name must be a non-empty str, got {name!r}")
+        self.name = name
+        # Filled in by the middleware.
+        self.spec: Any = None
+        self.rates: tuple[Any, ...] = ()
+        self.headers: RateLimitHeaders | None = None
+        self.sprefix = self.shprefix = ""
+        self.bprefix = self.bhprefix = b""
+
+    def __repr__(self) -> str:
+        p = f"re.compile({self.path.pattern!r})" if self.regex is not None else repr(self.path)
+        m = "" if self.methods is None else f", methods={sorted(self.methods)!r}"
+        return f"Rule({p}, {self.limits!r}{m}, name={self.name!r})"
+
+    def _matches_path(self, path: str) -> bool:
+        if self.regex is not None:
+            return self.regex.match(path) is not None
+        p = self.path
+        assert isinstance(p, str)
+        if p.endswith("/"):
+            return path.startswith(p)
+        return path == p or path.startswith(p + "/")
+
+
+def _rules_from(rules: Any) -> list[Rule]:
+    """Rules from a dict {path-or-pattern: limits | None | {options}} or a list of Rule."""
+    if rules is None:
+        return []
+    out: list[Rule] = []
+    if isinstance(rules, Mapping):
+        for where, value in rules.items():
+            methods = None
+            path = where
+            if isinstance(where, str):
+                if not where.startswith("/"):
+                    m = _METHOD_RULE_RE.match(where)
+                    if m is None:
+                        raise ValueError(
+                            f"rule {where!r}: write a path prefix like \"/api\", methods and a path like "
+                            "\"POST /login\", or use re.compile(...) for a regular expression"
+                        )
+                    methods, path = m.group(1), m.group(2)
+            if isinstance(value, Rule):
+                raise ValueError(f"rule {where!r}: pass Rule objects in a list, not as dict values")
+            if isinstance(value, Mapping):
+                opts = dict(value)
+                unknown = set(opts) - {"limits", "methods", "key", "cost", "name"}
+                if unknown:
+                    raise ValueError(
+                        f"rule {where!r}: unknown option(s) {sorted(unknown)}; "
+                        "a rule takes limits, methods, key, cost, name"
+                    )
+                if "limits" not in opts:
+                    raise ValueError(f"rule {where!r}: give its limits, like {{\"limits\": \"10/minute\"}}")
+                if methods is not None and opts.get("methods") is not None:
+                    raise ValueError(f"rule {where!r}: methods given both in the path and as an option")
+                if methods is not None:
+                    opts["methods"] = methods
+                out.append(Rule(path, **opts))
+            else:
+                out.append(Rule(path, value, methods=methods))
+    elif isinstance(rules, (list, tuple)):
+        for r in rules:
+            if not isinstance(r, Rule):
+                raise ValueError(f"rules: a list must hold rategate.Rule objects, got {r!r}")
+            # A copy: the middleware fills in compiled state, and one Rule
+            # may be given to several middlewares.
+            out.append(Rule(r.path, r.limits, methods=r.methods, key=r.key, cost=r.cost, name=r.name))
+    else:
+        raise ValueError(
+            "rules must be a dict like {\"/api\": \"10/minute\"} or a list of rategate.Rule, "
+            f"got {type(rules).__name__}"
+        )
+    return out
+
+
+def _decision_type() -> type:
+    """The core's Decision type: ``submit()`` returns one when it answers at once."""
+    try:
+        import rategate
+
+        return rategate.Decision  # type: ignore[no-any-return]
+    except (ImportError, AttributeError):  # pragma: no cover - a core without it
+        class _NoDecision:  # nothing is ever of this type: always await
+            pass
+
+        return _NoDecision
+
+
+class RateLimitMiddleware:
+    """Rate-limit an ASGI app.  See the module docstring and the README.
+
+    Options: ``limiter`` (a :class:`rategate.Limiter` or a storage URL),
+    ``limits`` (the default rates, or ``None``), ``rules``, ``key`` (default
+    :func:`rategate.client_ip` with no trusted proxies), ``exempt`` (exact
+    paths never limited), ``headers`` (style or ``None``), ``cost`` (int or
+    callable(scope) -> int; default 1), ``shadow`` (count and log, never
+    block), ``websocket`` (limit WebSocket handshakes too; default True),
+    ``namespace`` (prefixed to every rule's name in the Redis key: two
+    middlewares sharing a limiter and a rule name, such as ``"default"``,
+    share its counters unless their namespaces differ).
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        limiter: Any,
+        limits: RateSpec | None = None,
+        rules: Mapping[Any, Any] | Iterable[Rule] | None = None,
+        key: Callable[..., Any] | None = None,
+        exempt: Iterable[str] | str = (),
+        headers: str | None = "draft-6",
+        cost: int | Callable[..., int] | None = None,
+        shadow: bool = False,
+        websocket: bool = True,
+        namespace: str | None = None,
+    ) -> None:
+        self.app = app
+        if isinstance(limiter, str):
+            from .limiter import Limiter
+
+            limiter = Limiter(limiter)
+        if limiter is None or not (hasattr(limiter, "submit") or hasattr(limiter, "hit")):
+            raise TypeError(
+                "limiter must be a rategate.Limiter or a storage URL like \"redis://127.0.0.1:6379/0\", "
+                f"got {limiter!r}"
+            )
+        self.limiter = limiter
+        if not isinstance(shadow, bool):
+            raise TypeError(f"shadow must be True or False, got {shadow!r}")
+        if not isinstance(websocket, bool):
+            raise TypeError(f"websocket must be True or False, got {websocket!r}")
+        self.shadow = shadow
+        self.websocket = websocket
+        if namespace is not None and (not isinstance(namespace, str) or not namespace):
+            raise ValueError(f"namespace must be a non-empty str (or None), got {namespace!r}")
+        self.namespace = namespace
+        self.key = _check_key(key, "RateLimitMiddleware") or client_ip()
+        self.cost = _check_cost(cost, "RateLimitMiddleware")
+
+        if isinstance(exempt, str):
+            exempt = [exempt]
+        ex = set()
+        for p in exempt or ():
+            if not isinstance(p, str) or not p.startswith("/"):
+                raise ValueError(f"exempt: paths start with '/', like \"/health\"; got {p!r}")
+            ex.add(p)
+        self.exempt = frozenset(ex)
+
+        # Headers: validated even when there is nothing to render yet.
+        make_headers(headers, _dummy_rates())
+        self.header_style = headers
+
+        all_rules = _rules_from(rules)
+        self.default: Rule | None = None
+        if limits is not None:
+            self.default = Rule("/", limits, name="default")
+        if self.default is None and not all_rules:
+            raise ValueError(
+                "RateLimitMiddleware limits nothing: give limits=\"100/minute\" (the default for every "
+                "path) and/or rules={\"/api\": \"10/minute\"}"
+            )
+        names: dict[str, Rule] = {}
+        for r in all_rules + ([self.default] if self.default else []):
+            if r.name in names:
+                raise ValueError(
+                    f"two rules are named {r.name!r} ({names[r.name]!r} and {r!r}): each rule has its own "
+                    "counters, keyed by its name; give one of them name=..."
+                )
+            names[r.name] = r
+            self._prepare(r)
+        self.rules = tuple(all_rules)
+        # Regular expressions are tried first, in the order given; then prefixes,
+        # the longest first; then the default.
+        self._regex_rules = tuple(r for r in all_rules if r.regex is not None)
+        self._prefix_rules = tuple(
+            sorted((r for r in all_rules if r.regex is None), key=lambda r: len(r.path), reverse=True)
+        )
+        self._route_cache: dict[str, Any] = {}
+
+        if hasattr(limiter, "submit") and hasattr(limiter, "compile"):
+            self._submit = limiter.submit
+        else:  # a limiter with only hit(): correct, one await per request
+            self._submit = limiter.hit
+        self._Decision = _decision_type()
+
+        # Failure incidents: logged when one starts and when it ends.
+        self._failures = FailureLog()
+        self._shadow_log = ShadowLog()
+
+    def _prepare(self, r: Rule) -> None:
+        if r.limits is None:
+            return
+        where = f"rule {r.name!r}"
+        try:
+            if hasattr(self.limiter, "compile"):
+                r.spec = self.limiter.compile(r.limits)
+                r.rates = tuple(r.spec.rates)
+            else:
+                from .rates import parse_rates
+
+                r.rates = parse_rates(r.limits)
+                r.spec = r.rates
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        r.headers = make_headers(self.header_style, r.rates, r.name)
+        name = r.name.translate(_NAME_ESCAPES)
+        if self.namespace is not None:
+            name = self.namespace.translate(_NAMESPACE_ESCAPES) + ":" + name
+        r.sprefix = name + "|"
+        r.shprefix = name + "#"
+        r.bprefix = r.sprefix.encode("utf-8", "surrogatepass")
+        r.bhprefix = r.shprefix.encode("utf-8", "surrogatepass")
+        if r.key is None:
+            r.key = self.key
+        if r.cost is None:
+            r.cost = self.cost
+
+    def __repr__(self) -> str:
+        return (
+            f"RateLimitMiddleware(limits={self.default.limits if self.default else None!r}, "
+            f"rules={list(self.rules)!r}, exempt={sorted(self.exempt)!r}, headers={self.header_style!r}, "
+            f"shadow={self.shadow!r})"
+        )
+
+    # -- routing ---------------------------------------------------------------
+    def _route(self, path: str) -> Any:
+        """The cache entry for ``path``: a Rule, _PASS, or a tuple (method-dependent)."""
+        cands = [r for r in self._regex_rules if r._matches_path(path)]
+        cands += [r for r in self._prefix_rules if r._matches_path(path)]
+        if self.default is not None:
+            cands.append(self.default)
+        # Everything after the first rule with no method filter is unreachable.
+        for i, r in enumerate(cands):
+            if r.methods is None:
+                del cands[i + 1 :]
+                break
+        entry: Any
+        if not cands:
+            entry = _PASS
+        elif len(cands) == 1 and cands[0].methods is None:
+            entry = cands[0] if cands[0].spec is not None else _PASS
+        else:
+            entry = tuple(cands)
+        cache = self._route_cache
+        if len(cache) >= _ROUTE_CACHE_MAX:
+            cache.clear()
+        cache[path] = entry
+        return entry
+
+    @staticmethod
+    def _by_method(cands: tuple[Rule, ...], method: str) -> Any:
+        for r in cands:
+            if r.methods is None or method in r.methods:
+                return r if r.spec is not None else _PASS
+        return _PASS
+
+    def rule_for(self, path: str, method: str = "GET") -> Rule | None:
+        """The rule that applies to ``method path`` (None: not limited).  For tests and debugging."""
+        if path in self.exempt:
+            return None
+        e = self._route_cache.get(path)
+        if e is None:
+            e = self._route(path)
+        if type(e) is tuple:
+            e = self._by_method(e, method)
+        return None if e is _PASS else e
+
+    # -- the request -----------------------------------------------------------
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind != "http":
+            if kind == "websocket" and self.websocket:
+                await self._websocket(scope, receive, send)
+                return
+            await self.app(scope, receive, send)  # lifespan and anything else
+            return
+        path = scope["path"]
+        if path in self.exempt:
+            await self.app(scope, receive, send)
+            return
+        rule = self._route_cache.get(path)
+        if rule is None:
+            rule = self._route(path)
+        if type(rule) is tuple:
+            rule = self._by_method(rule, scope["method"])
+        if rule is _PASS:
+            await self.app(scope, receive, send)
+            return
+
+        k = rule.key(scope)
+        if k is None:
+            await self.app(scope, receive, send)
+            return
+        t = type(k)
+        if t is str:
+            k = rule.sprefix + k if len(k) <= MAX_KEY_LENGTH else rule.shprefix + _digest(k)
+        elif t is bytes:
+            k = rule.bprefix + k if len(k) <= MAX_KEY_LENGTH else rule.bhprefix + _digest(k).encode()
+        else:
+            k = self._odd_key(rule, k)
+        cost = rule.cost
+        if cost is None:
+            cost = 1
+        elif type(cost) is not int:
+            cost = cost(scope)
+        d = self._submit(k, rule.spec, cost)
+        if type(d) is not self._Decision:
+            d = await d
+        err = d.error
+        if err is not None or self._failures.active:
+            self._failures.note(d)
+
+        if d.allowed or self.shadow:
+            if not d.allowed:
+                self._shadow_log.note(rule.name, k, d)
+            h = rule.headers
+            if h is None or err is not None:
+                # No headers, or nothing true to say: a failure decision in
+                # "open" mode knows no counts (its remaining=0 would make
+                # well-behaved clients back off for no reason).
+                await self.app(scope, receive, send)
+                return
+            hdrs = h.render(d)
+
+            async def send_with_headers(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    message["headers"] = [*message.get("headers", ()), *hdrs]
+                await send(message)
+
+            await self.app(scope, receive, send_with_headers)
+            return
+        await send({"type": "http.response.start", "status": 429, "headers": _denied_headers(rule, d)})
+        await send({"type": "http.response.body", "body": DENIED_BODY})
+
+    @staticmethod
+    def _odd_key(rule: Rule, k: Any) -> str | bytes:
+        """A key of a subclass of str/bytes (or a wrong type: a clear error)."""
+        if isinstance(k, str):
+            k = str(k)
+            return rule.sprefix + k if len(k) <= MAX_KEY_LENGTH else rule.shprefix + _digest(k)
+        if isinstance(k, (bytes, bytearray, memoryview)):
+            k = bytes(k)
+            return rule.bprefix + k if len(k) <= MAX_KEY_LENGTH else rule.bhprefix + _digest(k).encode()
+        raise TypeError(
+            f"the key function of rule {rule.name!r} returned {type(k).__name__}; "
+            "it must return str, bytes, or None (do not limit)"
+        )
+
+    # -- WebSocket -------------------------------------------------------------
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Limit the handshake: allowed -> the app, headers on the accept; denied -> 429 or close."""
+        path = scope["path"]
+        if path in self.exempt:
+            await self.app(scope, receive, send)
+            return
+        rule = self._route_cache.get(path)
+        if rule is None:
+            rule = self._route(path)
+        if type(rule) is tuple:
+            rule = self._by_method(rule, "GET")
+        if rule is _PASS:
+            await self.app(scope, receive, send)
+            return
+        k = rule.key(scope)
+        if k is None:
+            await self.app(scope, receive, send)
+            return
+        k = self._odd_key(rule, k)
+        cost = rule.cost
+        if cost is None:
+            cost = 1
+        elif type(cost) is not int:
+            cost = cost(scope)
+        d = self._submit(k, rule.spec, cost)
+        if type(d) is not self._Decision:
+            d = await d
+        err = d.error
+        if err is not None or self._failures.active:
+            self._failures.note(d)
+        if d.allowed or self.shadow:
+            if not d.allowed:
+                self._shadow_log.note(rule.name, k, d)
+            h = rule.headers
+            if h is None or err is not None:
+                await self.app(scope, receive, send)
+                return
+            hdrs = h.render(d)
+
+            async def send_ws(message: Message) -> None:
+                if message["type"] in ("websocket.accept", "websocket.http.response.start"):
+                    message["headers"] = [*message.get("headers", ()), *hdrs]
+                await send(message)
+
+            await self.app(scope, receive, send_ws)
+            return
+        # Denied.  Wait for the handshake request (websocket.connect), then
+        # answer it with a 429 if the server can send HTTP responses for
+        # WebSockets, else reject it (servers answer that with a 403).
+        message = await receive()
+        if message["type"] != "websocket.connect":
+            return  # the client went away
+        if "websocket.http.response" in (scope.get("extensions") or {}):
+            await send({"type": "websocket.http.response.start", "status": 429,
+                        "headers": _denied_headers(rule, d)})
+            await send({"type": "websocket.http.response.body", "body": DENIED_BODY})
+        else:
+            await send({"type": "websocket.close", "code": 1008, "reason": "Too Many Requests"})
+
+
+class FailureLog:
+    """Logs limiter failures once when an incident starts, and once when it ends.
+
+    An incident starts with the first decision carrying ``error`` and ends
+    with the first one without; the closing line counts the failed checks by
+    kind.  A flood during a Redis outage thus writes two log lines, not one per
+    request.  Call :meth:`note` for a decision with an error, and for every
+    decision while :attr:`active`.
+    """
+
+    __slots__ = ("active", "started", "counts", "what")
+
+    def __init__(self, what: str = "the limiter") -> None:
+        self.active = False
+        self.started = 0.0
+        self.counts: dict[str, int] = {}
+        self.what = what
+
+    def note(self, d: Any) -> None:
+        err = d.error
+        if err is None:
+            if self.active:
+                self.active = False
+                counts, self.counts = self.counts, {}
+                logger.warning(
+                    "rategate: %s is answering again after %.1fs; failed checks: %s",
+                    self.what,
+                    time.monotonic() - self.started,
+                    ", ".join(f"{k}={v}" for k, v in sorted(counts.items())),
+                )
+            return
+        counts = self.counts
+        counts[err] = counts.get(err, 0) + 1
+        if not self.active:
+            self.active = True
+            self.started = time.monotonic()
+            logger.warning(
+                "rategate: %s failed (%s); until it recovers, limited requests are %s "
+                "(logged once per incident)",
+                self.what,
+                err,
+                "let through (failure_mode='open')" if d.allowed else "answered 429 (failure_mode='closed')",
+            )
+
+
+class ShadowLog:
+    """Shadow mode: logs a would-be denial once per key per retry interval (bounded)."""
+
+    __slots__ = ("seen",)
+
+    def __init__(self) -> None:
+        self.seen: dict[Any, float] = {}
+
+    def note(self, name: str, key: Any, d: Any) -> None:
+        now = time.monotonic()
+        seen = self.seen
+        until = seen.get(key)
+        if until is not None and until > now:
+            return
+        if len(seen) >= _SHADOW_LOG_MAX:
+            seen.clear()
+        ra = d.retry_after
+        seen[key] = now + (ra if 1.0 <= ra < 3600.0 else 1.0)
+        logger.warning("rategate shadow mode: would deny %r (rule %r, retry after %.2fs)", key, name, ra)
+
+
+def _digest(k: str | bytes) -> str:
+    data = k.encode("utf-8", "surrogatepass") if isinstance(k, str) else k
+    return hashlib.blake2b(data, digest_size=20).hexdigest()
+
+
+def _denied_headers(rule: Rule, d: Any) -> list[tuple[bytes, bytes]]:
+    out = list(_DENIED_BASE)
+    h = rule.headers
+    out += h.render_denied(d) if h is not None else retry_after_header(d)
+    return out
+
+
+def _dummy_rates() -> tuple[Any, ...]:
+    from .rates import Rate
+
+    return (Rate(1, 1.0),)
+
+
+# For type checkers: what a rules mapping may hold.
+RuleValue = Union[RateSpec, None, Mapping[str, Any]]

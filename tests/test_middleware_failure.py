@@ -1,0 +1,113 @@
+"""Redis down or slow while the app serves: the failure mode decides at once, logged once per incident."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+import rategate
+from rategate.middleware import RateLimitMiddleware
+
+# A hang must fail, not pass slowly: no request may take longer than this
+# (the limiter's deadline is 0.05 s; this is hang detection, not a speed test).
+HANG = 5.0
+
+
+async def ok(scope: Any, receive: Any, send: Any) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+def messages(caplog: pytest.LogCaptureFixture, words: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "rategate" and words in r.getMessage()]
+
+
+async def get(c: httpx.AsyncClient, path: str) -> httpx.Response:
+    return await asyncio.wait_for(c.get(path), HANG)
+
+
+@pytest.mark.asyncio
+async def test_redis_killed_while_serving(own_redis: Any, caplog: pytest.LogCaptureFixture) -> None:
+    closed = rategate.Limiter(own_redis.url, failure_mode="closed")
+    opened = rategate.Limiter(own_redis.url, failure_mode="open")
+
+    async def router(scope: Any, receive: Any, send: Any) -> None:
+        target = closed_mw if scope["path"].startswith("/closed") or scope["path"] == "/health" else open_mw
+        await target(scope, receive, send)
+
+    closed_mw = RateLimitMiddleware(ok, limiter=closed, limits="100/minute", exempt=["/health"])
+    open_mw = RateLimitMiddleware(ok, limiter=opened, limits="100/minute")
+    transport = httpx.ASGITransport(app=router, client=("203.0.113.9", 1))
+    caplog.set_level(logging.WARNING, logger="rategate")
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            assert (await get(c, "/closed")).status_code == 200
+            assert (await get(c, "/open")).status_code == 200
+
+            own_redis.stop()
+            for _ in range(20):
+                r = await get(c, "/closed")
+                assert r.status_code == 429
+                assert r.json() == {"detail": "Too Many Requests"}
+                assert r.headers["retry-after"] == "1"
+                assert r.headers["ratelimit-remaining"] == "0"
+                r = await get(c, "/open")
+                assert r.status_code == 200 and r.text == "ok"
+                assert "ratelimit-remaining" not in r.headers  # no counts known: no headers
+                assert (await get(c, "/health")).status_code == 200
+            assert closed.stats()["errors"]["unavailable"] + closed.stats()["errors"]["timeout"] >= 20
+            # Logged once per incident (per middleware), not 20 times.
+            assert len(messages(caplog, "failed (")) == 2
+            assert any("429 (failure_mode='closed')" in m for m in messages(caplog, "failed ("))
+            assert any("let through (failure_mode='open')" in m for m in messages(caplog, "failed ("))
+
+            own_redis.start()
+            deadline = time.monotonic() + 20
+            codes = []
+            while time.monotonic() < deadline:
+                codes.append((await get(c, "/closed")).status_code)
+                if codes[-1] == 200:
+                    break
+                await asyncio.sleep(0.1)
+            assert codes[-1] == 200, f"no recovery after Redis came back: {codes[-5:]}"
+            r = await get(c, "/closed")
+            assert r.status_code == 200 and r.headers["ratelimit-limit"] == "100"
+            for _ in range(200):  # the open limiter recovers too
+                await get(c, "/open")
+                if len(messages(caplog, "answering again")) == 2:
+                    break
+                await asyncio.sleep(0.1)
+            again = messages(caplog, "answering again")
+            assert len(again) == 2, again
+            assert len(messages(caplog, "failed (")) == 2
+    finally:
+        await closed.aclose()
+        await opened.aclose()
+
+
+@pytest.mark.asyncio
+async def test_redis_too_slow_answers_at_the_deadline(own_redis: Any) -> None:
+    lim = rategate.Limiter(own_redis.url, failure_mode="closed", timeout=0.05)
+    mw = RateLimitMiddleware(ok, limiter=lim, limits="100/minute")
+    transport = httpx.ASGITransport(app=mw, client=("203.0.113.9", 1))
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            assert (await get(c, "/")).status_code == 200
+            pause = own_redis.pause(1.0)
+            r = await get(c, "/")
+            assert r.status_code == 429 and r.headers["retry-after"] == "1"
+            assert lim.stats()["errors"]["timeout"] >= 1
+            await asyncio.get_running_loop().run_in_executor(None, pause.wait)
+            for _ in range(100):
+                r = await get(c, "/")
+                if r.status_code == 200:
+                    break
+                await asyncio.sleep(0.05)
+            assert r.status_code == 200
+    finally:
+        await lim.aclose()
