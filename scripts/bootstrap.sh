@@ -32,7 +32,7 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 stamp=.venv/.rategate-deps
-want="$(cat pyproject.toml bench/requirements.txt 2>/dev/null | sha256sum | cut -c1-16)"
+want="$( { cat pyproject.toml; cat bench/requirements.txt 2>/dev/null || true; } | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "bootstrap: installing Python dependencies into .venv"
     .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
