@@ -3,10 +3,15 @@
 PY      ?= .venv/bin/python
 CFLAGS_CI = -Wall -Wextra -Werror
 
-.PHONY: bootstrap build test test-asan bench bench-quick clean
+BENCH_ARGS ?=
+
+.PHONY: bootstrap bootstrap-bench build test test-asan bench bench-quick clean
 
 bootstrap:
-	bash scripts/bootstrap.sh
+	bash scripts/bootstrap.sh test
+
+bootstrap-bench:
+	bash scripts/bootstrap.sh bench
 
 # Build the extension in place with warnings as errors.
 build:
@@ -20,11 +25,13 @@ test: bootstrap
 test-asan: bootstrap
 	bash scripts/asan.sh
 
-bench: bootstrap build
-	$(PY) -m bench.run
+# The main job: starts its own redis-server, prints the table, writes
+# bench/results/latest.{json,md,png}.  BENCH_ARGS="--cases health,rategate" etc.
+bench: bootstrap-bench build
+	$(PY) -m bench.run $(BENCH_ARGS)
 
-bench-quick: bootstrap build
-	$(PY) -m bench.run --quick
+bench-quick: bootstrap-bench build
+	$(PY) -m bench.run --quick $(BENCH_ARGS)
 
 clean:
 	rm -rf build rategate/*.so .pytest_cache

@@ -31,15 +31,17 @@ if [ ! -x .venv/bin/python ]; then
     echo "bootstrap: creating .venv with $($PYTHON --version)"
     "$PYTHON" -m venv .venv
 fi
-stamp=.venv/.rategate-deps
-want="$( { cat pyproject.toml; cat bench/requirements.txt 2>/dev/null || true; } | sha256sum | cut -c1-16)"
+# test: what the suite needs; bench: that and bench/requirements.txt.
+MODE="${1:-test}"
+stamp=.venv/.rategate-deps-$MODE
+want="$( { cat pyproject.toml; [ "$MODE" = bench ] && cat bench/requirements.txt; true; } | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-    echo "bootstrap: installing Python dependencies into .venv"
+    echo "bootstrap: installing Python dependencies ($MODE) into .venv"
     .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
     .venv/bin/python -m pip install -q \
         "pytest>=8" "pytest-asyncio>=1.0" "httpx>=0.27" "fastapi>=0.100" "starlette>=0.37" \
         "uvicorn>=0.29" "redis>=5"
-    if [ -f bench/requirements.txt ]; then
+    if [ "$MODE" = bench ]; then
         .venv/bin/python -m pip install -q -r bench/requirements.txt
     fi
     echo "$want" > "$stamp"
