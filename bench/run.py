@@ -1,0 +1,763 @@
+"""The rategate benchmark: one command, one machine, one run.
+
+    python -m bench.run                 # every case, 10 s each, 2 rounds (about 5 minutes)
+    python -m bench.run --quick         # 3 s each, one round, shorter micro-benchmarks (under 2 minutes)
+    python -m bench.run --cases health,rategate,rategate-flood --duration 20
+
+It starts its own redis-server on a free 127.0.0.1 port (or uses
+RATEGATE_REDIS_URL), runs each HTTP case's app under one uvicorn worker on a
+free port, warms it up, measures it with wrk (same duration and connections for
+every case), then runs the measurements without HTTP (bench/micro.py) and
+redis-benchmark.  It prints a table and the six speed targets with PASS/MISS,
+and writes bench/results/latest.{json,md,png}.  Every process it starts is in
+its own process group and is stopped when it ends, fails or is interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import http.client
+import importlib.util
+import json
+import math
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlparse
+
+ROOT = Path(__file__).resolve().parent.parent
+if __package__ in (None, ""):  # python bench/run.py
+    sys.path.insert(0, str(ROOT))
+
+from bench import procs, report  # noqa: E402
+
+BENCH = ROOT / "bench"
+PY = sys.executable
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+REDIS_BENCHMARK = shutil.which("redis-benchmark") or "/usr/bin/redis-benchmark"
+WRK = shutil.which("wrk") or "/usr/bin/wrk"
+
+
+# --------------------------------------------------------------------------
+# the cases
+
+
+@dataclass
+class HttpCase:
+    name: str
+    app: str
+    mode: str = "allowed"            # allowed | flood
+    expect_denied: bool = False      # the case must show 429s (else: none)
+    needs: tuple[str, ...] = ()      # modules that must import, else the case is skipped
+    kill_redis: bool = False         # redis-down: a private Redis, killed after the warm-up
+    what: str = ""
+
+
+HTTP_CASES = [
+    HttpCase("health", "bench.apps.health:app", what="FastAPI no-op GET, no middleware: the baseline"),
+    HttpCase("rategate", "bench.apps.rategate_app:app", needs=("rategate", "rategate.middleware"),
+             what="RateLimitMiddleware, a Redis check per request, all allowed, headers on"),
+    HttpCase("rategate-flood", "bench.apps.rategate_app:app", mode="flood", expect_denied=True,
+             needs=("rategate", "rategate.middleware"),
+             what="limit 5/minute for the one client: all but the first 5 get 429"),
+    HttpCase("python-redis", "bench.apps.python_redis:app", needs=("redis",),
+             what="pure-ASGI middleware by hand, redis.asyncio + the same GCRA script (EVALSHA)"),
+    HttpCase("python-redis-flood", "bench.apps.python_redis:app", mode="flood", expect_denied=True,
+             needs=("redis",), what="the same, limit 5/minute: all but the first 5 get 429"),
+    HttpCase("slowapi", "bench.apps.slowapi_app:app", needs=("slowapi", "limits", "redis"),
+             what="slowapi per its docs, storage_uri=redis://, all allowed"),
+    HttpCase("fastapi-limiter", "bench.apps.fastapi_limiter_app:app",
+             needs=("fastapi_limiter", "pyrate_limiter", "redis"),
+             what="fastapi-limiter per its docs, pyrate-limiter RedisBucket (redis.asyncio), all allowed"),
+    HttpCase("redis-down", "bench.apps.rategate_app:app", expect_denied=True, kill_redis=True,
+             needs=("rategate", "rategate.middleware"),
+             what="rategate, Redis killed after the warm-up: fail-closed 429s"),
+]
+HTTP_BY_NAME = {c.name: c for c in HTTP_CASES}
+
+MICRO_STEPS = ["cpu-rategate", "cpu-python-redis", "ffi", "throughput-rategate",
+               "throughput-python-redis", "redis-benchmark", "rss"]
+GROUPS = {"http": [c.name for c in HTTP_CASES], "micro": MICRO_STEPS,
+          "all": [c.name for c in HTTP_CASES] + MICRO_STEPS}
+
+
+# --------------------------------------------------------------------------
+# progress
+
+
+class Progress:
+    """One progress line on stderr (rewritten in place on a terminal)."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.i = 0
+        self.label = ""
+        self.tty = sys.stderr.isatty()
+        self.t0 = time.monotonic()
+        self._last_plain = ""
+
+    def next(self, label: str) -> None:
+        self.i += 1
+        self.label = label
+        self.update("starting")
+
+    def update(self, what: str) -> None:
+        line = f"[{self.i}/{self.total}] {self.label}: {what}  ({time.monotonic() - self.t0:.0f}s)"
+        if self.tty:
+            sys.stderr.write("\r\033[K" + line)
+            sys.stderr.flush()
+        else:
+            # no terminal: one line per phase, not per tick
+            phase = f"{self.i}:{what.split(' ')[0]}"
+            if phase != self._last_plain:
+                self._last_plain = phase
+                sys.stderr.write(line + "\n")
+                sys.stderr.flush()
+
+    def say(self, text: str) -> None:
+        """A permanent line (a finished case), above the progress line."""
+        try:
+            if self.tty:
+                sys.stderr.write("\r\033[K")
+            sys.stdout.write(text + "\n")
+            sys.stdout.flush()
+        except BrokenPipeError:  # `| head`: keep measuring, the files are still written
+            pass
+
+    def done(self) -> None:
+        if self.tty:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+
+# --------------------------------------------------------------------------
+# helpers
+
+
+def available(mod: str) -> bool:
+    try:
+        return importlib.util.find_spec(mod) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def check_import(stmt: str) -> str | None:
+    """Run ``stmt`` in a fresh interpreter: None if it works, else the last error line."""
+    r = subprocess.run([PY, "-c", stmt], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    if r.returncode == 0:
+        return None
+    lines = [x for x in r.stderr.strip().splitlines() if x.strip()]
+    return lines[-1] if lines else f"exit {r.returncode}"
+
+
+def parse_redis_url(url: str) -> dict:
+    u = urlparse(url)
+    if u.scheme == "unix":
+        q = parse_qs(u.query)
+        return {"socket": u.path, "db": int(q.get("db", ["0"])[0]), "password": unquote(u.password or "") or None}
+    if u.scheme not in ("redis", ""):
+        raise SystemExit(f"RATEGATE_REDIS_URL: unsupported scheme in {url!r} (use redis:// or unix://)")
+    db = int(u.path.strip("/") or 0)
+    return {"host": u.hostname or "127.0.0.1", "port": u.port or 6379, "db": db,
+            "password": unquote(u.password) if u.password else None}
+
+
+def redis_cmd(conf: dict, *args):
+    if "socket" in conf:
+        # raw RESP over the unix socket
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(5)
+            s.connect(conf["socket"])
+            f = s.makefile("rb")
+            parts = []
+            if conf.get("password"):
+                parts.append(("AUTH", conf["password"]))
+            if conf.get("db"):
+                parts.append(("SELECT", str(conf["db"])))
+            parts.append(args)
+            for p in parts:
+                s.sendall(b"*%d\r\n" % len(p) + b"".join(
+                    b"$%d\r\n%s\r\n" % (len(x.encode() if isinstance(x, str) else x),
+                                        x.encode() if isinstance(x, str) else x) for x in p))
+            replies = [procs._read_resp(f) for _ in parts]
+            if isinstance(replies[-1], Exception):
+                raise replies[-1]
+            return replies[-1]
+    return procs.redis_command(conf["host"], conf["port"], *args, password=conf.get("password"), db=conf["db"])
+
+
+def http_get(port: int, path: str = "/ping", timeout: float = 2.0) -> int:
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        c.request("GET", path)
+        r = c.getresponse()
+        r.read()
+        return r.status
+    finally:
+        c.close()
+
+
+class ControlClient:
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.f = self.sock.makefile("rb")
+
+    def __call__(self, cmd: str) -> dict:
+        self.sock.sendall(cmd.encode() + b"\n")
+        line = self.f.readline()
+        if not line:
+            raise ConnectionError("the app closed its control port")
+        return json.loads(line)
+
+    def close(self) -> None:
+        try:
+            self.f.close()
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def wait_proc(p: subprocess.Popen, timeout: float, progress: Progress, label: str, total: float | None = None):
+    """Wait for ``p`` to exit while updating the progress line; returns its stdout."""
+    t0 = time.monotonic()
+    out_chunks: list[bytes] = []
+    os.set_blocking(p.stdout.fileno(), False) if p.stdout else None
+    while True:
+        if p.stdout:
+            try:
+                chunk = p.stdout.read()
+                if chunk:
+                    out_chunks.append(chunk)
+            except (BlockingIOError, TypeError):
+                pass
+        if p.poll() is not None:
+            break
+        el = time.monotonic() - t0
+        if el > timeout:
+            procs.stop(p)
+            raise TimeoutError(f"{label} did not finish in {timeout:.0f}s")
+        progress.update(f"{label} {el:.0f}/{total:.0f}s" if total else f"{label} {el:.0f}s")
+        time.sleep(0.25)
+    if p.stdout:
+        os.set_blocking(p.stdout.fileno(), True)
+        rest = p.stdout.read()
+        if rest:
+            out_chunks.append(rest)
+        p.stdout.close()
+    procs.stop(p)
+    return b"".join(out_chunks).decode(errors="replace")
+
+
+def marker_json(text: str, marker: str) -> dict | None:
+    for line in text.splitlines():
+        if line.startswith(marker + " "):
+            return json.loads(line[len(marker) + 1:])
+    return None
+
+
+# --------------------------------------------------------------------------
+# the run
+
+
+@dataclass
+class Ctx:
+    args: argparse.Namespace
+    tmp: Path
+    progress: Progress
+    redis_url: str = ""
+    redis_conf: dict = field(default_factory=dict)
+    owns_redis: bool = False
+    loop: str = "asyncio"
+    http_impl: str = "h11"
+    rategate_error: str | None = None
+    middleware_error: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def run_wrk(ctx: Ctx, port: int, seconds: float, label: str, measured: bool, name: str) -> dict | None:
+    a = ctx.args
+    cmd = [WRK, f"-t{a.wrk_threads}", f"-c{a.connections}", f"-d{int(seconds)}s", "--timeout", "5s"]
+    if measured:
+        cmd += ["--latency", "-s", str(BENCH / "wrk_report.lua")]
+    cmd.append(f"http://127.0.0.1:{port}/ping")
+    p = procs.spawn(cmd, capture=True, log=ctx.tmp / f"{name}.wrk.err")
+    out = wait_proc(p, seconds + 30, ctx.progress, label, seconds)
+    if p.returncode != 0:
+        raise RuntimeError(f"wrk failed (exit {p.returncode}): {procs.tail(ctx.tmp / f'{name}.wrk.err', 5)}")
+    if not measured:
+        return None
+    (ctx.tmp / f"{name}.wrk.txt").write_text(out)
+    data = marker_json(out, "WRK_JSON")
+    if data is None:
+        raise RuntimeError(f"wrk printed no WRK_JSON line:\n{out[-800:]}\n{procs.tail(ctx.tmp / f'{name}.wrk.err')}")
+    return data
+
+
+def run_http_case(ctx: Ctx, case: HttpCase) -> dict:
+    a = ctx.args
+    res: dict = {"case": case.name, "what": case.what, "mode": case.mode, "expect_denied": case.expect_denied,
+                 "loadavg": round(os.getloadavg()[0], 2)}
+    if not os.path.exists(WRK):
+        res["skipped"] = f"wrk is not installed ({WRK}; Debian: apt-get install wrk)"
+        return res
+    missing = [m for m in case.needs if not available(m)]
+    if case.name.startswith("rategate") or case.name == "redis-down":
+        err = ctx.rategate_error or ctx.middleware_error
+        if err:
+            res["skipped"] = err
+            return res
+    if missing:
+        res["skipped"] = f"not installed: {', '.join(missing)}"
+        return res
+    if case.name in ("slowapi", "fastapi-limiter"):
+        err = check_import(f"import bench.apps.{case.app.split('.')[-1].split(':')[0]}")
+        if err:
+            res["skipped"] = f"import failed: {err}"
+            return res
+
+    private_redis: procs.RedisServer | None = None
+    redis_url = ctx.redis_url
+    if case.kill_redis:
+        if os.path.exists(REDIS_SERVER):
+            private_redis = procs.RedisServer(REDIS_SERVER, ctx.tmp, "redis-down").start()
+            redis_url = private_redis.url
+        else:  # no redis-server here: a port nobody listens on
+            redis_url = f"redis://127.0.0.1:{procs.free_port()}/0"
+    elif ctx.owns_redis:
+        redis_cmd(ctx.redis_conf, "FLUSHALL")
+
+    port, cport = procs.free_port(), procs.free_port()
+    env = dict(os.environ, BENCH_REDIS_URL=redis_url, BENCH_MODE=case.mode, BENCH_CONTROL_PORT=str(cport),
+               PYTHONDONTWRITEBYTECODE="1")
+    log = ctx.tmp / f"{case.name}.log"
+    log.write_text("")
+    cmd = [PY, "-m", "uvicorn", case.app, "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+           "--no-access-log", "--log-level", "warning", "--loop", ctx.loop, "--http", ctx.http_impl,
+           "--lifespan", "on", "--backlog", "4096"]
+    res["server"] = {"cmd": " ".join(cmd[1:]), "loop": ctx.loop, "http": ctx.http_impl}
+    server = procs.spawn(cmd, log=log, cwd=ROOT, env=env)
+    control = None
+    try:
+        ctx.progress.update("starting uvicorn")
+        t0 = time.monotonic()
+        status = None
+        while time.monotonic() - t0 < 30:
+            if server.poll() is not None:
+                raise RuntimeError(f"uvicorn exited with {server.returncode}:\n{procs.tail(log)}")
+            try:
+                status = http_get(port)
+                break
+            except OSError:
+                time.sleep(0.1)
+        if status is None:
+            raise RuntimeError(f"uvicorn did not answer in 30s:\n{procs.tail(log)}")
+        res["first_status"] = status
+        control = ControlClient(cport)
+        # the loop's lag with nothing to do: the floor of the measurement
+        control("reset")
+        ctx.progress.update("idle lag")
+        time.sleep(0.5)
+        res["idle"] = control("stats")
+        if a.warmup > 0:
+            run_wrk(ctx, port, a.warmup, "warm-up", False, case.name)
+        if private_redis is not None:
+            ctx.progress.update("killing redis")
+            private_redis.kill()
+            time.sleep(0.2)
+        control("reset")
+        w = run_wrk(ctx, port, a.duration, "wrk", True, case.name)
+        stats = control("stats")
+        if server.poll() is not None:
+            raise RuntimeError(f"uvicorn died during the run:\n{procs.tail(log)}")
+    finally:
+        if control is not None:
+            control.close()
+        procs.stop(server, timeout=8)
+        if private_redis is not None:
+            private_redis.stop()
+    secs = w["duration_us"] / 1e6
+    n = w["requests"]
+    e = w["errors"]
+    res.update({
+        "requests": n,
+        "seconds": round(secs, 3),
+        "rps": round(n / secs, 1) if secs else 0.0,
+        "non_2xx": e["status"],
+        "ok_2xx": n - e["status"],
+        "socket_errors": {k: e[k] for k in ("connect", "read", "write", "timeout")},
+        "latency_ms": {k: round(v / 1000, 3) for k, v in w["latency_us"].items()},
+        "lag_ms": stats.get("lag", {}),
+        "idle_lag_ms": res["idle"].get("lag", {}),
+        "server_cpu_us_per_req": round(stats["cpu_process_s"] / n * 1e6, 2) if n else None,
+        "loop_thread_cpu_us_per_req": round(stats["cpu_loop_thread_s"] / n * 1e6, 2) if n else None,
+        "server_rss_kb": stats.get("rss_kb"),
+        "limiter_stats": stats.get("limiter"),
+    })
+    res.pop("idle")
+    denied = res["non_2xx"] > 0
+    res["as_expected"] = denied == case.expect_denied and sum(res["socket_errors"].values()) == 0
+    if not res["as_expected"]:
+        why = "no 429s" if case.expect_denied and not denied else (
+            f"{res['non_2xx']} non-2xx responses" if denied and not case.expect_denied else "socket errors")
+        res["unexpected"] = why
+    return res
+
+
+def run_micro(ctx: Ctx, figure: str, *extra: str, timeout: float = 120, total: float | None = None) -> dict:
+    cmd = [PY, "-m", "bench.micro", figure, "--url", ctx.redis_url, "--loop", ctx.loop, *extra]
+    name = f"micro-{figure}-{'-'.join(x for x in extra if not x.startswith('-'))[:40]}"
+    p = procs.spawn(cmd, capture=True, log=ctx.tmp / f"{name}.err", cwd=ROOT)
+    out = wait_proc(p, timeout, ctx.progress, figure, total)
+    data = marker_json(out, "MICRO_JSON")
+    if data is None:
+        raise RuntimeError(f"bench.micro {figure} failed (exit {p.returncode}):\n{procs.tail(ctx.tmp / f'{name}.err')}")
+    data["cmd"] = " ".join(cmd[1:])
+    return data
+
+
+def run_redis_benchmark(ctx: Ctx) -> dict:
+    """Redis's own ceiling for one check per EVALSHA, without and with pipelining.
+
+    The script and arguments are rategate's own (``rategate._core.SCRIPT``, one
+    check of one rate per call: what rategate sends for a lone check) when
+    rategate is built, else bench/gcra.lua with the python-redis case's
+    arguments.  Keys: 10,000 random ones, rate 1000000/second (all allowed).
+    """
+    if not os.path.exists(REDIS_BENCHMARK):
+        raise RuntimeError(f"redis-benchmark is not installed ({REDIS_BENCHMARK}; Debian: apt-get install redis-tools)")
+    r = subprocess.run([PY, "-c", "import sys, rategate._core as c; sys.stdout.write(c.SCRIPT)"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    if r.returncode == 0 and r.stdout.strip():
+        script, which = r.stdout, "rategate._core.SCRIPT (one check per call)"
+        # ARGV: checks=1; cost=1, rates=1; T=1 µs, tau=burst*T=1000000 µs
+        args = ["1", "rg:{bench:__rand_int__}:1000000/1000", "1", "1", "1", "1", "1000000"]
+    else:
+        script, which = (BENCH / "gcra.lua").read_text(), "bench/gcra.lua (rategate not built)"
+        # ARGV: cost=1; T=1 µs, burst=1000000
+        args = ["1", "rg:{bench:__rand_int__}:1000000/1000", "1", "1", "1000000"]
+    sha = redis_cmd(ctx.redis_conf, "SCRIPT", "LOAD", script)
+    sha = sha.decode() if isinstance(sha, bytes) else sha
+    conf = ctx.redis_conf
+    base = [REDIS_BENCHMARK]
+    if "socket" in conf:
+        base += ["-s", conf["socket"]]
+    else:
+        base += ["-h", conf["host"], "-p", str(conf["port"])]
+    if conf.get("password"):
+        base += ["-a", conf["password"], "--no-auth-warning"]
+    if conf.get("db"):
+        base += ["--dbnum", str(conf["db"])]
+    evalsha = ["EVALSHA", sha, *args]
+    out: dict = {"script": which, "sha": sha, "clients": 50, "keys": 10000}
+    secs = ctx.args.rb_seconds
+    for label, pipeline, rate_guess in (("unpipelined", 1, 50_000), ("pipelined_32", 32, 140_000)):
+        n = max(20_000, int(secs * rate_guess))
+        cmd = base + ["-c", "50", "-n", str(n), "-r", "10000", "-P", str(pipeline), "--csv", *evalsha]
+        p = procs.spawn(cmd, capture=True, log=ctx.tmp / f"redis-benchmark-{label}.err")
+        text = wait_proc(p, 120, ctx.progress, f"redis-benchmark -P {pipeline}")
+        rows = [line for line in text.splitlines() if line.startswith('"EVALSHA')]
+        if not rows:
+            raise RuntimeError(f"redis-benchmark printed no result:\n{text[-500:]}")
+        cols = [c.strip('"') for c in rows[-1].split('","')]
+        out[label] = {"pipeline": pipeline, "requests": n, "rps": float(cols[1]), "p50_ms": float(cols[4]),
+                      "p99_ms": float(cols[6]), "cmd": " ".join(cmd[1:])}
+    return out
+
+
+def machine_info(ctx: Ctx) -> dict:
+    def cmd_out(*cmd: str) -> str:
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=10, cwd=ROOT).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_kb = 0
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_kb = int(line.split()[1])
+    except OSError:
+        pass
+    os_name = ""
+    try:
+        for line in Path("/etc/os-release").read_text().splitlines():
+            if line.startswith("PRETTY_NAME="):
+                os_name = line.split("=", 1)[1].strip('"')
+    except OSError:
+        pass
+    from importlib import metadata
+
+    versions = {}
+    for dist in ("fastapi", "starlette", "uvicorn", "uvloop", "httptools", "h11", "redis", "hiredis", "slowapi",
+                 "limits", "fastapi-limiter", "pyrate-limiter", "matplotlib", "rategate"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    if versions.get("rategate") is None and not ctx.rategate_error:  # built in place, not installed
+        versions["rategate"] = cmd_out(PY, "-c", "import rategate; print(rategate.__version__)") or None
+    commit = cmd_out("git", "rev-parse", "--verify", "-q", "HEAD") or "no commit yet"
+    dirty = bool(cmd_out("git", "status", "--porcelain", "--untracked-files=no"))
+    return {
+        "cores": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "cpu_model": cpu,
+        "memory_gb": round(mem_kb / 1024 / 1024, 1),
+        "kernel": platform.release(),
+        "os": os_name,
+        "python": platform.python_version(),
+        "python_impl": platform.python_implementation(),
+        "versions": versions,
+        "redis_server": cmd_out(REDIS_SERVER, "--version"),
+        "redis_server_used": ctx.redis_url if not ctx.owns_redis else f"private {REDIS_SERVER} on 127.0.0.1",
+        "wrk": (cmd_out(WRK, "-v").splitlines() or [""])[0],
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "loadavg_start": list(os.getloadavg()),
+    }
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.run",
+        description="Benchmark rategate against a no-op /health baseline and the limiters people use today.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="cases: " + ", ".join(GROUPS["all"]) + "\ngroups: http, micro, all\n"
+               "env: RATEGATE_REDIS_URL=redis://host:port/db uses that Redis instead of a private one "
+               "(it is then not flushed; redis-down still starts a private one).",
+    )
+    p.add_argument("--quick", action="store_true",
+                   help="short run (3 s per case, 1 s warm-up, one round, shorter micro-benchmarks): "
+                        "under 2 minutes")
+    p.add_argument("--duration", type=float,
+                   help="seconds of measurement per HTTP case, whole (default 10, quick 3)")
+    p.add_argument("--warmup", type=float, help="seconds of warm-up per HTTP case, whole, 0 = none "
+                                                "(default 3, quick 1)")
+    p.add_argument("--connections", type=int, default=100, help="wrk connections (default 100)")
+    p.add_argument("--rounds", type=int, help="rounds of the HTTP cases; each case keeps its best round "
+                                              "(default 2, quick 1)")
+    p.add_argument("--wrk-threads", type=int, default=1,
+                   help="wrk threads (default 1: leaves the cores to the server and Redis)")
+    p.add_argument("--cases", default="all", help="comma-separated cases or groups (default all)")
+    p.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto",
+                   help="uvicorn event loop (auto: uvloop if installed)")
+    p.add_argument("--http", choices=("auto", "httptools", "h11"), default="auto",
+                   help="uvicorn HTTP parser (auto: httptools if installed)")
+    p.add_argument("--out", default=str(BENCH / "results"), help="where latest.{json,md,png} go")
+    p.add_argument("--no-png", action="store_true", help="skip the chart")
+    a = p.parse_args(argv)
+    a.duration = a.duration if a.duration is not None else (3.0 if a.quick else 10.0)
+    a.warmup = a.warmup if a.warmup is not None else (1.0 if a.quick else 3.0)
+    a.rounds = a.rounds if a.rounds is not None else (1 if a.quick else 2)
+    # wrk takes whole seconds
+    a.duration = float(math.ceil(a.duration)) if a.duration > 0 else a.duration
+    a.warmup = float(math.ceil(a.warmup)) if a.warmup > 0 else 0.0
+    if a.duration <= 0 or a.connections < 1 or a.wrk_threads < 1 or a.wrk_threads > a.connections or a.rounds < 1:
+        p.error("--duration must be > 0, --connections >= 1, --rounds >= 1, 1 <= --wrk-threads <= --connections")
+    selected: list[str] = []
+    for part in (x.strip() for x in a.cases.split(",")):
+        if not part:
+            continue
+        if part in GROUPS:
+            selected += GROUPS[part]
+        elif part in GROUPS["all"]:
+            selected.append(part)
+        else:
+            p.error(f"unknown case {part!r}; choose from: {', '.join(GROUPS['all'])}, or a group: http, micro, all")
+    if any(s in HTTP_BY_NAME for s in selected) and "health" not in selected:
+        selected.insert(0, "health")  # every ratio is to /health measured in this run
+    a.selected = [s for s in GROUPS["all"] if s in selected]  # canonical order, no duplicates
+    # micro-benchmark sizes
+    a.cpu_checks = 10_000 if a.quick else 20_000
+    a.cpu_reps = 3 if a.quick else 5
+    a.tp_seconds = 2.0 if a.quick else 5.0
+    a.rb_seconds = 1.5 if a.quick else 4.0
+    a.ffi_calls = 100_000 if a.quick else 300_000
+    a.rss_deadline = 40.0 if a.quick else 120.0
+    return a
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    procs.install_signal_handlers()
+    out_dir = Path(a.out)
+    tmp = out_dir / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    for old in tmp.iterdir():
+        if old.is_file():
+            old.unlink()
+    n_http = sum(1 for n in a.selected if n in HTTP_BY_NAME)
+    progress = Progress(1 + n_http * a.rounds + (a.rounds == 1 and n_http > 1) + len(a.selected) - n_http)
+    ctx = Ctx(args=a, tmp=tmp, progress=progress)
+    started = _dt.datetime.now(_dt.timezone.utc)
+    results: dict = {"version": 1, "started": started.isoformat(timespec="seconds"),
+                     "command": "python -m bench.run " + " ".join(sys.argv[1:] if argv is None else argv),
+                     "http": {}, "micro": {}, "notes": ctx.notes}
+    for tool in (WRK, REDIS_SERVER, REDIS_BENCHMARK):
+        if not os.path.exists(tool):
+            ctx.notes.append(f"{tool} not found (Debian packages: wrk, redis-server, redis-tools)")
+    try:
+        progress.next("setup")
+        ctx.loop = a.loop if a.loop != "auto" else ("uvloop" if available("uvloop") else "asyncio")
+        ctx.http_impl = a.http if a.http != "auto" else ("httptools" if available("httptools") else "h11")
+        for mod, want in (("uvloop", ctx.loop), ("httptools", ctx.http_impl)):
+            if want == mod and not available(mod):
+                raise SystemExit(f"--{'loop' if mod == 'uvloop' else 'http'} {mod}: {mod} is not installed "
+                                 f"(pip install -r bench/requirements.txt)")
+            if a.loop == "auto" and mod == "uvloop" and not available(mod) or \
+               a.http == "auto" and mod == "httptools" and not available(mod):
+                ctx.notes.append(f"{mod} is not installed: using the slower default "
+                                 f"(pip install -r bench/requirements.txt)")
+        progress.update("checking rategate")
+        ctx.rategate_error = check_import("import rategate; rategate.Limiter('memory://')")
+        if ctx.rategate_error:
+            ctx.rategate_error = f"rategate does not import ({ctx.rategate_error}); run `make build`"
+            ctx.notes.append(ctx.rategate_error)
+        else:
+            ctx.middleware_error = check_import("from rategate.middleware import RateLimitMiddleware")
+            if ctx.middleware_error:
+                ctx.middleware_error = f"rategate.middleware is not usable ({ctx.middleware_error})"
+                ctx.notes.append(ctx.middleware_error)
+        env_url = os.environ.get("RATEGATE_REDIS_URL")
+        if env_url:
+            ctx.redis_url = env_url
+            ctx.redis_conf = parse_redis_url(env_url)
+            ctx.notes.append("RATEGATE_REDIS_URL set: using that Redis (not flushed between cases)")
+        else:
+            if not os.path.exists(REDIS_SERVER):
+                raise SystemExit(f"redis-server is not installed ({REDIS_SERVER}; Debian: apt-get install "
+                                 "redis-server), and RATEGATE_REDIS_URL is not set")
+            progress.update("starting redis-server")
+            server = procs.RedisServer(REDIS_SERVER, tmp, "redis").start()
+            ctx.redis_url, ctx.owns_redis = server.url, True
+            ctx.redis_conf = parse_redis_url(server.url)
+        redis_cmd(ctx.redis_conf, "PING")
+        results["machine"] = machine_info(ctx)
+        results["options"] = {"duration_s": a.duration, "warmup_s": a.warmup, "connections": a.connections,
+                              "wrk_threads": a.wrk_threads, "rounds": a.rounds, "cases": a.selected, "quick": a.quick,
+                              "uvicorn_loop": ctx.loop, "uvicorn_http": ctx.http_impl, "workers": 1,
+                              "route": "GET /ping -> {\"ok\": true}"}
+        if results["machine"]["loadavg_start"][0] > 0.5 * (os.cpu_count() or 1):
+            ctx.notes.append(f"the machine was busy at the start (load {results['machine']['loadavg_start'][0]:.2f}): "
+                             "absolute numbers are noisy, the ratios less so")
+
+        http_names = [n for n in a.selected if n in HTTP_BY_NAME]
+        micro_names = [n for n in a.selected if n not in HTTP_BY_NAME]
+        # HTTP cases in rounds; each case keeps its best round (other load on the
+        # machine only ever lowers a figure, so the best is the least disturbed)
+        # With one round, /health is measured again after the other cases: the
+        # baseline is then the better of a measurement at each end of the run.
+        plan = [(rnd, name) for rnd in range(1, a.rounds + 1) for name in http_names]
+        if a.rounds == 1 and len(http_names) > 1:
+            plan.append((2, "health"))
+        for rnd, name in plan:
+            prev = results["http"].get(name)
+            if prev is not None and "skipped" in prev:
+                continue
+            progress.next(name + (f" (round {rnd})" if a.rounds > 1 or rnd > 1 else ""))
+            try:
+                r = run_http_case(ctx, HTTP_BY_NAME[name])
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as e:  # a failing case is reported, and the run goes on
+                err = f"{type(e).__name__}: {e}"
+                (tmp / f"{name}.traceback.txt").write_text(traceback.format_exc())
+                r = {"case": name, "error": err}
+            results["http"][name] = pick_best(prev, r)
+            progress.say(report.case_line(r, results["http"].get("health"))
+                         + (f"   [round {rnd}]" if a.rounds > 1 or rnd > 1 else ""))
+        for name in micro_names:
+            progress.next(name)
+            try:
+                run_micro_step(ctx, name, results["micro"])
+                progress.say(report.micro_line(name, results["micro"]))
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as e:  # a failing step is reported, and the run goes on
+                err = f"{type(e).__name__}: {e}"
+                (tmp / f"{name}.traceback.txt").write_text(traceback.format_exc())
+                results["micro"].setdefault("errors", {})[name] = err
+                progress.say(f"  {name:<20} ERROR {report.one_line(err)[:300]}")
+        progress.done()
+    except KeyboardInterrupt:
+        progress.done()
+        print("\ninterrupted: stopped every process it started; no results written", file=sys.stderr)
+        return 130
+    except SystemExit as e:
+        if e.code and isinstance(e.code, int) and e.code > 128:  # SIGTERM/SIGHUP
+            progress.done()
+            print(f"\nstopped by signal {e.code - 128}: stopped every process it started; no results written",
+                  file=sys.stderr)
+        raise
+    finally:
+        procs.stop_all()
+
+    results["machine"]["loadavg_end"] = list(os.getloadavg())
+    results["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    report.compute(results)
+    written = report.write_all(results, out_dir, png=not a.no_png)
+    print(report.terminal(results))
+    print("\nwrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def pick_best(prev: dict | None, new: dict) -> dict:
+    """Keep the round with the most requests/s; remember every round's figure."""
+    rounds = (prev or {}).get("rounds", [])
+    if "rps" in new:
+        rounds = rounds + [{"rps": new["rps"], "p99_ms": new["latency_ms"]["p99"], "loadavg": new.get("loadavg")}]
+    else:
+        rounds = rounds + [{"error": new.get("error") or new.get("skipped")}]
+    best = new if prev is None or "rps" not in prev or ("rps" in new and new["rps"] > prev["rps"]) else prev
+    best = dict(best, rounds=rounds)
+    return best
+
+
+def run_micro_step(ctx: Ctx, name: str, micro: dict) -> None:
+    a = ctx.args
+    rg_needed = name in ("cpu-rategate", "ffi", "throughput-rategate", "rss")
+    if rg_needed and ctx.rategate_error:
+        micro.setdefault("skipped", {})[name] = ctx.rategate_error
+        return
+    if name.startswith("cpu-"):
+        impl = name[4:]
+        # redis.asyncio costs ~30 times more per check: half the checks are plenty
+        checks = a.cpu_checks if impl == "rategate" else a.cpu_checks // 2
+        micro.setdefault("cpu", {})[impl] = run_micro(
+            ctx, "cpu", "--impl", impl, "--checks", str(checks), "--reps", str(a.cpu_reps),
+            "--concurrency", "100")
+    elif name == "ffi":
+        micro["ffi"] = run_micro(ctx, "ffi", "--calls", str(a.ffi_calls))
+    elif name.startswith("throughput-"):
+        impl = name[len("throughput-"):]
+        conc = "1000" if impl == "rategate" else "100"
+        micro.setdefault("throughput", {})[impl] = run_micro(
+            ctx, "throughput", "--impl", impl, "--seconds", str(a.tp_seconds), "--concurrency", conc,
+            total=a.tp_seconds)
+    elif name == "redis-benchmark":
+        micro["redis_benchmark"] = run_redis_benchmark(ctx)
+    elif name == "rss":
+        micro["rss"] = run_micro(ctx, "rss", "--impl", "rategate", "--concurrency", "500",
+                                 "--deadline", str(a.rss_deadline), timeout=a.rss_deadline + 60)
+    if ctx.owns_redis:
+        redis_cmd(ctx.redis_conf, "FLUSHALL")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
