@@ -391,22 +391,22 @@ rg_engine_start(rg_engine *e, char *errbuf, size_t errlen)
 void
 rg_engine_submit(rg_engine *e, rg_shard *s, rg_check *c)
 {
-    int was_empty;
     (void)e;
 
     c->next = NULL;
     pthread_mutex_lock(&s->mu);
-    was_empty = s->qhead == NULL;
     if (s->qtail != NULL)
         s->qtail->next = c;
     else
         s->qhead = c;
     s->qtail = c;
     pthread_mutex_unlock(&s->mu);
-    /* One wake-up per batch: the loop thread empties the whole queue, so a
-     * push onto a non-empty queue is already covered by a pending wake. */
-    if (was_empty)
-        uv_async_send(&s->wake);
+}
+
+void
+rg_engine_wake(rg_shard *s)
+{
+    uv_async_send(&s->wake);
 }
 
 void

@@ -323,7 +323,7 @@ rg_parse_submit(rg_state *st, PyObject *const *args, Py_ssize_t nargs, const cha
         return -1;
     }
     *spec = (SpecObject *)args[1];
-    if (!PyLong_Check(args[2])) {
+    if (!PyLong_Check(args[2]) || PyBool_Check(args[2])) {
         PyErr_Format(PyExc_ValueError, "cost must be an int >= 0, got %R", args[2]);
         return -1;
     }
@@ -469,6 +469,8 @@ module_exec(PyObject *m)
     STR(s_call_soon_threadsafe, "call_soon_threadsafe");
     STR(s_drain, "_drain");
     STR(s_close_in_loop, "_close_in_loop");
+    STR(s_call_soon, "call_soon");
+    STR(s_flush, "_flush");
 #undef STR
     asyncio = PyImport_ImportModule("asyncio");
     if (asyncio == NULL)
@@ -527,6 +529,8 @@ module_clear(PyObject *m)
     Py_CLEAR(st->s_call_soon_threadsafe);
     Py_CLEAR(st->s_drain);
     Py_CLEAR(st->s_close_in_loop);
+    Py_CLEAR(st->s_call_soon);
+    Py_CLEAR(st->s_flush);
     return 0;
 }
 

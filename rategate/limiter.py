@@ -204,10 +204,14 @@ class Limiter:
 
     async def hit(self, key: Union[str, bytes], rates: Union[RateLike, Spec], cost: int = 1) -> Decision:
         """Check ``key`` against ``rates``, consuming ``cost`` tokens if allowed (0: peek)."""
-        if isinstance(cost, bool) or not isinstance(cost, int):
-            raise ValueError(f"cost must be an int >= 0, got {cost!r}")
-        r = self.submit(key, self.compile(rates), cost)
-        if type(r) is Decision:
+        # The hot path: one dict look-up for the compiled rates (a list is
+        # unhashable: compile it), the checks of key and cost are done in C.
+        try:
+            spec = self._specs[rates]
+        except (KeyError, TypeError):
+            spec = self.compile(rates)
+        r = self.submit(key, spec, cost)
+        if r.__class__ is Decision:
             return r
         return await r
 
