@@ -39,14 +39,23 @@ rg_cache_init(rg_cache *c, size_t entries)
 {
     size_t sets = 1;
     c->nsets = 0;
+    c->sets = NULL;
     c->e = NULL;
     if (entries == 0)
         return 0;
     while (sets * WAYS < entries)
         sets <<= 1;
-    c->e = calloc(sets * WAYS, sizeof(rg_cache_entry));
-    if (c->e == NULL)
+    if (posix_memalign((void **)&c->sets, 64, sets * sizeof(rg_cache_set)) != 0) {
+        c->sets = NULL;
         return -1;
+    }
+    memset(c->sets, 0, sets * sizeof(rg_cache_set));
+    c->e = calloc(sets * WAYS, sizeof(rg_cache_entry));
+    if (c->e == NULL) {
+        free(c->sets);
+        c->sets = NULL;
+        return -1;
+    }
     c->nsets = sets;
     return 0;
 }
@@ -54,62 +63,75 @@ rg_cache_init(rg_cache *c, size_t entries)
 void
 rg_cache_free(rg_cache *c)
 {
+    free(c->sets);
     free(c->e);
+    c->sets = NULL;
     c->e = NULL;
     c->nsets = 0;
 }
 
-static rg_cache_entry *
-find(rg_cache *c, uint64_t hash, uint64_t spec, const char *key, size_t keylen)
+/* The way of (spec, key) in its set, or -1. */
+static int
+find(rg_cache *c, size_t set, uint64_t hash, uint64_t spec, const char *key, size_t keylen)
 {
-    rg_cache_entry *set = &c->e[(hash & (c->nsets - 1)) * WAYS];
+    rg_cache_set *l = &c->sets[set];
     int i;
     for (i = 0; i < WAYS; i++) {
-        rg_cache_entry *e = &set[i];
-        if (e->hash == hash && e->spec == spec && e->keylen == keylen &&
-            e->until_ns != 0 && memcmp(e->key, key, keylen) == 0)
-            return e;
+        if (l->hash[i] == hash && l->until_ns[i] != 0) {
+            rg_cache_entry *e = &c->e[set * WAYS + (size_t)i];
+            if (e->spec == spec && e->keylen == keylen && memcmp(e->key, key, keylen) == 0)
+                return i;
+        }
     }
-    return NULL;
+    return -1;
 }
 
 const rg_cache_entry *
-rg_cache_get(rg_cache *c, uint64_t hash, uint64_t spec, const char *key,
-             size_t keylen, uint64_t now)
+rg_cache_get(rg_cache *c, uint64_t hash, uint64_t spec, const char *key, size_t keylen,
+             uint64_t now)
 {
-    rg_cache_entry *e;
+    size_t set;
+    int i;
     if (c->nsets == 0 || keylen > RG_CACHE_KEYMAX)
         return NULL;
-    e = find(c, hash, spec, key, keylen);
-    if (e == NULL)
+    set = hash & (c->nsets - 1);
+    i = find(c, set, hash, spec, key, keylen);
+    if (i < 0)
         return NULL;
-    if (now >= e->until_ns) {
-        e->until_ns = 0; /* expired: free the way */
+    if (now >= c->sets[set].until_ns[i]) {
+        c->sets[set].until_ns[i] = 0; /* expired: free the way */
         return NULL;
     }
-    return e;
+    return &c->e[set * WAYS + (size_t)i];
 }
 
 void
-rg_cache_put(rg_cache *c, uint64_t hash, uint64_t spec, const char *key,
-             size_t keylen, uint64_t until_ns, uint64_t reset_ns, int rate)
+rg_cache_put(rg_cache *c, uint64_t hash, uint64_t spec, const char *key, size_t keylen,
+             uint64_t until_ns, uint64_t reset_ns, int rate)
 {
+    size_t set;
+    int i;
     rg_cache_entry *e;
+    rg_cache_set *l;
+
     if (c->nsets == 0 || keylen > RG_CACHE_KEYMAX || until_ns == 0)
         return;
-    e = find(c, hash, spec, key, keylen);
-    if (e == NULL) {
+    set = hash & (c->nsets - 1);
+    l = &c->sets[set];
+    i = find(c, set, hash, spec, key, keylen);
+    if (i < 0) {
         /* Evict the way that expires first (free ways have until_ns 0). */
-        rg_cache_entry *set = &c->e[(hash & (c->nsets - 1)) * WAYS];
-        int i;
-        e = &set[0];
-        for (i = 1; i < WAYS; i++)
-            if (set[i].until_ns < e->until_ns)
-                e = &set[i];
-    } else if (e->until_ns > until_ns) {
+        int w;
+        i = 0;
+        for (w = 1; w < WAYS; w++)
+            if (l->until_ns[w] < l->until_ns[i])
+                i = w;
+    } else if (l->until_ns[i] > until_ns) {
         return; /* keep the longer block: both came from Redis */
     }
-    e->hash = hash;
+    e = &c->e[set * WAYS + (size_t)i];
+    l->hash[i] = hash;
+    l->until_ns[i] = until_ns;
     e->spec = spec;
     e->until_ns = until_ns;
     e->reset_ns = reset_ns;
@@ -119,13 +141,14 @@ rg_cache_put(rg_cache *c, uint64_t hash, uint64_t spec, const char *key,
 }
 
 void
-rg_cache_forget(rg_cache *c, uint64_t hash, uint64_t spec, const char *key,
-                size_t keylen)
+rg_cache_forget(rg_cache *c, uint64_t hash, uint64_t spec, const char *key, size_t keylen)
 {
-    rg_cache_entry *e;
+    size_t set;
+    int i;
     if (c->nsets == 0 || keylen > RG_CACHE_KEYMAX)
         return;
-    e = find(c, hash, spec, key, keylen);
-    if (e != NULL)
-        e->until_ns = 0;
+    set = hash & (c->nsets - 1);
+    i = find(c, set, hash, spec, key, keylen);
+    if (i >= 0)
+        c->sets[set].until_ns[i] = 0;
 }

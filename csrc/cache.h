@@ -23,19 +23,27 @@
 
 #define RG_CACHE_KEYMAX 120 /* longer keys are not cached (keys.py hashes long keys) */
 
+/* The details of an entry, read only once its set's line has matched. */
 typedef struct rg_cache_entry {
-    uint64_t hash;
-    uint64_t spec;      /* id of the compiled spec (never reused) */
-    uint64_t until_ns;     /* denied until, CLOCK_MONOTONIC */
+    uint64_t spec;         /* id of the compiled spec (never reused) */
     uint64_t reset_ns;     /* the bucket is full again at */
+    uint64_t until_ns;     /* denied until, CLOCK_MONOTONIC (copy of the set's) */
     int32_t rate;          /* reported rate index */
     uint16_t keylen;
     char key[RG_CACHE_KEYMAX];
 } rg_cache_entry;
 
+/* One 4-way set in one 64-byte line: every check probes this (a miss reads
+ * nothing else), so the hot part of the table stays small. */
+typedef struct rg_cache_set {
+    uint64_t hash[4];
+    uint64_t until_ns[4]; /* 0: free */
+} rg_cache_set;
+
 typedef struct rg_cache {
-    size_t nsets; /* power of two */
-    rg_cache_entry *e; /* nsets * 4 */
+    size_t nsets;        /* power of two */
+    rg_cache_set *sets;  /* nsets, 64-byte aligned */
+    rg_cache_entry *e;   /* nsets * 4 */
 } rg_cache;
 
 /* entries is rounded up to a multiple of 4 and a power of two; 0 disables. */

@@ -50,6 +50,7 @@ typedef struct rg_check {
     struct rg_batch *batch; /* while sent: the batch and our index in it */
     uint32_t bidx;
     uint32_t slot;         /* the port's future slot, meaningful to Python only */
+    uint64_t hash;         /* rg_hash(key), for the over-limit cache */
     uint64_t submit_ns;    /* CLOCK_MONOTONIC */
     uint64_t deadline_ns;
     int64_t cost;

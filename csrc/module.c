@@ -471,6 +471,7 @@ module_exec(PyObject *m)
     STR(s_close_in_loop, "_close_in_loop");
     STR(s_call_soon, "call_soon");
     STR(s_flush, "_flush");
+    STR(s_uvloop, "uvloop");
 #undef STR
     asyncio = PyImport_ImportModule("asyncio");
     if (asyncio == NULL)
@@ -478,6 +479,21 @@ module_exec(PyObject *m)
     st->get_running_loop = PyObject_GetAttrString(asyncio, "get_running_loop");
     st->InvalidStateError = PyObject_GetAttrString(asyncio, "InvalidStateError");
     if (st->get_running_loop == NULL || st->InvalidStateError == NULL)
+        goto done;
+    st->FutureType = PyObject_GetAttrString(asyncio, "Future");
+    if (st->FutureType == NULL)
+        goto done;
+    {
+        PyObject *bel = PyObject_GetAttrString(asyncio, "BaseEventLoop");
+        if (bel == NULL)
+            goto done;
+        st->base_create_future = PyObject_GetAttrString(bel, "create_future");
+        Py_DECREF(bel);
+        if (st->base_create_future == NULL)
+            goto done;
+    }
+    st->loop_kwnames = Py_BuildValue("(s)", "loop");
+    if (st->loop_kwnames == NULL)
         goto done;
     script = PyUnicode_FromString(rg_script);
     if (script == NULL || PyModule_AddObjectRef(m, "SCRIPT", script) < 0)
@@ -503,6 +519,9 @@ module_traverse(PyObject *m, visitproc visit, void *arg)
     Py_VISIT(st->PortType);
     Py_VISIT(st->get_running_loop);
     Py_VISIT(st->InvalidStateError);
+    Py_VISIT(st->FutureType);
+    Py_VISIT(st->base_create_future);
+    Py_VISIT(st->loop_kwnames);
     return 0;
 }
 
@@ -520,6 +539,9 @@ module_clear(PyObject *m)
         Py_CLEAR(st->err_str[i]);
     Py_CLEAR(st->get_running_loop);
     Py_CLEAR(st->InvalidStateError);
+    Py_CLEAR(st->FutureType);
+    Py_CLEAR(st->base_create_future);
+    Py_CLEAR(st->loop_kwnames);
     Py_CLEAR(st->s_create_future);
     Py_CLEAR(st->s_set_result);
     Py_CLEAR(st->s_add_reader);
@@ -531,6 +553,7 @@ module_clear(PyObject *m)
     Py_CLEAR(st->s_close_in_loop);
     Py_CLEAR(st->s_call_soon);
     Py_CLEAR(st->s_flush);
+    Py_CLEAR(st->s_uvloop);
     return 0;
 }
 

@@ -55,7 +55,41 @@ struct PortObject {
     PyObject *flush_cb;   /* bound _flush, made once */
     uint64_t wake_mask;   /* shards (mod 64) with checks queued since the last flush */
     int flush_scheduled;  /* a call_soon(_flush) is pending on loop */
+    int plain_futures;    /* loop.create_future() is the stock asyncio.Future(loop=loop) */
 };
+
+/*
+ * Whether `loop` makes its futures the stock way, asyncio.Future(loop=loop):
+ * asyncio's own loops and uvloop do.  Then submit() builds the future itself
+ * (one vectorcall) instead of calling loop.create_future(), which is Python
+ * code on asyncio and a keyword-dict call on uvloop.  A loop with its own
+ * create_future (instrumentation, other Future types) keeps it.
+ */
+static int
+loop_has_plain_futures(rg_state *st, PyObject *loop)
+{
+    PyObject *meth = PyObject_GetAttr((PyObject *)Py_TYPE(loop), st->s_create_future);
+    PyObject *uvloop, *uvmeth = NULL, *uvcls;
+    int plain;
+
+    if (meth == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    plain = meth == st->base_create_future;
+    if (!plain && (uvloop = PyImport_GetModule(st->s_uvloop)) != NULL) {
+        uvcls = PyObject_GetAttrString(uvloop, "Loop");
+        if (uvcls != NULL)
+            uvmeth = PyObject_GetAttr(uvcls, st->s_create_future);
+        plain = uvmeth != NULL && uvmeth == meth;
+        Py_XDECREF(uvmeth);
+        Py_XDECREF(uvcls);
+        Py_DECREF(uvloop);
+    }
+    PyErr_Clear();
+    Py_DECREF(meth);
+    return plain;
+}
 
 #define NO_SLOT UINT32_MAX
 
@@ -133,12 +167,12 @@ engine_decide(EngineObject *e, const rg_check *c)
     if (!c->res.allowed && c->res.block_us > 0) {
         /* Counted from submission, which is before Redis read its clock:
          * the cached block ends no later than Redis's (see cache.h). */
-        rg_cache_put(&e->cache, rg_hash(c->key, c->keylen), c->spec->id, c->key, c->keylen,
+        rg_cache_put(&e->cache, c->hash, c->spec->id, c->key, c->keylen,
                      c->submit_ns + (uint64_t)c->res.block_us * 1000u,
                      c->submit_ns + (uint64_t)(c->res.reset_us > 0 ? c->res.reset_us : 0) * 1000u,
                      c->res.rate);
     } else if (c->res.allowed) {
-        rg_cache_forget(&e->cache, rg_hash(c->key, c->keylen), c->spec->id, c->key, c->keylen);
+        rg_cache_forget(&e->cache, c->hash, c->spec->id, c->key, c->keylen);
     }
     return rg_answer(st, &e->k, c->spec, &c->res);
 }
@@ -306,6 +340,7 @@ port_new(EngineObject *e, PyObject *loop)
     cb = PyObject_GetAttr((PyObject *)p, st->s_drain);
     if (fd == NULL || cb == NULL)
         goto error;
+    p->plain_futures = loop_has_plain_futures(st, loop);
     p->flush_cb = PyObject_GetAttr((PyObject *)p, st->s_flush);
     if (p->flush_cb == NULL)
         goto error;
@@ -643,7 +678,10 @@ engine_submit(EngineObject *self, PyObject *const *args, Py_ssize_t nargs)
     port = engine_port(self);
     if (port == NULL)
         goto undo;
-    fut = PyObject_CallMethodNoArgs(port->loop, st->s_create_future);
+    if (port->plain_futures)
+        fut = PyObject_Vectorcall(st->FutureType, &port->loop, 0, st->loop_kwnames);
+    else
+        fut = PyObject_CallMethodNoArgs(port->loop, st->s_create_future);
     if (fut == NULL)
         goto undo;
     c = rg_check_new(key, (size_t)keylen);
@@ -658,6 +696,7 @@ engine_submit(EngineObject *self, PyObject *const *args, Py_ssize_t nargs)
         goto undo;
     }
     c->slot = slot;
+    c->hash = hash;
     c->port = port->port;
     rg_port_incref(port->port);
     c->spec = spec->spec;

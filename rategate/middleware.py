@@ -79,6 +79,27 @@ _NAMESPACE_ESCAPES = {ord(c): f"%{ord(c):02X}" for c in "%|#{}:"}
 RateSpec = Any  # str | Rate | list of them (see rategate.rates.parse_rates)
 
 
+_DENY = object()  # _settle(): the request is denied
+# The messages that start a response, where the rate-limit headers go.
+_HTTP_START = frozenset({"http.response.start"})
+_WS_START = frozenset({"websocket.accept", "websocket.http.response.start"})
+
+
+def _adding(hdrs: list[tuple[bytes, bytes]], send: Send, starts: frozenset[str]) -> Send:
+    """``send``, adding ``hdrs`` to the message that starts the response.
+
+    The app's header list is copied, never edited in place: an app may send
+    the same Response object twice.
+    """
+
+    async def send_with_headers(message: Message) -> None:
+        if message["type"] in starts:
+            message["headers"] = [*message.get("headers", ()), *hdrs]
+        await send(message)
+
+    return send_with_headers
+
+
 class _Pass:
     """The routing result "not limited" (exempt rule, or no rule and no default)."""
 
@@ -461,23 +482,40 @@ class RateLimitMiddleware:
                 return
             await self.app(scope, receive, send)  # lifespan and anything else
             return
-        path = scope["path"]
-        if path in self.exempt:
+        c = self._check(scope, scope["method"])
+        if c is None:
             await self.app(scope, receive, send)
             return
+        rule, k, d = c
+        if type(d) is not self._Decision:
+            d = await d
+        hdrs = self._settle(rule, k, d)
+        if hdrs is not _DENY:
+            await self.app(scope, receive, send if hdrs is None else _adding(hdrs, send, _HTTP_START))
+            return
+        await send({"type": "http.response.start", "status": 429, "headers": _denied_headers(rule, d)})
+        await send({"type": "http.response.body", "body": DENIED_BODY})
+
+    def _check(self, scope: Scope, method: str) -> tuple[Rule, str | bytes, Any] | None:
+        """Route, key and submit one request (HTTP or WebSocket handshake).
+
+        None: not limited (exempt, no rule, or the key function said None).
+        Otherwise (rule, key, Decision or a future of one).  A plain function,
+        not a coroutine: a denial the core answers at once never suspends.
+        """
+        path = scope["path"]
+        if path in self.exempt:
+            return None
         rule = self._route_cache.get(path)
         if rule is None:
             rule = self._route(path)
         if type(rule) is tuple:
-            rule = self._by_method(rule, scope["method"])
+            rule = self._by_method(rule, method)
         if rule is _PASS:
-            await self.app(scope, receive, send)
-            return
-
+            return None
         k = rule.key(scope)
         if k is None:
-            await self.app(scope, receive, send)
-            return
+            return None
         t = type(k)
         if t is str:
             k = rule.sprefix + k if len(k) <= MAX_KEY_LENGTH else rule.shprefix + _digest(k)
@@ -490,34 +528,23 @@ class RateLimitMiddleware:
             cost = 1
         elif type(cost) is not int:
             cost = cost(scope)
-        d = self._submit(k, rule.spec, cost)
-        if type(d) is not self._Decision:
-            d = await d
+        return rule, k, self._submit(k, rule.spec, cost)
+
+    def _settle(self, rule: Rule, k: str | bytes, d: Any) -> Any:
+        """Log and count a decision: _DENY, or let it through with these
+        headers (None: no headers to add)."""
         err = d.error
         if err is not None or self._failures.active:
             self._failures.note(d)
-
         if d.allowed or self.shadow:
             if not d.allowed:
                 self._shadow_log.note(rule.name, k, d)
             h = rule.headers
-            if h is None or err is not None:
-                # No headers, or nothing true to say: a failure decision in
-                # "open" mode knows no counts (its remaining=0 would make
-                # well-behaved clients back off for no reason).
-                await self.app(scope, receive, send)
-                return
-            hdrs = h.render(d)
-
-            async def send_with_headers(message: Message) -> None:
-                if message["type"] == "http.response.start":
-                    message["headers"] = [*message.get("headers", ()), *hdrs]
-                await send(message)
-
-            await self.app(scope, receive, send_with_headers)
-            return
-        await send({"type": "http.response.start", "status": 429, "headers": _denied_headers(rule, d)})
-        await send({"type": "http.response.body", "body": DENIED_BODY})
+            # No headers, or nothing true to say: a failure decision in
+            # "open" mode knows no counts (its remaining=0 would make
+            # well-behaved clients back off for no reason).
+            return None if h is None or err is not None else h.render(d)
+        return _DENY
 
     @staticmethod
     def _odd_key(rule: Rule, k: Any) -> str | bytes:
@@ -536,49 +563,16 @@ class RateLimitMiddleware:
     # -- WebSocket -------------------------------------------------------------
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Limit the handshake: allowed -> the app, headers on the accept; denied -> 429 or close."""
-        path = scope["path"]
-        if path in self.exempt:
+        c = self._check(scope, "GET")  # a handshake is a GET
+        if c is None:
             await self.app(scope, receive, send)
             return
-        rule = self._route_cache.get(path)
-        if rule is None:
-            rule = self._route(path)
-        if type(rule) is tuple:
-            rule = self._by_method(rule, "GET")
-        if rule is _PASS:
-            await self.app(scope, receive, send)
-            return
-        k = rule.key(scope)
-        if k is None:
-            await self.app(scope, receive, send)
-            return
-        k = self._odd_key(rule, k)
-        cost = rule.cost
-        if cost is None:
-            cost = 1
-        elif type(cost) is not int:
-            cost = cost(scope)
-        d = self._submit(k, rule.spec, cost)
+        rule, k, d = c
         if type(d) is not self._Decision:
             d = await d
-        err = d.error
-        if err is not None or self._failures.active:
-            self._failures.note(d)
-        if d.allowed or self.shadow:
-            if not d.allowed:
-                self._shadow_log.note(rule.name, k, d)
-            h = rule.headers
-            if h is None or err is not None:
-                await self.app(scope, receive, send)
-                return
-            hdrs = h.render(d)
-
-            async def send_ws(message: Message) -> None:
-                if message["type"] in ("websocket.accept", "websocket.http.response.start"):
-                    message["headers"] = [*message.get("headers", ()), *hdrs]
-                await send(message)
-
-            await self.app(scope, receive, send_ws)
+        hdrs = self._settle(rule, k, d)
+        if hdrs is not _DENY:
+            await self.app(scope, receive, send if hdrs is None else _adding(hdrs, send, _WS_START))
             return
         # Denied.  Wait for the handshake request (websocket.connect), then
         # answer it with a 429 if the server can send HTTP responses for

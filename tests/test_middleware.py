@@ -59,7 +59,7 @@ async def limiters() -> AsyncIterator[Callable[..., rategate.Limiter]]:
 
 def wrapped(send: Any) -> bool:
     """Whether ``send`` is the middleware's wrapper (it adds headers)."""
-    return "RateLimitMiddleware" in getattr(send, "__qualname__", "")
+    return getattr(send, "__module__", None) == "rategate.middleware"
 
 
 def client(app: Any, ip: str = "203.0.113.9") -> httpx.AsyncClient:
