@@ -388,19 +388,22 @@ rg_engine_start(rg_engine *e, char *errbuf, size_t errlen)
     return 0;
 }
 
-void
+int
 rg_engine_submit(rg_engine *e, rg_shard *s, rg_check *c)
 {
+    int was_empty;
     (void)e;
 
     c->next = NULL;
     pthread_mutex_lock(&s->mu);
+    was_empty = s->qhead == NULL;
     if (s->qtail != NULL)
         s->qtail->next = c;
     else
         s->qhead = c;
     s->qtail = c;
     pthread_mutex_unlock(&s->mu);
+    return was_empty;
 }
 
 void

@@ -107,9 +107,10 @@ typedef struct rg_engine {
 /* Start the shard threads.  0, or -1 with a message in errbuf. */
 int rg_engine_start(rg_engine *e, char *errbuf, size_t errlen);
 /* Hand a check to its shard (owned by the engine from here).  The caller
- * has already counted it in `outstanding`.  The shard is not woken: call
- * rg_engine_wake() once after a run of submits (see pyengine.c). */
-void rg_engine_submit(rg_engine *e, rg_shard *s, rg_check *c);
+ * has already counted it in `outstanding`.  Returns 1 if the queue was
+ * empty: then the caller must rg_engine_wake() the shard (a non-empty queue
+ * already has a wake-up coming, since the shard takes the whole queue). */
+int rg_engine_submit(rg_engine *e, rg_shard *s, rg_check *c);
 /* Wake a shard to take its queue (uv_async_send: coalesced, any thread). */
 void rg_engine_wake(rg_shard *s);
 /* Stop every shard and join its thread; every check still held is answered

@@ -469,8 +469,6 @@ module_exec(PyObject *m)
     STR(s_call_soon_threadsafe, "call_soon_threadsafe");
     STR(s_drain, "_drain");
     STR(s_close_in_loop, "_close_in_loop");
-    STR(s_call_soon, "call_soon");
-    STR(s_flush, "_flush");
     STR(s_uvloop, "uvloop");
 #undef STR
     asyncio = PyImport_ImportModule("asyncio");
@@ -551,8 +549,6 @@ module_clear(PyObject *m)
     Py_CLEAR(st->s_call_soon_threadsafe);
     Py_CLEAR(st->s_drain);
     Py_CLEAR(st->s_close_in_loop);
-    Py_CLEAR(st->s_call_soon);
-    Py_CLEAR(st->s_flush);
     Py_CLEAR(st->s_uvloop);
     return 0;
 }

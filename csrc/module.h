@@ -24,7 +24,7 @@ typedef struct rg_state {
     PyObject *loop_kwnames;           /* ("loop",) */
     PyObject *s_create_future, *s_set_result, *s_add_reader, *s_remove_reader,
         *s_is_closed, *s_is_running, *s_call_soon_threadsafe, *s_drain, *s_close_in_loop,
-        *s_call_soon, *s_flush, *s_uvloop;
+        *s_uvloop;
     uint64_t next_spec_id;
 } rg_state;
 
