@@ -513,7 +513,8 @@ def machine_info(ctx: Ctx) -> dict:
     if versions.get("rategate") is None and not ctx.rategate_error:  # built in place, not installed
         versions["rategate"] = cmd_out(PY, "-c", "import rategate; print(rategate.__version__)") or None
     commit = cmd_out("git", "rev-parse", "--verify", "-q", "HEAD") or "no commit yet"
-    dirty = bool(cmd_out("git", "status", "--porcelain", "--untracked-files=no"))
+    # The results of an earlier run (bench/results) do not make the code dirty.
+    dirty = bool(cmd_out("git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)bench/results"))
     return {
         "cores": os.cpu_count(),
         "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
