@@ -110,10 +110,9 @@ class RateLimit:
         self._Decision = _decision_type()
         # (method, template) -> (str prefix, bytes prefix, str hashed prefix, bytes hashed prefix, headers)
         self._prefixes: dict[tuple[str, str], tuple[Any, ...]] = {}
+        self._fixed: tuple[Any, ...] | None = None
         if name is not None:
             self._fixed = self._make_prefixes(name)
-        else:
-            self._fixed = None
         self._failures = FailureLog()
         self._shadow_log = ShadowLog()
 

@@ -120,8 +120,8 @@ def _parse_ip(text: str) -> _IPAddress | None:
         ip = ipaddress.ip_address(text)
     except ValueError:
         return None
-    if ip.version == 6 and ip.ipv4_mapped is not None:  # type: ignore[union-attr]
-        return ip.ipv4_mapped  # type: ignore[union-attr]
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
     return ip
 
 
@@ -241,8 +241,9 @@ class client_ip:  # noqa: N801 - used like a function: key=client_ip(...)
         # IPv4-mapped IPv6 networks are matched as IPv4, like the addresses.
         norm: list[_IPNetwork] = []
         for n in nets:
-            if n.version == 6 and n.network_address.ipv4_mapped is not None and n.prefixlen >= 96:  # type: ignore[union-attr]
-                n = ipaddress.ip_network(f"{n.network_address.ipv4_mapped}/{n.prefixlen - 96}")  # type: ignore[union-attr]
+            if (isinstance(n, ipaddress.IPv6Network) and n.network_address.ipv4_mapped is not None
+                    and n.prefixlen >= 96):
+                n = ipaddress.ip_network(f"{n.network_address.ipv4_mapped}/{n.prefixlen - 96}")
             norm.append(n)
         self.trusted_proxies: tuple[_IPNetwork, ...] = tuple(norm)
         self.ipv6_prefix = ipv6_prefix
@@ -388,7 +389,7 @@ class header:  # noqa: N801 - used like a function: key=header("x-api-key")
                 if v:
                     if len(v) > MAX_KEY_LENGTH:
                         return self._hashed + hashlib.blake2b(v, digest_size=20).hexdigest().encode()
-                    return self._eq + v
+                    return bytes(self._eq + v)
                 break
         fb = self.fallback
         return None if fb is None else fb(scope)

@@ -213,11 +213,12 @@ class Limiter:
         r = self.submit(key, spec, cost)
         if r.__class__ is Decision:
             return r
-        return await r
+        return await r  # type: ignore[no-any-return]
 
     def stats(self) -> Dict[str, Any]:
         """Counters: checks, allowed, denied, cached_denials, errors by kind, in_flight, reconnects, connected."""
-        return self._engine.stats()
+        stats: Dict[str, Any] = self._engine.stats()
+        return stats
 
     async def aclose(self) -> None:
         """Stop the engine: checks in flight resolve with error "closed"; hit() then raises."""

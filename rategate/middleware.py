@@ -215,7 +215,7 @@ class Rule:
         self.bprefix = self.bhprefix = b""
 
     def __repr__(self) -> str:
-        p = f"re.compile({self.path.pattern!r})" if self.regex is not None else repr(self.path)
+        p = f"re.compile({self.regex.pattern!r})" if self.regex is not None else repr(self.path)
         m = "" if self.methods is None else f", methods={sorted(self.methods)!r}"
         return f"Rule({p}, {self.limits!r}{m}, name={self.name!r})"
 
@@ -286,7 +286,7 @@ def _decision_type() -> type:
     try:
         import rategate
 
-        return rategate.Decision  # type: ignore[no-any-return]
+        return rategate.Decision
     except (ImportError, AttributeError):  # pragma: no cover - a core without it
         class _NoDecision:  # nothing is ever of this type: always await
             pass
@@ -381,7 +381,7 @@ class RateLimitMiddleware:
         # the longest first; then the default.
         self._regex_rules = tuple(r for r in all_rules if r.regex is not None)
         self._prefix_rules = tuple(
-            sorted((r for r in all_rules if r.regex is None), key=lambda r: len(r.path), reverse=True)
+            sorted((r for r in all_rules if r.regex is None), key=lambda r: len(str(r.path)), reverse=True)
         )
         self._route_cache: dict[str, Any] = {}
 

@@ -1,0 +1,17 @@
+"""The package type-checks under mypy --strict (with the .pyi of the C core)."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_mypy_strict() -> None:
+    pytest.importorskip("mypy", reason="mypy is installed by the test set-up (scripts/bootstrap.sh)")
+    r = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--no-incremental", "rategate"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
