@@ -8,6 +8,7 @@
  */
 #include "engine.h"
 
+#include <sched.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -269,12 +270,64 @@ wake_cb(uv_async_t *a)
     rg_shard_arm(s);
 }
 
+/* Checks queued (or a stop requested) that the thread has not taken yet. */
+static int
+queue_pending(rg_shard *s)
+{
+    int r;
+    pthread_mutex_lock(&s->mu);
+    r = s->qhead != NULL || s->stopping;
+    pthread_mutex_unlock(&s->mu);
+    return r;
+}
+
+/*
+ * The thread.  Normally it sleeps in uv_run until an event.  With spin_ns,
+ * while Redis owes replies (they are microseconds away) it polls instead:
+ * uv_run without blocking, the queue, sched_yield, for at most spin_ns.
+ * Meanwhile `spinning` tells the Python thread that a wake-up syscall is not
+ * needed.  The hand-over is Dekker's: submit() pushes then reads `spinning`;
+ * this thread clears `spinning` then re-reads the queue, each with a full
+ * fence between, so at least one of the two sees the other and no check is
+ * left in the queue unseen.
+ */
 static void *
 shard_main(void *arg)
 {
     rg_shard *s = arg;
-    uv_run(&s->loop, UV_RUN_DEFAULT);
+    uint64_t spin = s->eng->cfg.spin_ns;
+
+    for (;;) {
+        if (spin != 0 && !s->closing && s->bsentinel.next != &s->bsentinel) {
+            uint64_t until = rg_now_ns() + spin;
+            atomic_store(&s->spinning, 1);
+            while (!s->closing && rg_now_ns() < until) {
+                if (queue_pending(s))
+                    wake_cb(&s->wake);
+                if (uv_run(&s->loop, UV_RUN_NOWAIT) == 0)
+                    break;
+                if (s->bsentinel.next == &s->bsentinel && !queue_pending(s))
+                    break; /* nothing owed: sleep */
+                sched_yield();
+            }
+            atomic_store(&s->spinning, 0);
+            atomic_thread_fence(memory_order_seq_cst);
+            if (queue_pending(s)) {
+                wake_cb(&s->wake);
+                continue;
+            }
+        }
+        if (uv_run(&s->loop, UV_RUN_ONCE) == 0)
+            break; /* every handle closed: stopped */
+    }
     return NULL;
+}
+
+int
+rg_shard_needs_wake(rg_shard *s)
+{
+    atomic_thread_fence(memory_order_seq_cst);
+    return !atomic_load_explicit(&s->spinning, memory_order_relaxed);
 }
 
 /* ---- the Python thread's side -------------------------------------------- */
@@ -306,6 +359,7 @@ shard_init(rg_engine *e, rg_shard *s, int i, char *errbuf, size_t errlen)
     s->bsentinel.next = s->bsentinel.prev = &s->bsentinel;
     atomic_init(&s->down, 0);
     atomic_init(&s->connected, 0);
+    atomic_init(&s->spinning, 0);
     if (pthread_mutex_init(&s->mu, NULL) != 0) {
         snprintf(errbuf, errlen, "pthread_mutex_init failed");
         return -1;

@@ -36,6 +36,7 @@ typedef struct rg_engine_cfg {
     uint64_t connect_timeout_ns; /* connect + handshake */
     uint64_t stall_ns;           /* no reply for this long: drop the connection */
     long max_pending;            /* bound on outstanding checks */
+    uint64_t spin_ns;            /* poll instead of sleeping while replies are owed (0: never) */
     int nshards;
 } rg_engine_cfg;
 
@@ -67,6 +68,7 @@ typedef struct rg_shard {
     int stopping;            /* (under mu) */
     atomic_int down;         /* 1: answer "unavailable" at once, do not queue */
     atomic_int connected;
+    atomic_int spinning;     /* the thread is polling: no wake-up needed (see shard_main) */
 
     /* Loop thread only, after start. */
     uv_loop_t loop;
@@ -113,6 +115,9 @@ int rg_engine_start(rg_engine *e, char *errbuf, size_t errlen);
 int rg_engine_submit(rg_engine *e, rg_shard *s, rg_check *c);
 /* Wake a shard to take its queue (uv_async_send: coalesced, any thread). */
 void rg_engine_wake(rg_shard *s);
+/* After a push onto an empty queue: whether the shard must be woken (it is
+ * not polling).  Contains the full fence of the hand-over (see engine.c). */
+int rg_shard_needs_wake(rg_shard *s);
 /* Stop every shard and join its thread; every check still held is answered
  * RG_ERR_CLOSED through its port.  Call without the GIL. */
 void rg_engine_stop(rg_engine *e);

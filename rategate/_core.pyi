@@ -63,6 +63,7 @@ class Engine:
         cache_size: int,
         connect_timeout: float,
         stall_timeout: float,
+        spin: float = 0.0,
     ) -> "Engine": ...
     def submit(
         self, key: Union[str, bytes], spec: Spec, cost: int, /

@@ -113,6 +113,9 @@ class Limiter:
       decides at once (``error="overloaded"``).
     * ``deny_cache``: the local cache of keys over their limit, answered in
       C without a round trip: True (65536 entries), False, or a size.
+    * ``spin``: while Redis owes replies, the loop thread polls (yielding
+      the CPU each turn) for up to this many seconds instead of sleeping, so
+      handing it a check costs no wake-up syscall.  0 disables it.
 
     The engine starts on first use in each process (so a fork after import
     gets its own thread) and is stopped by :meth:`aclose` or at exit.
@@ -129,6 +132,7 @@ class Limiter:
         deny_cache: Union[bool, int] = True,
         connect_timeout: float = 1.0,
         stall_timeout: Optional[float] = None,
+        spin: float = 0.0002,
     ) -> None:
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
             raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
@@ -148,6 +152,8 @@ class Limiter:
             )
         if not isinstance(connect_timeout, (int, float)) or not connect_timeout > 0:
             raise ValueError(f"connect_timeout must be a number of seconds > 0, got {connect_timeout!r}")
+        if isinstance(spin, bool) or not isinstance(spin, (int, float)) or not 0 <= spin <= 0.01:
+            raise ValueError(f"spin must be a number of seconds from 0 to 0.01 (0 disables it), got {spin!r}")
         if stall_timeout is None:
             stall_timeout = max(2.0, 20 * float(timeout))
         if not isinstance(stall_timeout, (int, float)) or not stall_timeout > 0:
@@ -166,7 +172,7 @@ class Limiter:
             self._engine = _core.Engine(
                 cfg["host"], cfg["port"], cfg["path"], cfg["username"], cfg["password"], cfg["db"],
                 float(timeout), failure_mode == "open", threads, max_pending, deny_cache,
-                float(connect_timeout), float(stall_timeout),
+                float(connect_timeout), float(stall_timeout), float(spin),
             )
         self._closed = False
         # The hot path: bound once, called per request.

@@ -397,3 +397,25 @@ async def test_dropped_limiter_releases_threads_and_fds(redis_url: str) -> None:
         await asyncio.sleep(0.05)
         gc.collect()
     assert (_tasks(), _fds()) == (tasks, fds), "a dropped Limiter leaked its threads or fds"
+
+
+@pytest.mark.parametrize("spin", [0, 0.0002, 0.01])
+async def test_spin_modes_answer_every_check_exactly_once(redis_url: str, make_limiter: Any, spin: float) -> None:
+    # Whether the loop thread sleeps (spin=0) or polls while replies are owed,
+    # the hand-over strands nothing: every check is answered, the burst exact.
+    lim = make_limiter(redis_url, spin=spin, timeout=5.0)
+    for wave in range(3):  # waves: the thread goes back to sleep between them
+        ds = await asyncio.wait_for(
+            asyncio.gather(*(lim.hit(f"spin{wave}", "300/hour") for _ in range(2000))), 30)
+        assert sum(d.allowed for d in ds) == 300
+        assert all(d.error is None for d in ds)
+        await asyncio.sleep(0.01)
+    assert lim.stats()["in_flight"] == 0
+
+
+@pytest.mark.parametrize("spin", [-0.001, 0.5, True, "1"])
+def test_bad_spin_is_named(spin: Any) -> None:
+    import rategate
+
+    with pytest.raises(ValueError, match="spin"):
+        rategate.Limiter("redis://127.0.0.1:6379/0", spin=spin)
