@@ -72,15 +72,9 @@ class RateLimit:
         name: str | None = None,
         shadow: bool = False,
     ) -> None:
-        if isinstance(limiter, str):
-            from .limiter import Limiter
+        from .limiter import as_limiter
 
-            limiter = Limiter(limiter)
-        if limiter is None or not (hasattr(limiter, "submit") or hasattr(limiter, "hit")):
-            raise TypeError(
-                "RateLimit: limiter must be a rategate.Limiter or a storage URL like "
-                f"\"redis://127.0.0.1:6379/0\", got {limiter!r}"
-            )
+        limiter = as_limiter(limiter, "RateLimit")
         if name is not None and (not isinstance(name, str) or not name):
             raise ValueError(f"RateLimit: name must be a non-empty str, got {name!r}")
         if not isinstance(shadow, bool):

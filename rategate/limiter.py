@@ -19,7 +19,7 @@ from . import _core
 from ._core import Decision, Spec
 from .rates import Rate, RateLike, parse_rates
 
-__all__ = ["Limiter", "Decision", "parse_storage_url"]
+__all__ = ["Limiter", "Decision", "as_limiter", "parse_storage_url"]
 
 FAILURE_MODES = ("closed", "open")
 _live: "weakref.WeakSet[Limiter]" = weakref.WeakSet()
@@ -241,6 +241,18 @@ class Limiter:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+def as_limiter(limiter: Any, who: str) -> Any:
+    """A Limiter given as itself or as a storage URL; TypeError naming ``who`` otherwise."""
+    if isinstance(limiter, str):
+        return Limiter(limiter)
+    if limiter is None or not (hasattr(limiter, "submit") or hasattr(limiter, "hit")):
+        raise TypeError(
+            f"{who}: limiter must be a rategate.Limiter or a storage URL like "
+            f"\"redis://127.0.0.1:6379/0\", got {limiter!r}"
+        )
+    return limiter
 
 
 @atexit.register

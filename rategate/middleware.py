@@ -323,15 +323,9 @@ class RateLimitMiddleware:
         namespace: str | None = None,
     ) -> None:
         self.app = app
-        if isinstance(limiter, str):
-            from .limiter import Limiter
+        from .limiter import as_limiter
 
-            limiter = Limiter(limiter)
-        if limiter is None or not (hasattr(limiter, "submit") or hasattr(limiter, "hit")):
-            raise TypeError(
-                "limiter must be a rategate.Limiter or a storage URL like \"redis://127.0.0.1:6379/0\", "
-                f"got {limiter!r}"
-            )
+        limiter = as_limiter(limiter, "RateLimitMiddleware")
         self.limiter = limiter
         if not isinstance(shadow, bool):
             raise TypeError(f"shadow must be True or False, got {shadow!r}")
@@ -463,7 +457,8 @@ class RateLimitMiddleware:
         return _PASS
 
     def rule_for(self, path: str, method: str = "GET") -> Rule | None:
-        """The rule that applies to ``method path`` (None: not limited).  For tests and debugging."""
+        """The rule that applies to ``method path`` (None: not limited): exempt
+        paths (one set look-up), then the bounded path -> rule cache."""
         if path in self.exempt:
             return None
         e = self._route_cache.get(path)
@@ -482,19 +477,28 @@ class RateLimitMiddleware:
                 return
             await self.app(scope, receive, send)  # lifespan and anything else
             return
-        c = self._check(scope, scope["method"])
-        if c is None:
+        r = await self._decide(scope, scope["method"])
+        if r is None:
             await self.app(scope, receive, send)
             return
-        rule, k, d = c
-        if type(d) is not self._Decision:
-            d = await d
-        hdrs = self._settle(rule, k, d)
+        rule, d, hdrs = r
         if hdrs is not _DENY:
             await self.app(scope, receive, send if hdrs is None else _adding(hdrs, send, _HTTP_START))
             return
         await send({"type": "http.response.start", "status": 429, "headers": _denied_headers(rule, d)})
         await send({"type": "http.response.body", "body": DENIED_BODY})
+
+    async def _decide(self, scope: Scope, method: str) -> tuple[Rule, Any, Any] | None:
+        """Check one request: None if it is not limited, else (rule, decision,
+        headers), headers being _DENY for a denial.  Suspends only to await
+        Redis: a denial the core answers at once returns without suspending."""
+        c = self._check(scope, method)
+        if c is None:
+            return None
+        rule, k, d = c
+        if type(d) is not self._Decision:
+            d = await d
+        return rule, d, self._settle(rule, k, d)
 
     def _check(self, scope: Scope, method: str) -> tuple[Rule, str | bytes, Any] | None:
         """Route, key and submit one request (HTTP or WebSocket handshake).
@@ -503,15 +507,8 @@ class RateLimitMiddleware:
         Otherwise (rule, key, Decision or a future of one).  A plain function,
         not a coroutine: a denial the core answers at once never suspends.
         """
-        path = scope["path"]
-        if path in self.exempt:
-            return None
-        rule = self._route_cache.get(path)
+        rule = self.rule_for(scope["path"], method)
         if rule is None:
-            rule = self._route(path)
-        if type(rule) is tuple:
-            rule = self._by_method(rule, method)
-        if rule is _PASS:
             return None
         k = rule.key(scope)
         if k is None:
@@ -563,14 +560,11 @@ class RateLimitMiddleware:
     # -- WebSocket -------------------------------------------------------------
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Limit the handshake: allowed -> the app, headers on the accept; denied -> 429 or close."""
-        c = self._check(scope, "GET")  # a handshake is a GET
-        if c is None:
+        r = await self._decide(scope, "GET")  # a handshake is a GET
+        if r is None:
             await self.app(scope, receive, send)
             return
-        rule, k, d = c
-        if type(d) is not self._Decision:
-            d = await d
-        hdrs = self._settle(rule, k, d)
+        rule, d, hdrs = r
         if hdrs is not _DENY:
             await self.app(scope, receive, send if hdrs is None else _adding(hdrs, send, _WS_START))
             return
