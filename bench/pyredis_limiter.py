@@ -3,7 +3,8 @@
 This is the `python-redis` case of the benchmark, written the usual way:
 a pure-ASGI middleware (not ``BaseHTTPMiddleware``), one ``EVALSHA`` per
 request through a ``redis.asyncio`` connection pool (``NOSCRIPT`` -> load and
-retry), a GCRA script like rategate's and the same key layout, the same response
+retry), the very GCRA script rategate runs (``rategate._core.SCRIPT``, one
+check per call) and the same key layout, the same response
 headers (draft-6 RateLimit-*), and fail-closed 429s when Redis fails.  It is deliberately reasonable
 code, not a straw man: rates are parsed and the script arguments built once,
 headers are rendered without f-string churn where it matters.
@@ -14,12 +15,12 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from pathlib import Path
 
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisError
 
-SCRIPT = (Path(__file__).parent / "gcra.lua").read_text()
+from rategate._core import SCRIPT  # the same GCRA as rategate, byte for byte
+
 SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()
 
 _UNITS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60,
@@ -47,22 +48,23 @@ class PyRedisLimiter:
         self.rates = parse_rates(rates)
         self.suffixes = [f"{limit}/{round(period * 1000)}" for limit, period in self.rates]
         self.prefix = prefix
-        # per rate: emission interval (µs), burst
-        self.argv = []
+        # the script's ARGV for one check: 1 check; cost; rates; per rate T and tau (µs)
+        self.argv: list = [len(self.rates)]
         for limit, period in self.rates:
-            self.argv += [period * 1e6 / limit, limit]
+            t = period * 1e6 / limit
+            self.argv += [repr(t), repr(limit * t)]
         self.nkeys = len(self.rates)
         # RateLimit-Policy (draft-6), rendered once: "100;w=60, 1000;w=3600"
         self.policy = ", ".join(f"{limit};w={math.ceil(period)}" for limit, period in self.rates).encode()
 
     async def hit(self, key: str, cost: int = 1) -> list:
-        """-> [allowed, limit, remaining, reset_after_us, retry_after_us, index]"""
+        """-> [allowed, rate index, remaining, reset_after_us, retry_after_us, block_us]"""
         keys = [f"{self.prefix}:{{{key}}}:{s}" for s in self.suffixes]
         try:
-            return await self.redis.evalsha(SHA, self.nkeys, *keys, cost, *self.argv)
+            return await self.redis.evalsha(SHA, self.nkeys, *keys, 1, cost, *self.argv)
         except NoScriptError:
             await self.redis.script_load(SCRIPT)
-            return await self.redis.evalsha(SHA, self.nkeys, *keys, cost, *self.argv)
+            return await self.redis.evalsha(SHA, self.nkeys, *keys, 1, cost, *self.argv)
 
     async def aclose(self) -> None:
         await self.redis.aclose()
@@ -86,7 +88,8 @@ class PyRedisRateLimitMiddleware:
         client = scope.get("client")
         key = client[0] if client else "unknown"
         try:
-            allowed, limit, remaining, reset_us, retry_us, _ = await self.limiter.hit(key)
+            allowed, rate, remaining, reset_us, retry_us, _ = await self.limiter.hit(key)
+            limit = self.limiter.rates[rate][0]
         except (RedisError, OSError):
             # fail closed, as rategate does by default
             allowed, limit, remaining, reset_us, retry_us = 0, self.limiter.rates[0][0], 0, 0, 1_000_000

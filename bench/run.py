@@ -427,22 +427,19 @@ def run_redis_benchmark(ctx: Ctx) -> dict:
     """Redis's own ceiling for one check per EVALSHA, without and with pipelining.
 
     The script and arguments are rategate's own (``rategate._core.SCRIPT``, one
-    check of one rate per call: what rategate sends for a lone check) when
-    rategate is built, else bench/gcra.lua with the python-redis case's
-    arguments.  Keys: 10,000 random ones, rate 1000000/second (all allowed).
+    check of one rate per call: what rategate sends for a lone check), as the
+    python-redis case runs it.  Keys: 10,000 random ones, rate 1000000/second
+    (all allowed).
     """
     if not os.path.exists(REDIS_BENCHMARK):
         raise RuntimeError(f"redis-benchmark is not installed ({REDIS_BENCHMARK}; Debian: apt-get install redis-tools)")
     r = subprocess.run([PY, "-c", "import sys, rategate._core as c; sys.stdout.write(c.SCRIPT)"],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
-    if r.returncode == 0 and r.stdout.strip():
-        script, which = r.stdout, "rategate._core.SCRIPT (one check per call)"
-        # ARGV: checks=1; cost=1, rates=1; T=1 µs, tau=burst*T=1000000 µs
-        args = ["1", "rg:{bench:__rand_int__}:1000000/1000", "1", "1", "1", "1", "1000000"]
-    else:
-        script, which = (BENCH / "gcra.lua").read_text(), "bench/gcra.lua (rategate not built)"
-        # ARGV: cost=1; T=1 µs, burst=1000000
-        args = ["1", "rg:{bench:__rand_int__}:1000000/1000", "1", "1", "1000000"]
+    if r.returncode != 0 or not r.stdout.strip():
+        raise RuntimeError(f"rategate is not built (make build): {r.stderr.strip()[-300:]}")
+    script, which = r.stdout, "rategate._core.SCRIPT (one check per call)"
+    # ARGV: checks=1; cost=1, rates=1; T=1 µs, tau=burst*T=1000000 µs
+    args = ["1", "rg:{bench:__rand_int__}:1000000/1000", "1", "1", "1", "1", "1000000"]
     sha = redis_cmd(ctx.redis_conf, "SCRIPT", "LOAD", script)
     sha = sha.decode() if isinstance(sha, bytes) else sha
     conf = ctx.redis_conf

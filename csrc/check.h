@@ -35,6 +35,8 @@ typedef struct rg_spec {
     rg_rate rates[RG_MAX_RATES];
     char arg_T[RG_MAX_RATES][32];   /* "%.17g" of T, tau: script arguments */
     char arg_tau[RG_MAX_RATES][32];
+    uint8_t arg_T_len[RG_MAX_RATES];
+    uint8_t arg_tau_len[RG_MAX_RATES];
     char key_id[RG_MAX_RATES][48];  /* the rate's part of the key, "100/60000" */
     uint8_t key_id_len[RG_MAX_RATES];
 } rg_spec;

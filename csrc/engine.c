@@ -302,12 +302,15 @@ shard_main(void *arg)
             uint64_t until = rg_now_ns() + spin;
             atomic_store(&s->spinning, 1);
             while (!s->closing && rg_now_ns() < until) {
-                if (queue_pending(s))
+                int queued = queue_pending(s);
+                if (queued)
                     wake_cb(&s->wake);
                 if (uv_run(&s->loop, UV_RUN_NOWAIT) == 0)
                     break;
-                if (s->bsentinel.next == &s->bsentinel && !queue_pending(s))
-                    break; /* nothing owed: sleep */
+                /* Nothing owed: sleep.  Checks queued since `queued` was read
+                 * are caught by the re-check after `spinning` is cleared. */
+                if (!queued && s->bsentinel.next == &s->bsentinel)
+                    break;
                 sched_yield();
             }
             atomic_store(&s->spinning, 0);

@@ -225,8 +225,10 @@ spec_tp_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
                          "rate %R is too fast: at most 1,000,000 per second", r);
             goto error;
         }
-        snprintf(s->arg_T[i], sizeof(s->arg_T[i]), "%.17g", s->rates[i].T);
-        snprintf(s->arg_tau[i], sizeof(s->arg_tau[i]), "%.17g", s->rates[i].tau);
+        /* at most 24 characters each ("%.17g" of a finite double): no truncation */
+        s->arg_T_len[i] = (uint8_t)snprintf(s->arg_T[i], sizeof(s->arg_T[i]), "%.17g", s->rates[i].T);
+        s->arg_tau_len[i] =
+            (uint8_t)snprintf(s->arg_tau[i], sizeof(s->arg_tau[i]), "%.17g", s->rates[i].tau);
         kid = PyObject_GetAttrString(r, "key_id");
         if (kid == NULL)
             goto error;
@@ -469,7 +471,6 @@ module_exec(PyObject *m)
     STR(s_call_soon_threadsafe, "call_soon_threadsafe");
     STR(s_drain, "_drain");
     STR(s_close_in_loop, "_close_in_loop");
-    STR(s_uvloop, "uvloop");
 #undef STR
     asyncio = PyImport_ImportModule("asyncio");
     if (asyncio == NULL)
@@ -477,21 +478,6 @@ module_exec(PyObject *m)
     st->get_running_loop = PyObject_GetAttrString(asyncio, "get_running_loop");
     st->InvalidStateError = PyObject_GetAttrString(asyncio, "InvalidStateError");
     if (st->get_running_loop == NULL || st->InvalidStateError == NULL)
-        goto done;
-    st->FutureType = PyObject_GetAttrString(asyncio, "Future");
-    if (st->FutureType == NULL)
-        goto done;
-    {
-        PyObject *bel = PyObject_GetAttrString(asyncio, "BaseEventLoop");
-        if (bel == NULL)
-            goto done;
-        st->base_create_future = PyObject_GetAttrString(bel, "create_future");
-        Py_DECREF(bel);
-        if (st->base_create_future == NULL)
-            goto done;
-    }
-    st->loop_kwnames = Py_BuildValue("(s)", "loop");
-    if (st->loop_kwnames == NULL)
         goto done;
     script = PyUnicode_FromString(rg_script);
     if (script == NULL || PyModule_AddObjectRef(m, "SCRIPT", script) < 0)
@@ -517,9 +503,6 @@ module_traverse(PyObject *m, visitproc visit, void *arg)
     Py_VISIT(st->PortType);
     Py_VISIT(st->get_running_loop);
     Py_VISIT(st->InvalidStateError);
-    Py_VISIT(st->FutureType);
-    Py_VISIT(st->base_create_future);
-    Py_VISIT(st->loop_kwnames);
     return 0;
 }
 
@@ -537,9 +520,6 @@ module_clear(PyObject *m)
         Py_CLEAR(st->err_str[i]);
     Py_CLEAR(st->get_running_loop);
     Py_CLEAR(st->InvalidStateError);
-    Py_CLEAR(st->FutureType);
-    Py_CLEAR(st->base_create_future);
-    Py_CLEAR(st->loop_kwnames);
     Py_CLEAR(st->s_create_future);
     Py_CLEAR(st->s_set_result);
     Py_CLEAR(st->s_add_reader);
@@ -549,7 +529,6 @@ module_clear(PyObject *m)
     Py_CLEAR(st->s_call_soon_threadsafe);
     Py_CLEAR(st->s_drain);
     Py_CLEAR(st->s_close_in_loop);
-    Py_CLEAR(st->s_uvloop);
     return 0;
 }
 

@@ -19,12 +19,8 @@ typedef struct rg_state {
     PyObject *err_str[RG_ERR__COUNT]; /* interned kinds, [0] is None */
     PyObject *get_running_loop;       /* asyncio.get_running_loop */
     PyObject *InvalidStateError;      /* asyncio.InvalidStateError */
-    PyObject *FutureType;             /* asyncio.Future */
-    PyObject *base_create_future;     /* asyncio.BaseEventLoop.create_future */
-    PyObject *loop_kwnames;           /* ("loop",) */
     PyObject *s_create_future, *s_set_result, *s_add_reader, *s_remove_reader,
-        *s_is_closed, *s_is_running, *s_call_soon_threadsafe, *s_drain, *s_close_in_loop,
-        *s_uvloop;
+        *s_is_closed, *s_is_running, *s_call_soon_threadsafe, *s_drain, *s_close_in_loop;
     uint64_t next_spec_id;
 } rg_state;
 

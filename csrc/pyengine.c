@@ -40,6 +40,7 @@ typedef struct {
     PyObject *last_loop; /* the loop of the last submit, and its port */
     PortObject *last_port;
     PyObject *weakreflist;
+    int err_mu_ready;    /* eng.err_mu was initialised (dealloc destroys it) */
 } EngineObject;
 
 struct PortObject {
@@ -52,41 +53,7 @@ struct PortObject {
     PyObject **futs;      /* slot -> future (strong), NULL if free */
     uint32_t *next_free;
     uint32_t cap, free_head, used;
-    int plain_futures;    /* loop.create_future() is the stock asyncio.Future(loop=loop) */
 };
-
-/*
- * Whether `loop` makes its futures the stock way, asyncio.Future(loop=loop):
- * asyncio's own loops and uvloop do.  Then submit() builds the future itself
- * (one vectorcall) instead of calling loop.create_future(), which is Python
- * code on asyncio and a keyword-dict call on uvloop.  A loop with its own
- * create_future (instrumentation, other Future types) keeps it.
- */
-static int
-loop_has_plain_futures(rg_state *st, PyObject *loop)
-{
-    PyObject *meth = PyObject_GetAttr((PyObject *)Py_TYPE(loop), st->s_create_future);
-    PyObject *uvloop, *uvmeth = NULL, *uvcls;
-    int plain;
-
-    if (meth == NULL) {
-        PyErr_Clear();
-        return 0;
-    }
-    plain = meth == st->base_create_future;
-    if (!plain && (uvloop = PyImport_GetModule(st->s_uvloop)) != NULL) {
-        uvcls = PyObject_GetAttrString(uvloop, "Loop");
-        if (uvcls != NULL)
-            uvmeth = PyObject_GetAttr(uvcls, st->s_create_future);
-        plain = uvmeth != NULL && uvmeth == meth;
-        Py_XDECREF(uvmeth);
-        Py_XDECREF(uvcls);
-        Py_DECREF(uvloop);
-    }
-    PyErr_Clear();
-    Py_DECREF(meth);
-    return plain;
-}
 
 #define NO_SLOT UINT32_MAX
 
@@ -312,7 +279,6 @@ port_new(EngineObject *e, PyObject *loop)
     cb = PyObject_GetAttr((PyObject *)p, st->s_drain);
     if (fd == NULL || cb == NULL)
         goto error;
-    p->plain_futures = loop_has_plain_futures(st, loop);
     r = PyObject_CallMethodObjArgs(loop, st->s_add_reader, fd, cb, NULL);
     if (r == NULL)
         goto error;
@@ -358,7 +324,12 @@ port_dealloc(PortObject *self)
     PyObject_GC_UnTrack(self);
     if (self->port != NULL) {
         if (self->engine != NULL && self->loop != NULL) {
+            /* port_shutdown calls the loop (remove_reader): keep any
+             * exception in flight where the last reference was dropped. */
+            PyObject *et, *ev, *tb;
+            PyErr_Fetch(&et, &ev, &tb);
             port_shutdown(self, 0);
+            PyErr_Restore(et, ev, tb);
         } else if (self->fork_gen == rg_fork_generation) {
             /* cleared by the GC first: cannot reach the loop; just let go */
             rg_check *c = rg_port_close(self->port);
@@ -475,13 +446,18 @@ engine_tp_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
     if (self == NULL)
         return NULL;
     self->st = st;
-    self->module = PyType_GetModuleByDef(tp, &rg_module_def);
-    Py_XINCREF(self->module);
     self->fork_gen = rg_fork_generation;
     self->failure_open = failure_open;
     atomic_init(&self->eng.outstanding, 0);
     atomic_init(&self->eng.reconnects, 0);
-    pthread_mutex_init(&self->eng.err_mu, NULL);
+    if (pthread_mutex_init(&self->eng.err_mu, NULL) != 0) {
+        PyErr_SetString(PyExc_RuntimeError, "pthread_mutex_init failed");
+        goto error;
+    }
+    self->err_mu_ready = 1;
+    self->module = Py_XNewRef(PyType_GetModuleByDef(tp, &rg_module_def));
+    if (self->module == NULL)
+        goto error;
     self->eng.cfg.port = port;
     self->eng.cfg.db = db;
     self->eng.cfg.nshards = threads;
@@ -649,10 +625,7 @@ engine_submit(EngineObject *self, PyObject *const *args, Py_ssize_t nargs)
     port = engine_port(self);
     if (port == NULL)
         goto undo;
-    if (port->plain_futures)
-        fut = PyObject_Vectorcall(st->FutureType, &port->loop, 0, st->loop_kwnames);
-    else
-        fut = PyObject_CallMethodNoArgs(port->loop, st->s_create_future);
+    fut = PyObject_CallMethodNoArgs(port->loop, st->s_create_future);
     if (fut == NULL)
         goto undo;
     c = rg_check_new(key, (size_t)keylen);
@@ -827,7 +800,8 @@ engine_dealloc(EngineObject *self)
     Py_CLEAR(self->ports);
     rg_cache_free(&self->cache);
     rg_engine_free_cfg(&self->eng.cfg);
-    pthread_mutex_destroy(&self->eng.err_mu);
+    if (self->err_mu_ready)
+        pthread_mutex_destroy(&self->eng.err_mu);
     Py_CLEAR(self->module);
     tp->tp_free((PyObject *)self);
     Py_DECREF(tp);
@@ -892,9 +866,12 @@ mem_tp_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
     if (self == NULL)
         return NULL;
     self->st = st;
-    self->module = PyType_GetModuleByDef(tp, &rg_module_def);
-    Py_XINCREF(self->module);
     self->failure_open = failure_open;
+    self->module = Py_XNewRef(PyType_GetModuleByDef(tp, &rg_module_def));
+    if (self->module == NULL) {
+        Py_DECREF(self);
+        return NULL;
+    }
     if (rg_memstore_init(&self->mem) < 0) {
         Py_DECREF(self);
         return PyErr_NoMemory();

@@ -592,9 +592,9 @@ batch_write(rg_shard *s, rg_batch *b)
         p += s->argvlen[argc - 1] + 1;
         for (j = 0; j < c->spec->n; j++) {
             s->argv[argc] = c->spec->arg_T[j];
-            s->argvlen[argc++] = strlen(c->spec->arg_T[j]);
+            s->argvlen[argc++] = c->spec->arg_T_len[j];
             s->argv[argc] = c->spec->arg_tau[j];
-            s->argvlen[argc++] = strlen(c->spec->arg_tau[j]);
+            s->argvlen[argc++] = c->spec->arg_tau_len[j];
         }
     }
     if (redisAsyncCommandArgv(s->ac, on_batch_reply, b, (int)argc, s->argv, s->argvlen) != REDIS_OK)

@@ -32,7 +32,7 @@ from typing import Any
 from fastapi import HTTPException, Request, Response
 
 from .headers import make_headers, retry_after_header
-from .keys import MAX_KEY_LENGTH, client_ip
+from .keys import client_ip
 from .middleware import (
     _NAME_ESCAPES,
     FailureLog,
@@ -40,7 +40,7 @@ from .middleware import (
     _check_cost,
     _check_key,
     _decision_type,
-    _digest,
+    prefixed_key,
 )
 
 __all__ = ["RateLimit"]
@@ -137,15 +137,7 @@ class RateLimit:
         if k is None:
             return
         p = self._fixed or self._prefixes_for(scope)
-        if isinstance(k, str):
-            k = p[0] + k if len(k) <= MAX_KEY_LENGTH else p[2] + _digest(k)
-        elif isinstance(k, (bytes, bytearray, memoryview)):
-            k = bytes(k)
-            k = p[1] + k if len(k) <= MAX_KEY_LENGTH else p[3] + _digest(k).encode()
-        else:
-            raise TypeError(
-                f"RateLimit: the key function returned {type(k).__name__}; it must return str, bytes, or None"
-            )
+        k = prefixed_key(k, p[0], p[1], p[2], p[3], "RateLimit")
         cost = self.cost
         if cost is None:
             cost = 1

@@ -45,6 +45,7 @@ __all__ = [
     "KeyFunc",
     "MAX_KEY_LENGTH",
     "bound_key",
+    "key_digest",
     "client_ip",
     "header",
     "remote_addr",
@@ -71,6 +72,12 @@ _IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 _IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 
+def key_digest(key: str | bytes) -> str:
+    """The 40-hex-digit digest that stands for a key too long to use as it is."""
+    data = key.encode("utf-8", "surrogatepass") if isinstance(key, str) else key
+    return hashlib.blake2b(data, digest_size=20).hexdigest()
+
+
 def bound_key(key: str | bytes, max_length: int = MAX_KEY_LENGTH) -> str | bytes:
     """``key`` itself if it is at most ``max_length`` long, else ``"#"`` + a digest.
 
@@ -80,8 +87,7 @@ def bound_key(key: str | bytes, max_length: int = MAX_KEY_LENGTH) -> str | bytes
     """
     if len(key) <= max_length:
         return key
-    data = key.encode("utf-8", "surrogatepass") if isinstance(key, str) else key
-    return "#" + hashlib.blake2b(data, digest_size=20).hexdigest()
+    return "#" + key_digest(key)
 
 
 def remote_addr(scope: Scope) -> str:
@@ -388,7 +394,7 @@ class header:  # noqa: N801 - used like a function: key=header("x-api-key")
                 v = v.strip()
                 if v:
                     if len(v) > MAX_KEY_LENGTH:
-                        return self._hashed + hashlib.blake2b(v, digest_size=20).hexdigest().encode()
+                        return self._hashed + key_digest(v).encode()
                     return bytes(self._eq + v)
                 break
         fb = self.fallback

@@ -35,7 +35,6 @@ Why it is written the way it is:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 import time
@@ -43,7 +42,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Union
 
 from .headers import RateLimitHeaders, make_headers, retry_after_header
-from .keys import MAX_KEY_LENGTH, client_ip
+from .keys import MAX_KEY_LENGTH, client_ip, key_digest
 
 if TYPE_CHECKING:  # pragma: no cover
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -513,13 +512,7 @@ class RateLimitMiddleware:
         k = rule.key(scope)
         if k is None:
             return None
-        t = type(k)
-        if t is str:
-            k = rule.sprefix + k if len(k) <= MAX_KEY_LENGTH else rule.shprefix + _digest(k)
-        elif t is bytes:
-            k = rule.bprefix + k if len(k) <= MAX_KEY_LENGTH else rule.bhprefix + _digest(k).encode()
-        else:
-            k = self._odd_key(rule, k)
+        k = prefixed_key(k, rule.sprefix, rule.bprefix, rule.shprefix, rule.bhprefix, rule)
         cost = rule.cost
         if cost is None:
             cost = 1
@@ -542,20 +535,6 @@ class RateLimitMiddleware:
             # well-behaved clients back off for no reason).
             return None if h is None or err is not None else h.render(d)
         return _DENY
-
-    @staticmethod
-    def _odd_key(rule: Rule, k: Any) -> str | bytes:
-        """A key of a subclass of str/bytes (or a wrong type: a clear error)."""
-        if isinstance(k, str):
-            k = str(k)
-            return rule.sprefix + k if len(k) <= MAX_KEY_LENGTH else rule.shprefix + _digest(k)
-        if isinstance(k, (bytes, bytearray, memoryview)):
-            k = bytes(k)
-            return rule.bprefix + k if len(k) <= MAX_KEY_LENGTH else rule.bhprefix + _digest(k).encode()
-        raise TypeError(
-            f"the key function of rule {rule.name!r} returned {type(k).__name__}; "
-            "it must return str, bytes, or None (do not limit)"
-        )
 
     # -- WebSocket -------------------------------------------------------------
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -648,9 +627,26 @@ class ShadowLog:
         logger.warning("rategate shadow mode: would deny %r (rule %r, retry after %.2fs)", key, name, ra)
 
 
-def _digest(k: str | bytes) -> str:
-    data = k.encode("utf-8", "surrogatepass") if isinstance(k, str) else k
-    return hashlib.blake2b(data, digest_size=20).hexdigest()
+def prefixed_key(k: Any, sp: str, bp: bytes, shp: str, bhp: bytes, owner: Any) -> str | bytes:
+    """The limiter key for client key ``k``: its prefix + ``k``, or past
+    MAX_KEY_LENGTH the hashed prefix + its digest, so a huge header never
+    makes a huge Redis key.  Subclasses of str/bytes are made plain; any
+    other type is a TypeError naming ``owner`` (a Rule, or a string)."""
+    t = type(k)
+    if t is not str and t is not bytes:
+        if isinstance(k, str):
+            k, t = str(k), str
+        elif isinstance(k, (bytes, bytearray, memoryview)):
+            k, t = bytes(k), bytes
+        else:
+            who = f"rule {owner.name!r}" if isinstance(owner, Rule) else str(owner)
+            raise TypeError(
+                f"the key function of {who} returned {type(k).__name__}; "
+                "it must return str, bytes, or None (do not limit)"
+            )
+    if t is str:
+        return sp + k if len(k) <= MAX_KEY_LENGTH else shp + key_digest(k)
+    return bp + k if len(k) <= MAX_KEY_LENGTH else bhp + key_digest(k).encode()
 
 
 def _denied_headers(rule: Rule, d: Any) -> list[tuple[bytes, bytes]]:

@@ -27,18 +27,11 @@ from typing import Any
 
 import httpx
 import pytest
+from redisserver import free_port
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 HANG = 5.0  # hang detection for one request; the limiter's deadline is 0.05 s
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Uvicorn:
