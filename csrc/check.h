@@ -27,6 +27,12 @@ enum rg_err {
     RG_ERR__COUNT
 };
 
+/* What a check asks of the store. */
+enum rg_op {
+    RG_OP_HIT = 0, /* decide, consuming cost if allowed (cost 0: peek) */
+    RG_OP_RESET,   /* delete the key's buckets for the spec's rates; answered allowed */
+};
+
 /* A compiled list of rates, with the strings the Redis script needs. */
 typedef struct rg_spec {
     atomic_int refcnt;
@@ -56,6 +62,7 @@ typedef struct rg_check {
     uint64_t submit_ns;    /* CLOCK_MONOTONIC */
     uint64_t deadline_ns;
     int64_t cost;
+    int op;                /* enum rg_op */
     int err;               /* enum rg_err */
     rg_result res;
     uint32_t keylen;

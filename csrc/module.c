@@ -14,6 +14,7 @@
 #include "memstore.h"
 #include "cache.h"
 #include "engine.h"
+#include "script.h"
 
 unsigned long rg_fork_generation;
 
@@ -415,7 +416,6 @@ mod_live(PyObject *module, PyObject *unused)
                          atomic_load(&rg_live_ports));
 }
 
-extern const char rg_script[];
 
 static PyMethodDef module_methods[] = {
     {"_gcra_check", mod_gcra_check, METH_VARARGS, "The C GCRA, for tests."},

@@ -11,81 +11,8 @@
 #include <hiredis/hiredis.h>
 
 #include "port.h"
+#include "script.h"
 
-/*
- * The batched GCRA script: one call decides many checks, each over several
- * rates, with the same arithmetic as gcra.c (keep them in step).
- *
- * KEYS: for each check, one key per rate.
- * ARGV: [1] number of checks; then per check: cost, number of rates, then
- *       per rate: T and tau in microseconds ("%.17g").
- * Reply: per check six integers: allowed, reported rate (0-based),
- *       remaining, reset_us, retry_us, block_us (see rg_result).  allowed
- *       is -1 when Redis refused one of the check's commands (a key of the
- *       wrong type, OOM): redis.pcall keeps that from failing the other
- *       checks of the batch, which are decided as usual.
- *
- * Time is Redis's TIME, counted from 2023-11-14 (1.7e9 s) so that
- * microseconds stay far below 2^53.  A TAT is stored with 17 significant
- * digits (Lua's default tostring keeps only 14), with a TTL of the time
- * until the bucket is full: a full bucket leaves no key behind.
- */
-const char rg_script[] =
-    "if redis.replicate_commands then redis.replicate_commands() end\n"
-    "local t = redis.call('TIME')\n"
-    "local now = (tonumber(t[1]) - 1700000000) * 1000000 + tonumber(t[2])\n"
-    "local out, a, k = {}, 2, 1\n"
-    "local floor, ceil, pcall = math.floor, math.ceil, redis.pcall\n"
-    "for c = 1, tonumber(ARGV[1]) do\n"
-    "  local cost, nr = tonumber(ARGV[a]), tonumber(ARGV[a + 1])\n"
-    "  a = a + 2\n"
-    "  local T, tau, sl, t0, nw, allowed = {}, {}, {}, {}, {}, 1\n"
-    "  for j = 1, nr do\n"
-    "    T[j], tau[j] = tonumber(ARGV[a]), tonumber(ARGV[a + 1])\n"
-    "    sl[j] = T[j] < 2 and T[j] / 2 or 1\n"
-    "    a = a + 2\n"
-    "    local v = pcall('GET', KEYS[k + j - 1])\n"
-    "    if type(v) == 'table' then allowed = -1; v = 0 end\n"
-    "    v = tonumber(v) or 0\n"
-    "    if v < now then v = now end\n"
-    "    t0[j], nw[j] = v, v + cost * T[j]\n"
-    "    if allowed == 1 and nw[j] - now > tau[j] + sl[j] then allowed = 0 end\n"
-    "  end\n"
-    "  local rate, rem, reset, retry, block = 1, -1, 0, 0, 0\n"
-    "  if allowed == 1 then\n"
-    "    for j = 1, nr do\n"
-    "      local r = floor((tau[j] - (nw[j] - now) + sl[j]) / T[j])\n"
-    "      if r < 0 then r = 0 end\n"
-    "      if rem < 0 or r < rem then rem, rate, reset = r, j, ceil(nw[j] - now) end\n"
-    "      if cost > 0 then\n"
-    "        local ttl = ceil((nw[j] - now) / 1000)\n"
-    "        if ttl < 1 then ttl = 1 end\n"
-    "        local e = pcall('SET', KEYS[k + j - 1], string.format('%.17g', nw[j]), 'PX', ttl)\n"
-    "        if type(e) == 'table' and e.err then allowed = -1 end\n"
-    "      end\n"
-    "    end\n"
-    "  elseif allowed == 0 then\n"
-    "    local worst = -1\n"
-    "    for j = 1, nr do\n"
-    "      local w = nw[j] - now - tau[j]\n"
-    "      local b = t0[j] + T[j] - now - tau[j] - sl[j]\n"
-    "      if w > worst then worst, rate = w, j end\n"
-    "      if b > block then block = b end\n"
-    "    end\n"
-    "    rem = floor((tau[rate] - (t0[rate] - now) + sl[rate]) / T[rate])\n"
-    "    if rem < 0 then rem = 0 end\n"
-    "    reset, retry, block = ceil(t0[rate] - now), ceil(worst), floor(block)\n"
-    "  end\n"
-    "  if rem < 0 then rem = 0 end\n"
-    "  if reset > 9e15 then reset = 9e15 end\n"
-    "  if retry > 9e15 then retry = 9e15 end\n"
-    "  if block > 9e15 then block = 9e15 end\n"
-    "  local o = #out\n"
-    "  out[o + 1], out[o + 2], out[o + 3] = allowed, rate - 1, rem\n"
-    "  out[o + 4], out[o + 5], out[o + 6] = reset, retry, block\n"
-    "  k = k + nr\n"
-    "end\n"
-    "return out\n";
 
 /* ---- our libuv adapter ---------------------------------------------------- */
 
@@ -550,7 +477,7 @@ batch_write(rg_shard *s, rg_batch *b)
         s->argv[argc] = "EVAL";
         s->argvlen[argc++] = 4;
         s->argv[argc] = rg_script;
-        s->argvlen[argc++] = sizeof(rg_script) - 1;
+        s->argvlen[argc++] = rg_script_len;
     } else {
         s->argv[argc] = "EVALSHA";
         s->argvlen[argc++] = 7;

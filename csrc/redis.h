@@ -16,9 +16,6 @@
 
 #include "engine.h"
 
-/* The GCRA script (mirrors gcra.c), batched: see redis.c. */
-extern const char rg_script[];
-
 void rg_conn_start(rg_shard *s);
 /* Free the context now (not from inside a hiredis callback). */
 void rg_conn_drop(rg_shard *s, int err);

@@ -16,7 +16,7 @@ import pytest
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 LOOP_THREAD_FILES = ["engine.c", "engine.h", "redis.c", "redis.h", "port.c", "port.h",
                      "check.c", "check.h", "gcra.c", "gcra.h", "cache.c", "cache.h",
-                     "memstore.c", "memstore.h"]
+                     "memstore.c", "memstore.h", "script.c", "script.h"]
 
 
 def _code(path: Path) -> str:

@@ -1,0 +1,13 @@
+/*
+ * script.h: the batched GCRA script that Redis runs (see script.c).
+ */
+#ifndef RG_SCRIPT_H
+#define RG_SCRIPT_H
+
+#include <stddef.h>
+
+/* The GCRA script (mirrors gcra.c), batched. */
+extern const char rg_script[];
+extern const size_t rg_script_len; /* strlen(rg_script) */
+
+#endif
