@@ -33,13 +33,18 @@ from fastapi import HTTPException, Request, Response
 
 from .headers import make_headers, retry_after_header
 from .keys import client_ip
+from .counts import counts_for
 from .middleware import (
     _NAME_ESCAPES,
+    DynamicLimits,
     FailureLog,
     ShadowLog,
     _check_cost,
     _check_key,
+    _check_metrics,
     _decision_type,
+    _dummy_rates,
+    compile_limits,
     prefixed_key,
 )
 
@@ -51,14 +56,20 @@ _MAX_ROUTES = 4096
 class RateLimit:
     """``Depends(RateLimit("10/minute", limiter=...))``: limit one route.
 
-    ``limits``: rates (``"10/minute; 200/day"``, a ``Rate`` or a list).
+    ``limits``: rates (``"10/minute; 200/day"``, a ``Rate`` or a list), or a
+    callable ``(scope) -> rates | None`` for limits that depend on the request
+    (``None``: not limited; see :class:`rategate.middleware.DynamicLimits`).
     ``limiter``: a :class:`rategate.Limiter` or a storage URL.  ``key``: a key
     function (default :func:`rategate.client_ip` with no trusted proxies;
     returning ``None`` skips the limit).  ``cost``: int or callable(scope) ->
     int.  ``headers``: ``"draft-6"`` (default), ``"draft-11"``,
     ``"x-ratelimit"`` or ``None``.  ``name``: share one counter between the
     routes that give the same name (default: the route's method and template).
-    ``shadow``: count and log, never raise.
+    ``shadow``: count and log, never raise.  ``metrics``: a
+    :class:`rategate.metrics.PrometheusMetrics`, or None.  Decisions are
+    counted in ``limiter.stats()["rules"]`` (and ``metrics``) under the label
+    ``"dep:<name>"``, the name being the route's method and template unless
+    given.
     """
 
     def __init__(
@@ -71,6 +82,7 @@ class RateLimit:
         headers: str | None = "draft-6",
         name: str | None = None,
         shadow: bool = False,
+        metrics: Any = None,
     ) -> None:
         from .limiter import as_limiter
 
@@ -85,22 +97,27 @@ class RateLimit:
         self.cost = _check_cost(cost, "RateLimit")
         self.name = name
         self.shadow = shadow
-        try:
-            if hasattr(limiter, "compile") and hasattr(limiter, "submit"):
-                self._spec = limiter.compile(limits)
-                self._submit = limiter.submit
-                rates = tuple(self._spec.rates)
-            else:
-                from .rates import parse_rates
-
-                rates = parse_rates(limits)
-                self._spec = rates
-                self._submit = limiter.hit
-        except ValueError as e:
-            raise ValueError(f"RateLimit({limits!r}): {e}") from None
+        self.metrics = _check_metrics(metrics, "RateLimit")
+        self._sync_cached = getattr(limiter, "kind", "memory") != "memory"
+        if hasattr(limiter, "compile") and hasattr(limiter, "submit"):
+            self._submit = limiter.submit
+        else:
+            self._submit = limiter.hit
+        self._dynamic = callable(limits)
+        if self._dynamic:
+            rates: tuple[Any, ...] = ()
+            self._spec = None
+            make_headers(headers, _dummy_rates())  # validate the style now
+        else:
+            try:
+                self._spec, rates = compile_limits(limiter, limits)
+            except ValueError as e:
+                raise ValueError(f"RateLimit({limits!r}): {e}") from None
         self.rates = rates
-        self.headers = make_headers(headers, rates, name or "default")
         self._header_style = headers
+        self.headers = None if self._dynamic else make_headers(headers, rates, name or "default")
+        if self.metrics is not None:
+            self.metrics.watch(limiter)
         self._Decision = _decision_type()
         # (method, template) -> (str prefix, bytes prefix, str hashed prefix, bytes hashed prefix, headers)
         self._prefixes: dict[tuple[str, str], tuple[Any, ...]] = {}
@@ -114,10 +131,27 @@ class RateLimit:
         return f"RateLimit({self.limits!r}, name={self.name!r}, headers={self._header_style!r})"
 
     def _make_prefixes(self, name: str) -> tuple[Any, ...]:
+        """(str prefix, bytes prefix, str hashed prefix, bytes hashed prefix,
+        headers, DynamicLimits or None, RuleCounts) of the counter ``name``."""
         esc = "dep:" + name.translate(_NAME_ESCAPES)
-        hdrs = self.headers if self.name is not None else make_headers(self._header_style, self.rates, name)
+        dyn = None
+        if self._dynamic:
+            hdrs = None
+            dyn = DynamicLimits(self.limits, lambda v: self._resolved(name, v), f"RateLimit {name!r}")
+        elif self.name is not None:
+            hdrs = self.headers
+        else:
+            hdrs = make_headers(self._header_style, self.rates, name)
+        counts = counts_for(self.limiter, "dep:" + name)
+        if self.metrics is not None:
+            self.metrics.attach(counts)
         return (esc + "|", (esc + "|").encode("utf-8", "surrogatepass"),
-                esc + "#", (esc + "#").encode("utf-8", "surrogatepass"), hdrs)
+                esc + "#", (esc + "#").encode("utf-8", "surrogatepass"), hdrs, dyn, counts)
+
+    def _resolved(self, name: str, limits: Any) -> tuple[Any, Any]:
+        """(spec, headers) of the rates a limits callable returned for counter ``name``."""
+        spec, rates = compile_limits(self.limiter, limits)
+        return spec, make_headers(self._header_style, rates, name)
 
     def _prefixes_for(self, scope: Any) -> tuple[Any, ...]:
         route = scope.get("route")
@@ -137,19 +171,27 @@ class RateLimit:
         if k is None:
             return
         p = self._fixed or self._prefixes_for(scope)
+        spec, h = self._spec, p[4]
+        if p[5] is not None:  # limits from a callable
+            r = p[5](scope)
+            if r is None:
+                return
+            spec, h = r
         k = prefixed_key(k, p[0], p[1], p[2], p[3], "RateLimit")
         cost = self.cost
         if cost is None:
             cost = 1
         elif not isinstance(cost, int):
             cost = cost(scope)
-        d = self._submit(k, self._spec, cost)
+        d = self._submit(k, spec, cost)
         if type(d) is not self._Decision:
             d = await d
+            p[6].note(d, False, self.shadow)
+        else:
+            p[6].note(d, self._sync_cached, self.shadow)
         err = d.error
         if err is not None or self._failures.active:
             self._failures.note(d)
-        h = p[4]
         if d.allowed or self.shadow:
             if not d.allowed:
                 self._shadow_log.note(self.name or "", k, d)

@@ -17,6 +17,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from . import _core
 from ._core import Decision, Spec
+from .counts import RuleCounts
 from .rates import Rate, RateLike, parse_rates
 
 __all__ = ["Limiter", "Decision", "as_limiter", "parse_storage_url"]
@@ -165,6 +166,9 @@ class Limiter:
         self.failure_mode = failure_mode
         self.kind = cfg["kind"]
         self._specs: Dict[Any, Spec] = {}
+        # Per-rule decision counts of the middlewares and dependencies using
+        # this limiter (rategate.counts), by rule label; in stats()["rules"].
+        self._rule_counts: Dict[str, RuleCounts] = {}
         self._closed = False
         if cfg["kind"] == "memory":
             self._engine: Any = _core.MemoryEngine(failure_mode == "open")
@@ -222,9 +226,20 @@ class Limiter:
         return await r  # type: ignore[no-any-return]
 
     def stats(self) -> Dict[str, Any]:
-        """Counters: checks, allowed, denied, cached_denials, errors by kind, in_flight, reconnects, connected."""
+        """Counters: checks, allowed, denied, cached_denials, errors by kind, in_flight, reconnects,
+        connected; and ``rules``: per rule label, the decisions of the middlewares and FastAPI
+        dependencies using this limiter, by outcome (see :mod:`rategate.counts`)."""
         stats: Dict[str, Any] = self._engine.stats()
+        stats["rules"] = {name: c.as_dict() for name, c in list(self._rule_counts.items())}
         return stats
+
+    def rule_counts(self, name: str) -> RuleCounts:
+        """The decision counts of rule label ``name`` (created on first use), shared by every
+        middleware and dependency that uses this limiter with that label."""
+        c = self._rule_counts.get(name)
+        if c is None:
+            c = self._rule_counts[name] = RuleCounts(name)
+        return c
 
     async def aclose(self) -> None:
         """Stop the engine: checks in flight resolve with error "closed"; hit() then raises."""

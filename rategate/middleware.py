@@ -10,7 +10,13 @@
         key=rategate.client_ip(trusted_proxies=["10.0.0.0/8"]),
         exempt=["/health", "/metrics"],
         headers="draft-6",                       # "draft-6" | "draft-11" | "x-ratelimit" | None
+        websocket_messages="20/second",          # each received WebSocket message, per key
+        metrics=rategate.metrics.PrometheusMetrics(),  # optional: pip install rategate[prometheus]
     )
+
+``limits`` (the default's and a rule's) may also be a callable
+``(scope) -> rates | None``, for limits that depend on the request (the
+caller's plan): see :class:`DynamicLimits`.
 
 Why it is written the way it is:
 
@@ -35,19 +41,21 @@ Why it is written the way it is:
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Union
 
+from .counts import RuleCounts, counts_for
 from .headers import RateLimitHeaders, make_headers, retry_after_header
 from .keys import MAX_KEY_LENGTH, client_ip, key_digest
 
 if TYPE_CHECKING:  # pragma: no cover
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["FailureLog", "RateLimitMiddleware", "Rule", "ShadowLog"]
+__all__ = ["DynamicLimits", "FailureLog", "RateLimitMiddleware", "Rule", "ShadowLog"]
 
 logger = logging.getLogger("rategate")
 
@@ -66,6 +74,11 @@ _METHOD_RULE_RE = re.compile(r"^\s*([A-Za-z]+(?:\s*[,|]\s*[A-Za-z]+)*)\s+(/\S*)\
 _ROUTE_CACHE_MAX = 4096
 # Shadow-mode "would deny" log lines remember this many keys.
 _SHADOW_LOG_MAX = 4096
+# A limits callable's results, compiled, are cached up to this many per rule
+# (the oldest is dropped first): a plan lookup costs a dict look-up per
+# request, and a callable returning endless distinct rates costs a compile
+# per request, never memory.
+_DYNAMIC_MAX = 1024
 
 # A rule's name goes into the Redis key as "<name>|<client key>" (or
 # "<name>#<digest>" for a hashed client key); these characters are escaped in
@@ -74,11 +87,19 @@ _SHADOW_LOG_MAX = 4096
 _NAME_ESCAPES = {ord(c): f"%{ord(c):02X}" for c in "%|#{}"}
 # A namespace is joined to a rule's name with ":", so it escapes ":" too.
 _NAMESPACE_ESCAPES = {ord(c): f"%{ord(c):02X}" for c in "%|#{}:"}
+# The counters of a rule's WebSocket messages are the rule's name with this in
+# front: an escaped name never starts with "%w" ("%" is always followed by two
+# hex digits there), so they never share a Redis key with a rule's handshakes.
+_WS_MESSAGES_PREFIX = "%ws:"
+_WS_ACTIONS = ("close", "drop")
+# The options a rule takes (Rule's keyword arguments; a rules dict's keys).
+_RULE_OPTIONS = ("limits", "methods", "key", "cost", "name", "websocket_messages", "websocket_over_limit")
 
 RateSpec = Any  # str | Rate | list of them (see rategate.rates.parse_rates)
 
 
 _DENY = object()  # _settle(): the request is denied
+_DYNAMIC = object()  # Rule.spec of a rule whose limits are a callable (see Rule.dynamic)
 # The messages that start a response, where the rate-limit headers go.
 _HTTP_START = frozenset({"http.response.start"})
 _WS_START = frozenset({"websocket.accept", "websocket.http.response.start"})
@@ -150,6 +171,82 @@ def _check_cost(cost: Any, where: str) -> Any:
     return cost
 
 
+def _check_ws_messages(value: Any, where: str, rule_level: bool) -> Any:
+    if value is None or (rule_level and value is False):
+        return value
+    if callable(value) or isinstance(value, bool):
+        off = " (False: not limited on this rule; None: the middleware's)" if rule_level else ""
+        raise TypeError(
+            f"{where}: websocket_messages must be rates like \"20/second\"{off}, got {value!r}"
+        )
+    return value
+
+
+def _check_ws_action(value: Any, where: str) -> Any:
+    if value is not None and value not in _WS_ACTIONS:
+        raise ValueError(
+            f"{where}: websocket_over_limit must be \"close\" (close the connection with 1008) or "
+            f"\"drop\" (drop the message), got {value!r}"
+        )
+    return value
+
+
+class DynamicLimits:
+    """Limits that depend on the request: ``fn(scope) -> rates | None``.
+
+    ``fn`` returns rates (``"10/minute"``, a ``Rate``, a list of them, or a
+    compiled ``Spec``) or ``None`` (this request is not limited).  What it
+    returns is compiled once, by ``make``, and cached (at most _DYNAMIC_MAX
+    values, the oldest dropped first), so after the first request of each
+    plan a call costs ``fn`` and a dict look-up.  Return the same objects
+    (module-level constants) rather than building new strings per request.
+
+    Each distinct rate has its own counter in the store (the rate is part of
+    the Redis key): a client moving from one plan to another starts the new
+    plan with a full bucket.
+    """
+
+    __slots__ = ("fn", "make", "cache", "where")
+
+    def __init__(self, fn: Callable[[Any], Any], make: Callable[[Any], Any], where: str) -> None:
+        self.fn = fn
+        self.make = make
+        self.cache: dict[Any, Any] = {}
+        self.where = where
+
+    def __repr__(self) -> str:
+        return f"DynamicLimits({self.fn!r})"
+
+    def __call__(self, scope: Any) -> Any:
+        """``make(rates)`` for this request (cached), or None: not limited."""
+        v = self.fn(scope)
+        if v is None:
+            return None
+        try:
+            return self.cache[v]
+        except KeyError:
+            key = v
+        except TypeError:  # unhashable: a list of rates
+            key = tuple(v) if isinstance(v, list) else None
+            if key is not None:
+                hit = self.cache.get(key)
+                if hit is not None:
+                    return hit
+        try:
+            out = self.make(v)
+        except ValueError as e:
+            raise ValueError(
+                f"{self.where}: the limits function returned {v!r}: {e}; return rates like "
+                "\"10/minute\", a Rate, a list of them, or None (not limited)"
+            ) from None
+        cache = self.cache
+        if key is not None:
+            if len(cache) >= _DYNAMIC_MAX:
+                del cache[next(iter(cache))]
+            cache[key] = out
+        return out
+
+
 class Rule:
     """Where a limit applies, what it is, and whom it counts.
 
@@ -157,16 +254,22 @@ class Rule:
     not ``/apiary``; ``"/"`` covers everything), or a compiled regular
     expression (matched with ``pattern.match(path)``, i.e. anchored at the
     start).  ``limits``: rates (``"10/minute; 200/day"``, a ``Rate``, a list),
-    or ``None`` to leave matching requests unlimited.  ``methods``: only these
+    or ``None`` to leave matching requests unlimited, or a callable
+    ``(scope) -> rates | None`` for limits that depend on the request (see
+    :class:`DynamicLimits`).  ``methods``: only these
     HTTP methods (``GET`` implies ``HEAD``; a WebSocket handshake counts as
     ``GET``).  ``key`` and ``cost`` override the middleware's.  ``name`` is the
     rule's part of the Redis key and its header policy name; by default the
     rule as written (``"POST /login"``), so two processes with the same rules
-    share counters.
+    share counters.  ``websocket_messages``: rates for each message a
+    WebSocket client sends, on the handshake's key (``None``: the
+    middleware's; ``False``: not limited); ``websocket_over_limit``:
+    ``"close"`` (1008) or ``"drop"`` (``None``: the middleware's).
     """
 
     __slots__ = ("path", "regex", "limits", "methods", "key", "cost", "name", "spec", "headers",
-                 "sprefix", "bprefix", "shprefix", "bhprefix", "rates")
+                 "sprefix", "bprefix", "shprefix", "bhprefix", "rates", "dynamic", "counts",
+                 "ws_limits", "ws_action", "ws_rule")
 
     def __init__(
         self,
@@ -177,6 +280,8 @@ class Rule:
         key: Callable[..., Any] | None = None,
         cost: int | Callable[..., int] | None = None,
         name: str | None = None,
+        websocket_messages: RateSpec | None = None,
+        websocket_over_limit: str | None = None,
     ) -> None:
         where = f"rule {path!r}"
         self.regex: re.Pattern[str] | None = None
@@ -197,6 +302,13 @@ class Rule:
         self.methods = _normalize_methods(methods, where)
         self.key = _check_key(key, where)
         self.cost = _check_cost(cost, where)
+        self.ws_limits = _check_ws_messages(websocket_messages, where, True)
+        self.ws_action = _check_ws_action(websocket_over_limit, where)
+        if self.ws_limits and limits is None:
+            raise ValueError(
+                f"{where}: websocket_messages needs limits on the handshake too (limits=None leaves "
+                "the route unlimited); give the handshake a limit, such as \"60/minute\""
+            )
         if name is None:
             text = path.pattern if isinstance(path, re.Pattern) else path
             if self.methods is not None:
@@ -212,11 +324,21 @@ class Rule:
         self.headers: RateLimitHeaders | None = None
         self.sprefix = self.shprefix = ""
         self.bprefix = self.bhprefix = b""
+        self.dynamic: DynamicLimits | None = None  # set when limits is a callable
+        self.counts: RuleCounts | None = None
+        self.ws_rule: Rule | None = None  # the rule of its WebSocket messages
 
     def __repr__(self) -> str:
         p = f"re.compile({self.regex.pattern!r})" if self.regex is not None else repr(self.path)
         m = "" if self.methods is None else f", methods={sorted(self.methods)!r}"
         return f"Rule({p}, {self.limits!r}{m}, name={self.name!r})"
+
+    def set_prefixes(self, name: str) -> None:
+        """The key prefixes of this rule, from its escaped (namespaced) name."""
+        self.sprefix = name + "|"
+        self.shprefix = name + "#"
+        self.bprefix = self.sprefix.encode("utf-8", "surrogatepass")
+        self.bhprefix = self.shprefix.encode("utf-8", "surrogatepass")
 
     def _matches_path(self, path: str) -> bool:
         if self.regex is not None:
@@ -250,11 +372,11 @@ def _rules_from(rules: Any) -> list[Rule]:
                 raise ValueError(f"rule {where!r}: pass Rule objects in a list, not as dict values")
             if isinstance(value, Mapping):
                 opts = dict(value)
-                unknown = set(opts) - {"limits", "methods", "key", "cost", "name"}
+                unknown = set(opts) - set(_RULE_OPTIONS)
                 if unknown:
                     raise ValueError(
                         f"rule {where!r}: unknown option(s) {sorted(unknown)}; "
-                        "a rule takes limits, methods, key, cost, name"
+                        f"a rule takes {', '.join(_RULE_OPTIONS)}"
                     )
                 if "limits" not in opts:
                     raise ValueError(f"rule {where!r}: give its limits, like {{\"limits\": \"10/minute\"}}")
@@ -271,7 +393,8 @@ def _rules_from(rules: Any) -> list[Rule]:
                 raise ValueError(f"rules: a list must hold rategate.Rule objects, got {r!r}")
             # A copy: the middleware fills in compiled state, and one Rule
             # may be given to several middlewares.
-            out.append(Rule(r.path, r.limits, methods=r.methods, key=r.key, cost=r.cost, name=r.name))
+            out.append(Rule(r.path, r.limits, methods=r.methods, key=r.key, cost=r.cost, name=r.name,
+                            websocket_messages=r.ws_limits, websocket_over_limit=r.ws_action))
     else:
         raise ValueError(
             "rules must be a dict like {\"/api\": \"10/minute\"} or a list of rategate.Rule, "
@@ -304,7 +427,17 @@ class RateLimitMiddleware:
     block), ``websocket`` (limit WebSocket handshakes too; default True),
     ``namespace`` (prefixed to every rule's name in the Redis key: two
     middlewares sharing a limiter and a rule name, such as ``"default"``,
-    share its counters unless their namespaces differ).
+    share its counters unless their namespaces differ),
+    ``websocket_messages`` (rates for each message a WebSocket client sends,
+    checked on the handshake's key; default None: only the handshake is
+    limited), ``websocket_over_limit`` (``"close"``, the default: close the
+    connection with 1008; ``"drop"``: drop the message), ``metrics`` (a
+    :class:`rategate.metrics.PrometheusMetrics`, or None).
+
+    Every decision is counted per rule in ``limiter.stats()["rules"]`` (and
+    in ``metrics``), labelled ``"<namespace>:<rule name>"`` (or the name
+    alone without a namespace); a rule's WebSocket messages under the label
+    with `` (messages)`` after it.
     """
 
     def __init__(
@@ -320,6 +453,9 @@ class RateLimitMiddleware:
         shadow: bool = False,
         websocket: bool = True,
         namespace: str | None = None,
+        websocket_messages: RateSpec | None = None,
+        websocket_over_limit: str = "close",
+        metrics: Any = None,
     ) -> None:
         self.app = app
         from .limiter import as_limiter
@@ -335,6 +471,18 @@ class RateLimitMiddleware:
         if namespace is not None and (not isinstance(namespace, str) or not namespace):
             raise ValueError(f"namespace must be a non-empty str (or None), got {namespace!r}")
         self.namespace = namespace
+        self.ws_limits = _check_ws_messages(websocket_messages, "RateLimitMiddleware", False)
+        self.ws_action = _check_ws_action(websocket_over_limit, "RateLimitMiddleware") or "close"
+        if self.ws_limits is not None and not websocket:
+            raise ValueError(
+                "RateLimitMiddleware: websocket_messages limits the messages of WebSockets, but "
+                "websocket=False leaves them alone; drop one of the two"
+            )
+        self.metrics = _check_metrics(metrics, "RateLimitMiddleware")
+        # A Decision returned by submit() at once, denied and without error,
+        # came from the core's local over-limit cache, except on memory://
+        # (which answers every check at once).
+        self._sync_cached = getattr(limiter, "kind", "memory") != "memory"
         self.key = _check_key(key, "RateLimitMiddleware") or client_ip()
         self.cost = _check_cost(cost, "RateLimitMiddleware")
 
@@ -384,6 +532,9 @@ class RateLimitMiddleware:
             self._submit = limiter.hit
         self._Decision = _decision_type()
 
+        if self.metrics is not None:
+            self.metrics.watch(limiter)
+
         # Failure incidents: logged when one starts and when it ends.
         self._failures = FailureLog()
         self._shadow_log = ShadowLog()
@@ -392,29 +543,55 @@ class RateLimitMiddleware:
         if r.limits is None:
             return
         where = f"rule {r.name!r}"
-        try:
-            if hasattr(self.limiter, "compile"):
-                r.spec = self.limiter.compile(r.limits)
-                r.rates = tuple(r.spec.rates)
-            else:
-                from .rates import parse_rates
-
-                r.rates = parse_rates(r.limits)
-                r.spec = r.rates
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
-        r.headers = make_headers(self.header_style, r.rates, r.name)
+        label = r.name if self.namespace is None else f"{self.namespace}:{r.name}"
+        r.counts = self._counts(label)
+        if callable(r.limits):
+            r.spec = _DYNAMIC
+            r.dynamic = DynamicLimits(r.limits, lambda v: self._resolved(r, v), where)
+        else:
+            try:
+                r.spec, r.rates = compile_limits(self.limiter, r.limits)
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
+            r.headers = make_headers(self.header_style, r.rates, r.name)
         name = r.name.translate(_NAME_ESCAPES)
         if self.namespace is not None:
             name = self.namespace.translate(_NAMESPACE_ESCAPES) + ":" + name
-        r.sprefix = name + "|"
-        r.shprefix = name + "#"
-        r.bprefix = r.sprefix.encode("utf-8", "surrogatepass")
-        r.bhprefix = r.shprefix.encode("utf-8", "surrogatepass")
+        r.set_prefixes(name)
         if r.key is None:
             r.key = self.key
         if r.cost is None:
             r.cost = self.cost
+        ws = self.ws_limits if r.ws_limits is None else r.ws_limits
+        if ws:
+            # The messages' own rule: the handshake's key function, its own
+            # rates, counters and Redis keys, no headers (no response).
+            m = r.ws_rule = copy.copy(r)
+            m.dynamic = m.ws_rule = None
+            m.headers = None
+            m.name = f"{r.name} (messages)"
+            m.counts = self._counts(f"{label} (messages)")
+            m.ws_action = r.ws_action or self.ws_action
+            try:
+                m.spec, m.rates = compile_limits(self.limiter, ws)
+            except ValueError as e:
+                raise ValueError(f"{where}: websocket_messages: {e}") from None
+            m.set_prefixes(_WS_MESSAGES_PREFIX + name)
+
+    def _counts(self, label: str) -> RuleCounts:
+        c = counts_for(self.limiter, label)
+        if self.metrics is not None:
+            self.metrics.attach(c)
+        return c
+
+    def _resolved(self, r: Rule, limits: Any) -> Rule:
+        """Rule ``r`` (whose limits are a callable) with the rates it returned:
+        a copy, compiled once per distinct value by r.dynamic's cache."""
+        out = copy.copy(r)
+        out.dynamic = None
+        out.spec, out.rates = compile_limits(self.limiter, limits)
+        out.headers = make_headers(self.header_style, out.rates, r.name)
+        return out
 
     def __repr__(self) -> str:
         return (
@@ -497,7 +674,8 @@ class RateLimitMiddleware:
         rule, k, d = c
         if type(d) is not self._Decision:
             d = await d
-        return rule, d, self._settle(rule, k, d)
+            return rule, d, self._settle(rule, k, d, False)
+        return rule, d, self._settle(rule, k, d, self._sync_cached)
 
     def _check(self, scope: Scope, method: str) -> tuple[Rule, str | bytes, Any] | None:
         """Route, key and submit one request (HTTP or WebSocket handshake).
@@ -509,6 +687,10 @@ class RateLimitMiddleware:
         rule = self.rule_for(scope["path"], method)
         if rule is None:
             return None
+        if rule.dynamic is not None:  # limits from a callable: this request's rule
+            rule = rule.dynamic(scope)
+            if rule is None:
+                return None
         k = rule.key(scope)
         if k is None:
             return None
@@ -520,9 +702,12 @@ class RateLimitMiddleware:
             cost = cost(scope)
         return rule, k, self._submit(k, rule.spec, cost)
 
-    def _settle(self, rule: Rule, k: str | bytes, d: Any) -> Any:
+    def _settle(self, rule: Rule, k: str | bytes, d: Any, cached: bool = False) -> Any:
         """Log and count a decision: _DENY, or let it through with these
-        headers (None: no headers to add)."""
+        headers (None: no headers to add).  ``cached``: ``d`` was answered
+        at once by a store with a local over-limit cache (see RuleCounts)."""
+        assert rule.counts is not None
+        rule.counts.note(d, cached, self.shadow)
         err = d.error
         if err is not None or self._failures.active:
             self._failures.note(d)
@@ -545,6 +730,8 @@ class RateLimitMiddleware:
             return
         rule, d, hdrs = r
         if hdrs is not _DENY:
+            if rule.ws_rule is not None:
+                receive, send = self._limit_messages(rule.ws_rule, scope, receive, send)
             await self.app(scope, receive, send if hdrs is None else _adding(hdrs, send, _WS_START))
             return
         # Denied.  Wait for the handshake request (websocket.connect), then
@@ -559,6 +746,54 @@ class RateLimitMiddleware:
             await send({"type": "websocket.http.response.body", "body": DENIED_BODY})
         else:
             await send({"type": "websocket.close", "code": 1008, "reason": "Too Many Requests"})
+
+    def _limit_messages(self, m: Rule, scope: Scope, receive: Receive, send: Send) -> tuple[Receive, Send]:
+        """``receive`` and ``send`` for an accepted WebSocket whose messages
+        rule ``m`` limits.
+
+        Each ``websocket.receive`` is checked on the handshake's client key
+        (cost 1).  Over the limit: "drop" skips the message (the app never
+        sees it); "close" closes the connection with 1008 and hands the app a
+        ``websocket.disconnect``, and from then on the app's sends are
+        dropped (the connection is gone; a close the app sends after ours
+        would be an ASGI error).  A key known over its limit is answered by
+        the core's local cache: the check then adds no suspension.
+        """
+        k = m.key(scope)
+        if k is None:  # pragma: no cover - the handshake had a key; a key function that changes its mind
+            return receive, send
+        mk = prefixed_key(k, m.sprefix, m.bprefix, m.shprefix, m.bhprefix, m)
+        submit, spec, decision, cached = self._submit, m.spec, self._Decision, self._sync_cached
+        drop = m.ws_action == "drop"
+        closed = False
+
+        async def receive_limited() -> Message:
+            nonlocal closed
+            while True:
+                message = await receive()
+                if message["type"] != "websocket.receive" or closed:
+                    return message
+                d = submit(mk, spec, 1)
+                if type(d) is decision:  # answered at once: no suspension
+                    verdict = self._settle(m, mk, d, cached)
+                else:
+                    verdict = self._settle(m, mk, await d, False)
+                if verdict is not _DENY:
+                    return message
+                if drop:
+                    continue
+                closed = True
+                try:
+                    await send({"type": "websocket.close", "code": 1008, "reason": "Too Many Messages"})
+                except Exception:  # the client is gone already: the disconnect says it all
+                    pass
+                return {"type": "websocket.disconnect", "code": 1008, "reason": "Too Many Messages"}
+
+        async def send_unless_closed(message: Message) -> None:
+            if not closed:
+                await send(message)
+
+        return receive_limited, send_unless_closed
 
 
 class FailureLog:
@@ -647,6 +882,24 @@ def prefixed_key(k: Any, sp: str, bp: bytes, shp: str, bhp: bytes, owner: Any) -
     if t is str:
         return sp + k if len(k) <= MAX_KEY_LENGTH else shp + key_digest(k)
     return bp + k if len(k) <= MAX_KEY_LENGTH else bhp + key_digest(k).encode()
+
+
+def compile_limits(limiter: Any, limits: Any) -> tuple[Any, tuple[Any, ...]]:
+    """(spec, rates) of ``limits`` for ``limiter``: its compiled Spec, or
+    the parsed rates for a limiter with only hit().  ValueError when bad."""
+    if hasattr(limiter, "compile") and hasattr(limiter, "submit"):
+        spec = limiter.compile(limits)
+        return spec, tuple(spec.rates)
+    from .rates import parse_rates
+
+    rates = parse_rates(limits)
+    return rates, rates
+
+
+def _check_metrics(metrics: Any, who: str) -> Any:
+    if metrics is not None and not (hasattr(metrics, "attach") and hasattr(metrics, "watch")):
+        raise TypeError(f"{who}: metrics must be a rategate.metrics.PrometheusMetrics (or None), got {metrics!r}")
+    return metrics
 
 
 def _denied_headers(rule: Rule, d: Any) -> list[tuple[bytes, bytes]]:

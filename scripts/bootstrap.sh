@@ -40,7 +40,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
     .venv/bin/python -m pip install -q \
         "pytest>=8" "pytest-asyncio>=1.0" "httpx>=0.27" "fastapi>=0.100" "starlette>=0.37" \
-        "uvicorn>=0.29" "redis>=5" "mypy>=1.8"
+        "uvicorn>=0.29" "redis>=5" "mypy>=1.8" "websockets>=12" "prometheus_client>=0.17"
     if [ "$MODE" = bench ]; then
         .venv/bin/python -m pip install -q -r bench/requirements.txt
     fi
