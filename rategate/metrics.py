@@ -7,7 +7,7 @@
     metrics = PrometheusMetrics()            # once per process, at import time
     app.add_middleware(rategate.RateLimitMiddleware, limiter=limiter, limits="100/minute",
                        exempt=["/metrics"], metrics=metrics)
-    app.mount("/metrics", metrics.asgi_app())
+    app.add_route("/metrics", metrics.asgi_app())
 
 Exposed (``namespace`` ``"rategate"`` by default):
 
@@ -67,7 +67,7 @@ from .counts import OUTCOMES, RuleCounts
 if TYPE_CHECKING:  # pragma: no cover
     from starlette.types import Receive, Scope, Send
 
-__all__ = ["PrometheusMetrics"]
+__all__ = ["Exposition", "PrometheusMetrics"]
 
 # Seconds; a check is typically 50 us to a few ms, the deadline 50 ms.
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
@@ -190,21 +190,30 @@ class PrometheusMetrics:
             return generate_latest(registry), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
-    def asgi_app(self) -> Any:
-        """An ASGI app answering every GET with the exposition (mount it at ``/metrics``)."""
+    def asgi_app(self) -> "Exposition":
+        """An ASGI app answering GET with the exposition: ``app.add_route("/metrics",
+        metrics.asgi_app())`` (or ``app.mount("/metrics", ...)``, scraped at ``/metrics/``)."""
+        return Exposition(self)
 
-        async def app(scope: Scope, receive: Receive, send: Send) -> None:
-            if scope["type"] != "http":
-                return
-            if scope["method"] not in ("GET", "HEAD"):
-                await send({"type": "http.response.start", "status": 405,
-                            "headers": [(b"allow", b"GET, HEAD"), (b"content-length", b"0")]})
-                await send({"type": "http.response.body", "body": b""})
-                return
-            body, ctype = self.render()
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": [(b"content-type", ctype.encode()),
-                                    (b"content-length", str(len(body)).encode())]})
-            await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
 
-        return app
+class Exposition:
+    """The ASGI app of :meth:`PrometheusMetrics.asgi_app` (an object, not a
+    function, so that Starlette's ``Route``/``add_route`` treat it as ASGI)."""
+
+    __slots__ = ("metrics",)
+
+    def __init__(self, metrics: PrometheusMetrics) -> None:
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        if scope["method"] not in ("GET", "HEAD"):
+            await send({"type": "http.response.start", "status": 405,
+                        "headers": [(b"allow", b"GET, HEAD"), (b"content-length", b"0")]})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        body, ctype = self.metrics.render()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", ctype.encode()), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
