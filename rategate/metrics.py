@@ -156,7 +156,8 @@ class PrometheusMetrics:
             try:
                 self._limiters[limiter] = int(limiter.stats().get("reconnects", 0))
             except TypeError:  # pragma: no cover - not weak-referenceable: not watched
-                pass
+                return
+            self.refresh()  # this process's gauges exist from now on, with true values
 
     def refresh(self) -> None:
         """Read the watched limiters' stats() into the gauges and the reconnect counter."""
@@ -168,7 +169,9 @@ class PrometheusMetrics:
             except Exception:  # a closed or broken limiter reports nothing
                 continue
             in_flight += int(s.get("in_flight", 0))
-            if not s.get("connected", True):
+            # An engine starts on its first check: one that has checked
+            # nothing yet (an idle worker) says nothing about Redis.
+            if not s.get("connected", True) and s.get("checks", 1):
                 up = 0
             n = int(s.get("reconnects", 0))
             if n > seen:

@@ -242,7 +242,10 @@ class DynamicLimits:
         cache = self.cache
         if key is not None:
             if len(cache) >= _DYNAMIC_MAX:
-                del cache[next(iter(cache))]
+                try:
+                    del cache[next(iter(cache))]
+                except (StopIteration, KeyError):  # a request in another thread evicted it first
+                    pass
             cache[key] = out
         return out
 

@@ -76,6 +76,9 @@ async def test_failures_reconnects_and_redis_up(own_redis: Any, make_limiter: An
     m = PrometheusMetrics(registry=reg)
     lim = make_limiter(own_redis.url, timeout=0.2)
     mw = RateLimitMiddleware(ok_app, limiter=lim, limits="100/minute", metrics=m)
+    # Set when the middleware is built: an engine that has checked nothing
+    # yet (not started, not connected) does not report Redis down.
+    assert reg.get_sample_value("rategate_redis_up") == 1
     async with client(mw) as c:
         assert (await c.get("/")).status_code == 200
         m.refresh()
