@@ -31,9 +31,9 @@ from typing import Any
 
 from fastapi import HTTPException, Request, Response
 
+from .counts import counts_for
 from .headers import make_headers, retry_after_header
 from .keys import client_ip
-from .counts import counts_for
 from .middleware import (
     _NAME_ESCAPES,
     DynamicLimits,
@@ -119,7 +119,7 @@ class RateLimit:
         if self.metrics is not None:
             self.metrics.watch(limiter)
         self._Decision = _decision_type()
-        # (method, template) -> (str prefix, bytes prefix, str hashed prefix, bytes hashed prefix, headers)
+        # (method, template) -> the counter's prefixes, headers, limits and counts (see _make_prefixes)
         self._prefixes: dict[tuple[str, str], tuple[Any, ...]] = {}
         self._fixed: tuple[Any, ...] | None = None
         if name is not None:

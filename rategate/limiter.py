@@ -23,6 +23,8 @@ from .rates import Rate, RateLike, parse_rates
 __all__ = ["Limiter", "Decision", "as_limiter", "parse_storage_url"]
 
 FAILURE_MODES = ("closed", "open")
+# Rule labels counted apart per limiter (stats()["rules"], metrics' "rule" label).
+MAX_RULE_LABELS = 4096
 _live: "weakref.WeakSet[Limiter]" = weakref.WeakSet()
 
 
@@ -238,7 +240,14 @@ class Limiter:
         middleware and dependency that uses this limiter with that label."""
         c = self._rule_counts.get(name)
         if c is None:
-            c = self._rule_counts[name] = RuleCounts(name)
+            # Labels are rule names and route templates, but a dependency
+            # on a route that has no template falls back to the raw path:
+            # past a bound, every new label is counted as one, "(other)".
+            if len(self._rule_counts) >= MAX_RULE_LABELS:
+                name = "(other)"
+                c = self._rule_counts.get(name)
+            if c is None:
+                c = self._rule_counts[name] = RuleCounts(name)
         return c
 
     async def aclose(self) -> None:

@@ -173,3 +173,18 @@ def test_missing_prometheus_client_names_the_extra() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert "pip install 'rategate[prometheus]'" in out.stdout
+
+
+def test_rule_labels_are_bounded() -> None:
+    from rategate.limiter import MAX_RULE_LABELS
+
+    lim = rategate.Limiter("memory://")
+    try:
+        for i in range(MAX_RULE_LABELS + 10):
+            lim.rule_counts(f"/raw/{i}")
+        assert len(lim.stats()["rules"]) == MAX_RULE_LABELS + 1
+        assert lim.rule_counts("/raw/new") is lim.rule_counts("/raw/other")
+        assert lim.rule_counts("/raw/new").name == "(other)"
+        assert lim.rule_counts("/raw/1").name == "/raw/1"
+    finally:
+        lim.close()
