@@ -64,6 +64,8 @@ class Rate:
         if isinstance(burst, bool) or not isinstance(burst, int) or not 1 <= burst <= _MAX_LIMIT:
             raise ValueError(f"Rate burst must be an int between 1 and {_MAX_LIMIT}, got {self.burst!r}")
         object.__setattr__(self, "burst", burst)
+        if self.period * 1e6 / self.limit < 1.0:  # the C core's T >= 1 us, same arithmetic
+            raise ValueError(f"Rate {self.limit}/{self.period:g}s is too fast: at most 1,000,000 per second")
         if burst * self.period / self.limit > _MAX_REFILL:
             raise ValueError(
                 f"Rate {self.limit}/{self.period:g}s with burst {burst} takes more than 10 years to refill "
