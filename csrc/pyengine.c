@@ -217,18 +217,21 @@ port_drain(PortObject *self, PyObject *unused)
  * The C port is moved out of the object before any call into Python
  * (is_closed, remove_reader, set_result): another thread may come here for
  * the same port meanwhile (close(), a new loop's first submit), and must find
- * nothing left to close.
+ * nothing left to close.  A cleanup: an exception in flight when it is
+ * called (the caller's error path, a dealloc) is kept, and none is raised.
  */
 static void
 port_shutdown(PortObject *self, int resolve)
 {
     rg_port *cp = self->port;
     int registered = self->registered;
+    PyObject *et, *ev, *tb;
     rg_check *c;
     uint32_t i;
 
     if (cp == NULL)
         return;
+    PyErr_Fetch(&et, &ev, &tb);
     self->port = NULL;
     self->registered = 0;
     if (self->fork_gen == rg_fork_generation) {
@@ -268,6 +271,7 @@ port_shutdown(PortObject *self, int resolve)
         PyObject *f = port_unpark(self, i);
         Py_XDECREF(f);
     }
+    PyErr_Restore(et, ev, tb);
 }
 /* Shut down from the port's own loop (scheduled by close() from elsewhere). */
 static PyObject *
@@ -346,14 +350,10 @@ port_clear(PortObject *self)
 static void
 port_finalize(PortObject *self)
 {
-    PyObject *et, *ev, *tb;
-
-    if (self->port == NULL || self->engine == NULL || self->loop == NULL)
-        return;
-    /* Keep any exception in flight where the last reference was dropped. */
-    PyErr_Fetch(&et, &ev, &tb);
-    port_shutdown(self, 0);
-    PyErr_Restore(et, ev, tb);
+    /* port_shutdown keeps any exception in flight where the last reference
+     * was dropped. */
+    if (self->port != NULL && self->engine != NULL && self->loop != NULL)
+        port_shutdown(self, 0);
 }
 
 static void

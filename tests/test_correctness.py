@@ -25,16 +25,24 @@ INF_LIKE = [float("inf"), float("-inf"), float("nan"), 1e11, 2e10, -1.0, 0.0]
 
 # -- #1 submit() racing close(): Python code in submit() may run close() ---------------
 class ClosingLoop(asyncio.SelectorEventLoop):
-    """A loop whose create_future runs close() on a limiter: what another
-    thread can do while submit() is inside create_future (the GIL switches)."""
+    """A loop whose create_future (or add_reader) runs close() on a limiter:
+    what another thread can do while submit() is inside that call (the GIL
+    switches there)."""
 
     victim: Any = None
+    reader_victim: Any = None
 
     def create_future(self) -> asyncio.Future[Any]:
         if self.victim is not None:
             victim, self.victim = self.victim, None
             victim.close()
         return super().create_future()
+
+    def add_reader(self, fd: Any, callback: Any, *args: Any) -> None:
+        if self.reader_victim is not None:
+            victim, self.reader_victim = self.reader_victim, None
+            victim.close()
+        super().add_reader(fd, callback, *args)
 
 
 def test_close_inside_create_future_is_seen_by_submit(redis_url: str) -> None:
@@ -55,6 +63,23 @@ def test_close_inside_create_future_is_seen_by_submit(redis_url: str) -> None:
         loop.close()
         lim.close()
     assert _core._live()["checks"] == 0
+
+
+def test_close_inside_the_first_submit_of_a_loop(redis_url: str) -> None:
+    # close() while a new loop's port registers its eventfd: found by the
+    # stress test under valgrind (SystemError: the cleanup of the new port
+    # cleared the "closed" RuntimeError).
+    lim = rategate.Limiter(redis_url)
+    loop = ClosingLoop()
+    loop.reader_victim = lim
+    try:
+        with pytest.raises(RuntimeError, match="closed"):
+            loop.run_until_complete(lim.hit("k", "10/second"))
+    finally:
+        loop.close()
+        lim.close()
+    gc.collect()
+    assert _core._live() == {"checks": 0, "ports": 0}
 
 
 # -- #3 timeouts that do not fit: ValueError in Python and in C --------------------------
@@ -198,8 +223,11 @@ async def test_reset_of_a_down_redis_says_false(own_redis: RedisServer) -> None:
 async def test_stats_after_and_during_close(redis_url: str) -> None:
     lim = rategate.Limiter(redis_url, threads=4)
     await lim.hit("s", "1/second")
-    st = lim.stats()
-    assert st["connected"] is True
+    for _ in range(200):  # every shard connects on its own
+        if lim.stats()["connected"]:
+            break
+        await asyncio.sleep(0.01)
+    assert lim.stats()["connected"] is True
     await asyncio.gather(asyncio.to_thread(lim.close), *(asyncio.to_thread(lim.stats) for _ in range(20)))
     st = lim.stats()
     assert st["connected"] is False and st["deny_cache_bytes"] == 0
