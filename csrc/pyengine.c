@@ -558,12 +558,16 @@ error:
 static void
 engine_after_fork(EngineObject *self)
 {
-    PyObject *loop, *port;
-    Py_ssize_t pos = 0;
+    PyObject *ports = PyDict_Values(self->ports); /* a snapshot: dropping futures runs code */
+    Py_ssize_t i;
 
     rg_engine_abandon(&self->eng);
-    while (PyDict_Next(self->ports, &pos, &loop, &port))
-        port_shutdown((PortObject *)port, 0); /* fork_gen differs: no touching */
+    if (ports != NULL) {
+        for (i = 0; i < PyList_GET_SIZE(ports); i++) /* fork_gen differs: no touching */
+            port_shutdown((PortObject *)PyList_GET_ITEM(ports, i), 0);
+        Py_DECREF(ports);
+    }
+    PyErr_Clear(); /* out of memory for the snapshot: the ports are dropped below */
     PyDict_Clear(self->ports);
     Py_CLEAR(self->last_loop);
     Py_CLEAR(self->last_port);
