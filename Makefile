@@ -5,7 +5,7 @@ CFLAGS_CI = -Wall -Wextra -Werror
 
 BENCH_ARGS ?=
 
-.PHONY: bootstrap bootstrap-bench build test test-asan test-valgrind bench bench-quick clean
+.PHONY: bootstrap bootstrap-bench build test test-asan test-tsan test-valgrind bench bench-quick clean
 
 bootstrap:
 	bash scripts/bootstrap.sh test
@@ -24,6 +24,10 @@ test: bootstrap
 # The test suite against an ASan + UBSan build of the extension.
 test-asan: bootstrap
 	bash scripts/asan.sh
+
+# The race tests on a ThreadSanitizer build (scripts/tsan.sh).
+test-tsan: bootstrap
+	bash scripts/tsan.sh
 
 # memcheck over the stress, correctness and limiter tests (slow: minutes);
 # fails on any error context with a frame in rategate._core.
