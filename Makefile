@@ -23,11 +23,11 @@ test: bootstrap
 
 # The test suite against an ASan + UBSan build of the extension.
 test-asan: bootstrap
-	bash scripts/asan.sh
+	bash scripts/sanitize.sh asan
 
-# The race tests on a ThreadSanitizer build (scripts/tsan.sh).
+# The race tests on a ThreadSanitizer build (scripts/sanitize.sh tsan).
 test-tsan: bootstrap
-	bash scripts/tsan.sh
+	bash scripts/sanitize.sh tsan
 
 # memcheck over the stress, correctness and limiter tests (slow: minutes);
 # fails on any error context with a frame in rategate._core.
