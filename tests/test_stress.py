@@ -142,11 +142,18 @@ def run_round(url: str, r: int) -> Tally:
 
 def test_threads_loops_and_close_race(redis_url: str) -> None:
     total = Tally()
-    for r in range(ROUNDS):
-        t = run_round(redis_url, r)
-        assert t.bad == [], t.bad[:5]
-        assert t.submitted == t.answered + t.refused  # each exactly once
-        total.add(t.submitted, t.answered, t.refused, [])
+    # Switch threads every few microseconds: far more interleavings of
+    # submit(), close() and stats() per round than the default 5 ms.
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        for r in range(ROUNDS):
+            t = run_round(redis_url, r)
+            assert t.bad == [], t.bad[:5]
+            assert t.submitted == t.answered + t.refused  # each exactly once
+            total.add(t.submitted, t.answered, t.refused, [])
+    finally:
+        sys.setswitchinterval(interval)
     assert total.answered > 0 and total.refused > 0  # both sides of the race were hit
     deadline = time.monotonic() + 10
     while True:
