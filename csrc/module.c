@@ -150,7 +150,7 @@ static PyMemberDef decision_members[] = {
     {"limit", T_LONGLONG, offsetof(DecisionObject, limit), READONLY, "bucket size of the reported rate"},
     {"remaining", T_LONGLONG, offsetof(DecisionObject, remaining), READONLY, "tokens left after this check"},
     {"reset_after", T_DOUBLE, offsetof(DecisionObject, reset_after), READONLY, "seconds until the bucket is full"},
-    {"retry_after", T_DOUBLE, offsetof(DecisionObject, retry_after), READONLY, "seconds until this cost would be allowed; 0 if allowed"},
+    {"retry_after", T_DOUBLE, offsetof(DecisionObject, retry_after), READONLY, "seconds until this cost would be allowed; 0 if allowed; inf if never (cost above a bucket)"},
     {"error", T_OBJECT, offsetof(DecisionObject, error), READONLY, "None, or why the failure mode decided"},
     {"rate", T_INT, offsetof(DecisionObject, rate), READONLY, "index of the reported rate"},
     {NULL, 0, 0, 0, NULL},
