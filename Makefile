@@ -5,7 +5,7 @@ CFLAGS_CI = -Wall -Wextra -Werror
 
 BENCH_ARGS ?=
 
-.PHONY: bootstrap bootstrap-bench build test test-asan bench bench-quick clean
+.PHONY: bootstrap bootstrap-bench build test test-asan test-tsan test-valgrind bench bench-quick clean
 
 bootstrap:
 	bash scripts/bootstrap.sh test
@@ -23,7 +23,16 @@ test: bootstrap
 
 # The test suite against an ASan + UBSan build of the extension.
 test-asan: bootstrap
-	bash scripts/asan.sh
+	bash scripts/sanitize.sh asan
+
+# The race tests on a ThreadSanitizer build (scripts/sanitize.sh tsan).
+test-tsan: bootstrap
+	bash scripts/sanitize.sh tsan
+
+# memcheck over the stress, correctness and limiter tests (slow: minutes);
+# fails on any error context with a frame in rategate._core.
+test-valgrind: bootstrap
+	bash scripts/valgrind.sh
 
 # The main job: starts its own redis-server, prints the table, writes
 # bench/results/latest.{json,md,png}.  BENCH_ARGS="--cases health,rategate" etc.

@@ -23,6 +23,14 @@
 #define RG_MAX_COST 9007199254740992LL
 #define RG_MAX_US 9e15
 
+/* A bucket refills within 10 years at most (tau = burst * period / limit):
+ * a TAT of now + tau then stays an exact double for centuries, and Redis's
+ * PX TTL (tau in ms) far inside int64.  rates.py bounds Rate the same way. */
+#define RG_MAX_TAU_US (10.0 * 365 * 86400 * 1e6)
+#define RG_MAX_LIMIT 1e9          /* limit and burst, tokens */
+#define RG_MIN_PERIOD_S 0.001
+#define RG_MAX_PERIOD_S (366.0 * 86400)
+
 /* Slack absorbs the rounding of repeated additions of a fractional T, so a
  * bucket of N tokens admits exactly N back-to-back hits: 1 us, or T/2 when T
  * is under 2 us (T >= 1 us is enforced), so it is never a whole token. */

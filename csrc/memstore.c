@@ -80,6 +80,24 @@ rebuild(rg_memstore *m, double now)
     return 0;
 }
 
+/* The key of (key, rate j) as the table spells it, "key\0key_id", in buf
+ * (or a malloc'd copy when the key is long: free if != buf); NULL on out of
+ * memory.  *kl is its length. */
+static char *
+entry_key(char *buf, size_t bufsize, const rg_spec *spec, int j, const char *key,
+          size_t keylen, size_t *kl)
+{
+    char *k = buf;
+    if (keylen + 1 + sizeof(spec->key_id[j]) > bufsize &&
+        (k = malloc(keylen + 1 + sizeof(spec->key_id[j]))) == NULL)
+        return NULL;
+    memcpy(k, key, keylen);
+    k[keylen] = '\0';
+    memcpy(k + keylen + 1, spec->key_id[j], spec->key_id_len[j]);
+    *kl = keylen + 1 + spec->key_id_len[j];
+    return k;
+}
+
 int
 rg_memstore_check(rg_memstore *m, const rg_spec *spec, const char *key,
                   size_t keylen, int64_t cost, uint64_t now_ns, rg_result *out)
@@ -87,7 +105,7 @@ rg_memstore_check(rg_memstore *m, const rg_spec *spec, const char *key,
     rg_mem_entry *slots[RG_MAX_RATES];
     double tats[RG_MAX_RATES];
     char buf[512];
-    char *k = buf;
+    char *k = NULL;
     double now = (double)(now_ns - m->t0_ns) / 1000.0;
     int j, n = spec->n, rc = -1;
 
@@ -95,13 +113,11 @@ rg_memstore_check(rg_memstore *m, const rg_spec *spec, const char *key,
     if ((m->used + (size_t)n) * 2 > m->cap && rebuild(m, now) < 0)
         return -1;
 
-    if (keylen + 1 + 48 > sizeof(buf) && (k = malloc(keylen + 1 + 48)) == NULL)
-        return -1;
-    memcpy(k, key, keylen);
-    k[keylen] = '\0';
     for (j = 0; j < n; j++) {
-        size_t kl = keylen + 1 + spec->key_id_len[j];
-        memcpy(k + keylen + 1, spec->key_id[j], spec->key_id_len[j]);
+        size_t kl;
+        k = entry_key(buf, sizeof(buf), spec, j, key, keylen, &kl);
+        if (k == NULL)
+            goto done;
         uint64_t h = rg_hash(k, kl) | 1; /* never 0: 0 marks a free slot */
         rg_mem_entry *e = slot_for(m->e, m->cap, h, k, kl);
         if (e->hash == 0) {
@@ -117,6 +133,9 @@ rg_memstore_check(rg_memstore *m, const rg_spec *spec, const char *key,
         }
         slots[j] = e;
         tats[j] = e->tat;
+        if (k != buf)
+            free(k);
+        k = NULL;
     }
     if (rg_gcra_check(spec->rates, n, now, cost, tats, out) && cost > 0)
         for (j = 0; j < n; j++)
@@ -126,4 +145,36 @@ done:
     if (k != buf)
         free(k);
     return rc;
+}
+
+void
+rg_memstore_delete(rg_memstore *m, const rg_spec *spec, const char *key, size_t keylen)
+{
+    char buf[512];
+    int j;
+
+    if (m->e == NULL)
+        return;
+    for (j = 0; j < spec->n; j++) {
+        size_t kl;
+        char *k = entry_key(buf, sizeof(buf), spec, j, key, keylen, &kl);
+        rg_mem_entry *e;
+        if (k == NULL) {
+            /* No memory for a long key's copy: compare in two parts. */
+            size_t i;
+            for (i = 0; i < m->cap; i++) {
+                e = &m->e[i];
+                if (e->hash != 0 && e->keylen == keylen + 1 + spec->key_id_len[j] &&
+                    memcmp(e->key, key, keylen) == 0 && e->key[keylen] == '\0' &&
+                    memcmp(e->key + keylen + 1, spec->key_id[j], spec->key_id_len[j]) == 0)
+                    e->tat = 0;
+            }
+            continue;
+        }
+        e = slot_for(m->e, m->cap, rg_hash(k, kl) | 1, k, kl);
+        if (e->hash != 0)
+            e->tat = 0; /* a full bucket; the next rebuild drops it */
+        if (k != buf)
+            free(k);
+    }
 }

@@ -34,6 +34,10 @@ void rg_memstore_free(rg_memstore *m);
 /* Decide one check; -1 on out of memory (nothing consumed). */
 int rg_memstore_check(rg_memstore *m, const rg_spec *spec, const char *key,
                       size_t keylen, int64_t cost, uint64_t now_ns, rg_result *out);
+/* Forget the key's buckets for the spec's rates (limiter.reset()): they are
+ * full again.  Allocates nothing, cannot fail. */
+void rg_memstore_delete(rg_memstore *m, const rg_spec *spec, const char *key,
+                        size_t keylen);
 size_t rg_memstore_size(const rg_memstore *m);
 
 #endif

@@ -8,6 +8,7 @@
  */
 #include "module.h"
 
+#include <math.h>
 #include <pthread.h>
 #include <structmember.h>
 
@@ -63,15 +64,25 @@ rg_failure(rg_state *st, rg_counters *k, const rg_spec *spec, int failure_open, 
 }
 
 PyObject *
-rg_answer(rg_state *st, rg_counters *k, const rg_spec *spec, const rg_result *r)
+rg_answer(rg_state *st, rg_counters *k, const rg_spec *spec, const rg_result *r,
+          long long cost)
 {
-    if (r->allowed)
+    double retry = 0.0;
+    int j;
+
+    if (r->allowed) {
         k->allowed++;
-    else
+    } else {
         k->denied++;
+        retry = (double)r->retry_us / 1e6;
+        /* allowed needs cost * T <= tau + slack for every rate, i.e. (the
+         * slack being at most T/2) cost <= burst: past that, never. */
+        for (j = 0; j < spec->n; j++)
+            if (cost > spec->rates[j].burst)
+                retry = Py_HUGE_VAL;
+    }
     return rg_decision_new(st, r->allowed, r->rate, spec->rates[r->rate].burst,
-                           r->remaining, (double)r->reset_us / 1e6,
-                           r->allowed ? 0.0 : (double)r->retry_us / 1e6, RG_ERR_NONE);
+                           r->remaining, (double)r->reset_us / 1e6, retry, RG_ERR_NONE);
 }
 
 static PyObject *
@@ -139,7 +150,7 @@ static PyMemberDef decision_members[] = {
     {"limit", T_LONGLONG, offsetof(DecisionObject, limit), READONLY, "bucket size of the reported rate"},
     {"remaining", T_LONGLONG, offsetof(DecisionObject, remaining), READONLY, "tokens left after this check"},
     {"reset_after", T_DOUBLE, offsetof(DecisionObject, reset_after), READONLY, "seconds until the bucket is full"},
-    {"retry_after", T_DOUBLE, offsetof(DecisionObject, retry_after), READONLY, "seconds until this cost would be allowed; 0 if allowed"},
+    {"retry_after", T_DOUBLE, offsetof(DecisionObject, retry_after), READONLY, "seconds until this cost would be allowed; 0 if allowed; inf if never (cost above a bucket)"},
     {"error", T_OBJECT, offsetof(DecisionObject, error), READONLY, "None, or why the failure mode decided"},
     {"rate", T_INT, offsetof(DecisionObject, rate), READONLY, "index of the reported rate"},
     {NULL, 0, 0, 0, NULL},
@@ -163,16 +174,26 @@ static PyType_Spec decision_spec = {
 
 /* ---- Spec -------------------------------------------------------------------- */
 
-/* Read an attribute as a C number; -1 with an error set on failure. */
+/* A field of rate number i as a C number; -1 with an error set on failure.
+ * Not a Rate at all (no such attribute, not a number): TypeError. */
 static int
-attr_double(PyObject *o, const char *name, double *out)
+rate_field(PyObject *r, Py_ssize_t i, const char *name, double *out)
 {
-    PyObject *v = PyObject_GetAttrString(o, name);
-    if (v == NULL)
-        return -1;
-    *out = PyFloat_AsDouble(v);
-    Py_DECREF(v);
-    return (*out == -1.0 && PyErr_Occurred()) ? -1 : 0;
+    PyObject *v = PyObject_GetAttrString(r, name);
+    if (v != NULL) {
+        *out = PyFloat_AsDouble(v);
+        Py_DECREF(v);
+        if (!(*out == -1.0 && PyErr_Occurred()))
+            return 0;
+    }
+    if (PyErr_ExceptionMatches(PyExc_AttributeError) || PyErr_ExceptionMatches(PyExc_TypeError)) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError,
+                     "Spec takes a tuple of rategate.Rate (use Limiter.compile(\"10/second\")); "
+                     "item %zd is %.100s, with no number %s",
+                     i, Py_TYPE(r)->tp_name, name);
+    }
+    return -1;
 }
 
 static PyObject *
@@ -211,11 +232,16 @@ spec_tp_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
         const char *id;
         Py_ssize_t idlen;
 
-        if (attr_double(r, "limit", &limit) < 0 || attr_double(r, "period", &period) < 0 ||
-            attr_double(r, "burst", &burst) < 0)
+        if (rate_field(r, i, "limit", &limit) < 0 || rate_field(r, i, "period", &period) < 0 ||
+            rate_field(r, i, "burst", &burst) < 0)
             goto error;
-        if (!(limit >= 1 && period > 0 && burst >= 1)) {
-            PyErr_Format(PyExc_ValueError, "bad rate %R: limit, period and burst must be positive", r);
+        /* The same bounds as rates.Rate (NaN fails every comparison). */
+        if (!(limit >= 1 && limit <= RG_MAX_LIMIT && limit == floor(limit) && burst >= 1 &&
+              burst <= RG_MAX_LIMIT && burst == floor(burst) && period >= RG_MIN_PERIOD_S &&
+              period <= RG_MAX_PERIOD_S)) {
+            PyErr_Format(PyExc_ValueError,
+                         "bad rate %R: limit and burst must be whole numbers from 1 to 10**9, "
+                         "period from 0.001 to 31622400 seconds (366 days)", r);
             goto error;
         }
         s->rates[i].T = period * 1e6 / limit;
@@ -224,6 +250,12 @@ spec_tp_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
         if (s->rates[i].T < 1.0) {
             PyErr_Format(PyExc_ValueError,
                          "rate %R is too fast: at most 1,000,000 per second", r);
+            goto error;
+        }
+        if (s->rates[i].tau > RG_MAX_TAU_US) {
+            PyErr_Format(PyExc_ValueError,
+                         "rate %R takes more than 10 years to refill its bucket "
+                         "(burst * period / limit): use a smaller burst or a shorter period", r);
             goto error;
         }
         /* at most 24 characters each ("%.17g" of a finite double): no truncation */
@@ -337,6 +369,28 @@ rg_parse_submit(rg_state *st, PyObject *const *args, Py_ssize_t nargs, const cha
         return -1;
     }
     return 0;
+}
+
+int
+rg_parse_reset(rg_state *st, PyObject *const *args, Py_ssize_t nargs, const char **key,
+               Py_ssize_t *keylen, SpecObject **spec)
+{
+    PyObject *argv[3];
+    long long cost;
+    int rc;
+
+    if (nargs != 2) {
+        PyErr_Format(PyExc_TypeError, "reset() takes (key, spec), got %zd arguments", nargs);
+        return -1;
+    }
+    argv[0] = args[0];
+    argv[1] = args[1];
+    argv[2] = PyLong_FromLong(0);
+    if (argv[2] == NULL)
+        return -1;
+    rc = rg_parse_submit(st, argv, 3, key, keylen, spec, &cost);
+    Py_DECREF(argv[2]); /* key and spec are borrowed from args */
+    return rc;
 }
 
 PyObject *

@@ -64,15 +64,21 @@ PyObject *rg_decision_new(rg_state *st, int allowed, int rate, long long limit,
 /* The failure-mode decision for `err`, counted. */
 PyObject *rg_failure(rg_state *st, rg_counters *k, const rg_spec *spec,
                      int failure_open, int err);
-/* A store's decision, counted. */
+/* A store's decision for a check of `cost`, counted.  A denied cost larger
+ * than the bucket of one of the rates can never be allowed: its
+ * retry_after is math.inf (the middleware then sends no Retry-After). */
 PyObject *rg_answer(rg_state *st, rg_counters *k, const rg_spec *spec,
-                    const rg_result *r);
+                    const rg_result *r, long long cost);
 PyObject *rg_counters_dict(rg_state *st, const rg_counters *k);
 
 /* Arguments of submit(key, spec, cost), checked: 0 or -1 with an error. */
 int rg_parse_submit(rg_state *st, PyObject *const *args, Py_ssize_t nargs,
                     const char **key, Py_ssize_t *keylen, SpecObject **spec,
                     long long *cost);
+
+/* Arguments of reset(key, spec), checked the same way. */
+int rg_parse_reset(rg_state *st, PyObject *const *args, Py_ssize_t nargs,
+                   const char **key, Py_ssize_t *keylen, SpecObject **spec);
 
 int rg_engine_types_init(PyObject *module, rg_state *st);
 

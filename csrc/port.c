@@ -78,6 +78,10 @@ rg_port_push(rg_port *p, rg_check *head, rg_check *tail)
     if (!p->signalled) {
         p->signalled = 1;
         wake = 1;
+        /* Once unlocked, Python may take these checks, free them (dropping
+         * their references) and shut the port down, closing the eventfd:
+         * our own reference keeps the port and its fd alive for the write. */
+        rg_port_incref(p);
     }
     pthread_mutex_unlock(&p->mu);
 
@@ -87,6 +91,7 @@ rg_port_push(rg_port *p, rg_check *head, rg_check *tail)
          * pending anyway; nothing else can fail on a live eventfd. */
         ssize_t r = write(p->efd, &one, sizeof(one));
         (void)r;
+        rg_port_decref(p); /* possibly the last: closes the fd after us */
     }
 }
 

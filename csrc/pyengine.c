@@ -57,6 +57,12 @@ struct PortObject {
 
 #define NO_SLOT UINT32_MAX
 
+/* The range of timeout, connect_timeout and stall_timeout, in seconds (the
+ * same in limiter.py): a day is far inside uint64 nanoseconds added to the
+ * monotonic clock, and inside libuv's millisecond timers. */
+#define RG_MIN_SECONDS 1e-6
+#define RG_MAX_SECONDS 86400.0
+
 /* ---- Port -------------------------------------------------------------------- */
 
 static int
@@ -121,7 +127,8 @@ port_unpark(PortObject *p, uint32_t s)
     return f;
 }
 
-/* Turn a finished check into its Decision, counted, and teach the cache. */
+/* Turn a finished check into its Decision, counted, and teach the cache
+ * what Redis said about a cost of 1 (see cache.h): denied, or allowed. */
 static PyObject *
 engine_decide(EngineObject *e, const rg_check *c)
 {
@@ -134,20 +141,31 @@ engine_decide(EngineObject *e, const rg_check *c)
         rg_cache_put(&e->cache, c->hash, c->spec->id, c->key, c->keylen,
                      c->submit_ns + (uint64_t)c->res.block_us * 1000u,
                      c->submit_ns + (uint64_t)(c->res.reset_us > 0 ? c->res.reset_us : 0) * 1000u,
-                     c->res.rate);
-    } else if (c->res.allowed) {
+                     c->res.rate, rg_now_ns());
+    } else if (!c->res.allowed || c->cost >= 1 || c->res.remaining >= 1) {
+        /* A cost of 1 is allowed now (a peek that leaves no token says
+         * nothing about that, and changes nothing). */
         rg_cache_forget(&e->cache, c->hash, c->spec->id, c->key, c->keylen);
     }
-    return rg_answer(st, &e->k, c->spec, &c->res);
+    return rg_answer(st, &e->k, c->spec, &c->res, c->cost);
 }
 
-/* Resolve the future of one finished check, then free the check. */
+/* Resolve the future of one finished check, then free the check.  A hit
+ * gets its Decision; a reset gets True, or False if the store could not be
+ * reached (nothing is counted). */
 static void
 port_resolve(PortObject *p, rg_check *c)
 {
     PyObject *fut = port_unpark(p, c->slot), *dec, *r;
 
-    dec = engine_decide(p->engine, c);
+    if (c->op == RG_OP_RESET) {
+        /* A denial answered while the reset was in flight may have put the
+         * key back: forget it again. */
+        rg_cache_forget_key(&p->engine->cache, c->hash, c->key, c->keylen);
+        dec = Py_NewRef(c->err == RG_ERR_NONE ? Py_True : Py_False);
+    } else {
+        dec = engine_decide(p->engine, c);
+    }
     rg_check_free(c);
     if (fut == NULL) {
         Py_XDECREF(dec);
@@ -195,20 +213,30 @@ port_drain(PortObject *self, PyObject *unused)
  * usable); otherwise just drop it.  Checks still inside the engine are freed
  * by the loop thread when it pushes them (the port is closed).  After a fork
  * the C port belongs to the parent: leave it alone, leak it.
+ *
+ * The C port is moved out of the object before any call into Python
+ * (is_closed, remove_reader, set_result): another thread may come here for
+ * the same port meanwhile (close(), a new loop's first submit), and must find
+ * nothing left to close.  A cleanup: an exception in flight when it is
+ * called (the caller's error path, a dealloc) is kept, and none is raised.
  */
 static void
 port_shutdown(PortObject *self, int resolve)
 {
+    rg_port *cp = self->port;
+    int registered = self->registered;
+    PyObject *et, *ev, *tb;
     rg_check *c;
     uint32_t i;
 
-    if (self->port == NULL)
+    if (cp == NULL)
         return;
-    if (self->fork_gen != rg_fork_generation) {
-        self->port = NULL;
-        self->registered = 0;
-    } else {
-        if (self->registered) {
+    PyErr_Fetch(&et, &ev, &tb);
+    self->port = NULL;
+    self->registered = 0;
+    if (self->fork_gen == rg_fork_generation) {
+        c = rg_port_close(cp); /* from here, the loop threads free what they push */
+        if (registered) {
             PyObject *r;
             int closed = 1;
             r = PyObject_CallMethodNoArgs(self->loop, self->engine->st->s_is_closed);
@@ -217,16 +245,14 @@ port_shutdown(PortObject *self, int resolve)
                 Py_DECREF(r);
             }
             if (closed == 0) {
-                PyObject *fd = PyLong_FromLong(self->port->efd);
+                PyObject *fd = PyLong_FromLong(cp->efd); /* open: we hold cp */
                 r = fd ? PyObject_CallMethodOneArg(self->loop, self->engine->st->s_remove_reader, fd)
                        : NULL;
                 Py_XDECREF(fd);
                 Py_XDECREF(r);
             }
             PyErr_Clear();
-            self->registered = 0;
         }
-        c = rg_port_close(self->port);
         while (c != NULL) {
             rg_check *next = c->next;
             if (resolve) {
@@ -238,14 +264,15 @@ port_shutdown(PortObject *self, int resolve)
             }
             c = next;
         }
-        rg_port_decref(self->port);
-        self->port = NULL;
+        rg_port_decref(cp);
     }
-    for (i = 0; i < self->cap; i++)
-        Py_CLEAR(self->futs[i]);
-    self->used = 0;
+    /* One at a time through the free list: dropping a future may run code. */
+    for (i = 0; i < self->cap; i++) {
+        PyObject *f = port_unpark(self, i);
+        Py_XDECREF(f);
+    }
+    PyErr_Restore(et, ev, tb);
 }
-
 /* Shut down from the port's own loop (scheduled by close() from elsewhere). */
 static PyObject *
 port_close_in_loop(PortObject *self, PyObject *unused)
@@ -317,21 +344,31 @@ port_clear(PortObject *self)
     return 0;
 }
 
+/* The last reference is gone (or the GC found a cycle): unregister from the
+ * loop while both are still whole.  tp_finalize, not tp_dealloc, because it
+ * calls the loop (remove_reader): Python code, that may resurrect us. */
+static void
+port_finalize(PortObject *self)
+{
+    /* port_shutdown keeps any exception in flight where the last reference
+     * was dropped. */
+    if (self->port != NULL && self->engine != NULL && self->loop != NULL)
+        port_shutdown(self, 0);
+}
+
 static void
 port_dealloc(PortObject *self)
 {
     PyTypeObject *tp = Py_TYPE(self);
+
+    if (PyObject_CallFinalizerFromDealloc((PyObject *)self) < 0)
+        return; /* resurrected */
     PyObject_GC_UnTrack(self);
     if (self->port != NULL) {
-        if (self->engine != NULL && self->loop != NULL) {
-            /* port_shutdown calls the loop (remove_reader): keep any
-             * exception in flight where the last reference was dropped. */
-            PyObject *et, *ev, *tb;
-            PyErr_Fetch(&et, &ev, &tb);
-            port_shutdown(self, 0);
-            PyErr_Restore(et, ev, tb);
-        } else if (self->fork_gen == rg_fork_generation) {
-            /* cleared by the GC first: cannot reach the loop; just let go */
+        /* Cleared by the GC before finalizing could reach the loop: let go
+         * of the C port without it (the loop's reader holds a bound method
+         * of ours, so a loop still watching the fd cannot get here). */
+        if (self->fork_gen == rg_fork_generation) {
             rg_check *c = rg_port_close(self->port);
             while (c != NULL) {
                 rg_check *next = c->next;
@@ -348,7 +385,6 @@ port_dealloc(PortObject *self)
     tp->tp_free((PyObject *)self);
     Py_DECREF(tp);
 }
-
 static PyMethodDef port_methods[] = {
     {"_drain", (PyCFunction)port_drain, METH_NOARGS, "Resolve every finished check."},
     {"_close_in_loop", (PyCFunction)port_close_in_loop, METH_NOARGS, NULL},
@@ -357,6 +393,7 @@ static PyMethodDef port_methods[] = {
 
 static PyType_Slot port_slots[] = {
     {Py_tp_dealloc, port_dealloc},
+    {Py_tp_finalize, port_finalize},
     {Py_tp_traverse, port_traverse},
     {Py_tp_clear, port_clear},
     {Py_tp_methods, port_methods},
@@ -405,37 +442,64 @@ dup_arg(PyObject *o, size_t *len, const char *what)
     return out;
 }
 
+/* A duration option: a finite number of seconds within [lo, hi], so that
+ * it fits uint64 nanoseconds and a libuv timer with room to add it to the
+ * clock.  0, or -1 with a ValueError naming the option and its range. */
+static int
+check_seconds(const char *name, double v, double lo, double hi)
+{
+    PyObject *got;
+
+    if (v >= lo && v <= hi) /* false for NaN */
+        return 0;
+    got = PyFloat_FromDouble(v);
+    if (got != NULL) {
+        PyErr_Format(PyExc_ValueError, "%s must be a number of seconds from %g to %g, got %R",
+                     name, lo, hi, got);
+        Py_DECREF(got);
+    }
+    return -1;
+}
+
 static PyObject *
 engine_tp_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"host", "port", "path", "username", "password", "db",
                              "timeout", "failure_open", "threads", "max_pending",
-                             "cache_size", "connect_timeout", "stall_timeout", "spin", NULL};
+                             "cache_size", "connect_timeout", "stall_timeout", "spin",
+                             "deny_cache_ttl", NULL};
     PyObject *host, *path, *user, *pass;
     int port, db, failure_open, threads;
     long max_pending;
     Py_ssize_t cache_size;
-    double timeout, connect_timeout, stall_timeout, spin = 0.0;
+    double timeout, connect_timeout, stall_timeout, spin = 0.0, ttl = 1.0;
     rg_state *st = rg_state_of_type(tp);
     EngineObject *self;
 
     if (st == NULL)
         return NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OiOOOidpilndd|d:Engine", kwlist, &host, &port,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OiOOOidpilndd|dd:Engine", kwlist, &host, &port,
                                      &path, &user, &pass, &db, &timeout, &failure_open,
                                      &threads, &max_pending, &cache_size, &connect_timeout,
-                                     &stall_timeout, &spin))
-        return NULL;
-    if (!(timeout > 0 && connect_timeout > 0 && stall_timeout > 0)) {
-        PyErr_SetString(PyExc_ValueError, "timeouts must be > 0 seconds");
+                                     &stall_timeout, &spin, &ttl)) {
+        if (PyErr_ExceptionMatches(PyExc_OverflowError)) {
+            PyErr_Clear();
+            PyErr_SetString(PyExc_ValueError,
+                            "Engine: an integer argument is out of range (port, db, threads, "
+                            "max_pending or cache_size); Limiter() checks each and names it");
+        }
         return NULL;
     }
-    if (!(spin >= 0 && spin <= 0.01)) {
-        PyErr_SetString(PyExc_ValueError, "spin must be from 0 to 0.01 seconds");
+    if (check_seconds("timeout", timeout, RG_MIN_SECONDS, RG_MAX_SECONDS) < 0 ||
+        check_seconds("connect_timeout", connect_timeout, RG_MIN_SECONDS, RG_MAX_SECONDS) < 0 ||
+        check_seconds("stall_timeout", stall_timeout, RG_MIN_SECONDS, RG_MAX_SECONDS) < 0 ||
+        check_seconds("spin", spin, 0.0, 0.01) < 0 ||
+        check_seconds("deny_cache_ttl", ttl, 0.001, 3600.0) < 0)
         return NULL;
-    }
-    if (threads < 1 || threads > 64 || max_pending < 1 || cache_size < 0) {
-        PyErr_SetString(PyExc_ValueError, "threads must be 1..64, max_pending >= 1, cache_size >= 0");
+    if (threads < 1 || threads > 64 || max_pending < 1 || cache_size < 0 || db < 0 || port < 0 ||
+        port > 65535) {
+        PyErr_SetString(PyExc_ValueError, "threads must be 1..64, max_pending >= 1, "
+                                          "cache_size >= 0, db >= 0, port 0..65535");
         return NULL;
     }
     if ((host == Py_None) == (path == Py_None)) {
@@ -480,7 +544,7 @@ engine_tp_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
     self->eng.cfg.password = dup_arg(pass, &self->eng.cfg.password_len, "password");
     if (PyErr_Occurred())
         goto error;
-    if (rg_cache_init(&self->cache, (size_t)cache_size) < 0) {
+    if (rg_cache_init(&self->cache, (size_t)cache_size, (uint64_t)(ttl * 1e9)) < 0) {
         PyErr_NoMemory();
         goto error;
     }
@@ -494,78 +558,216 @@ error:
 static void
 engine_after_fork(EngineObject *self)
 {
-    PyObject *loop, *port;
-    Py_ssize_t pos = 0;
+    PyObject *ports = PyDict_Values(self->ports); /* a snapshot: dropping futures runs code */
+    Py_ssize_t i;
 
     rg_engine_abandon(&self->eng);
-    while (PyDict_Next(self->ports, &pos, &loop, &port))
-        port_shutdown((PortObject *)port, 0); /* fork_gen differs: no touching */
+    if (ports != NULL) {
+        for (i = 0; i < PyList_GET_SIZE(ports); i++) /* fork_gen differs: no touching */
+            port_shutdown((PortObject *)PyList_GET_ITEM(ports, i), 0);
+        Py_DECREF(ports);
+    }
+    PyErr_Clear(); /* out of memory for the snapshot: the ports are dropped below */
     PyDict_Clear(self->ports);
     Py_CLEAR(self->last_loop);
     Py_CLEAR(self->last_port);
     self->fork_gen = rg_fork_generation;
 }
 
-/* The port of the running loop (borrowed), made on first use. */
+/* Shut down the ports of loops that have closed.  The dict is snapshot
+ * first: is_closed is a call into Python, during which other threads may
+ * change it.  0, or -1 with an error. */
+static int
+engine_forget_closed_loops(EngineObject *self)
+{
+    PyObject *items = PyDict_Items(self->ports);
+    Py_ssize_t i;
+    int rc = -1;
+
+    if (items == NULL)
+        return -1;
+    for (i = 0; i < PyList_GET_SIZE(items); i++) {
+        PyObject *loop = PyTuple_GET_ITEM(PyList_GET_ITEM(items, i), 0);
+        PyObject *port = PyTuple_GET_ITEM(PyList_GET_ITEM(items, i), 1);
+        PyObject *r = PyObject_CallMethodNoArgs(loop, self->st->s_is_closed), *now;
+        int closed = r == NULL ? -1 : PyObject_IsTrue(r);
+        Py_XDECREF(r);
+        if (closed < 0)
+            goto done;
+        if (!closed)
+            continue;
+        port_shutdown((PortObject *)port, 0);
+        /* Delete only if the dict still maps the loop to this port. */
+        now = PyDict_GetItemWithError(self->ports, loop);
+        if (now == NULL && PyErr_Occurred())
+            goto done;
+        if (now == port && PyDict_DelItem(self->ports, loop) < 0)
+            goto done;
+    }
+    rc = 0;
+done:
+    Py_DECREF(items);
+    return rc;
+}
+
+/* The port of the running loop (a new reference), made on first use. */
 static PortObject *
 engine_port(EngineObject *self)
 {
     rg_state *st = self->st;
-    PyObject *loop = PyObject_CallNoArgs(st->get_running_loop), *key, *val;
+    PyObject *loop = PyObject_CallNoArgs(st->get_running_loop);
     PortObject *port;
-    Py_ssize_t pos = 0;
 
     if (loop == NULL)
         return NULL;
-    if (loop == self->last_loop) {
+    if (loop == self->last_loop && self->last_port != NULL) {
         Py_DECREF(loop);
-        return self->last_port;
+        return (PortObject *)Py_NewRef(self->last_port);
     }
-    port = (PortObject *)PyDict_GetItemWithError(self->ports, loop);
+    port = (PortObject *)Py_XNewRef(PyDict_GetItemWithError(self->ports, loop));
     if (port == NULL) {
         if (PyErr_Occurred())
             goto error;
         /* A new loop: forget ports of loops that have closed since. */
-        PyObject *dead = PyList_New(0);
-        if (dead == NULL)
+        if (engine_forget_closed_loops(self) < 0)
             goto error;
-        while (PyDict_Next(self->ports, &pos, &key, &val)) {
-            PyObject *r = PyObject_CallMethodNoArgs(key, st->s_is_closed);
-            int closed = r == NULL ? -1 : PyObject_IsTrue(r);
-            Py_XDECREF(r);
-            if (closed < 0 || (closed && PyList_Append(dead, key) < 0)) {
-                Py_DECREF(dead);
-                goto error;
-            }
-        }
-        for (pos = 0; pos < PyList_GET_SIZE(dead); pos++) {
-            key = PyList_GET_ITEM(dead, pos);
-            val = PyDict_GetItemWithError(self->ports, key);
-            if (val != NULL)
-                port_shutdown((PortObject *)val, 0);
-            if (PyDict_DelItem(self->ports, key) < 0) {
-                Py_DECREF(dead);
-                goto error;
-            }
-        }
-        Py_DECREF(dead);
         port = port_new(self, loop);
         if (port == NULL)
             goto error;
-        if (PyDict_SetItem(self->ports, loop, (PyObject *)port) < 0) {
+        /* port_new called the loop: close() may have run meanwhile. */
+        if (self->closed || PyDict_SetItem(self->ports, loop, (PyObject *)port) < 0) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_RuntimeError, "this Limiter is closed (aclose() was called)");
             port_shutdown(port, 0);
             Py_DECREF(port);
             goto error;
         }
-        Py_DECREF(port); /* the dict holds it */
     }
+    /* Our references first: each swap may drop the last reference to the
+     * previous loop or port, which runs arbitrary code. */
+    Py_XSETREF(self->last_port, (PortObject *)Py_NewRef(port));
     Py_XSETREF(self->last_loop, loop); /* steals our reference */
-    Py_INCREF(port);
-    Py_XSETREF(self->last_port, port);
     return port;
 error:
     Py_DECREF(loop);
     return NULL;
+}
+
+/* The engine usable from this process and thread: not closed, started.
+ * Runs no Python code (but after a fork, where only this thread exists).
+ * 0, or -1 with RuntimeError. */
+static int
+engine_ready(EngineObject *self)
+{
+    if (self->closed) {
+        PyErr_SetString(PyExc_RuntimeError, "this Limiter is closed (aclose() was called)");
+        return -1;
+    }
+    if (self->fork_gen != rg_fork_generation)
+        engine_after_fork(self);
+    if (!self->eng.started) {
+        char err[200];
+        if (rg_engine_start(&self->eng, err, sizeof(err)) < 0) {
+            PyErr_Format(PyExc_RuntimeError, "rategate: cannot start the engine: %s", err);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/*
+ * Hand one check (a hit, or a reset) to the loop threads; returns its future.
+ * When the store cannot take it (shard down, too many outstanding), returns
+ * at once what the future would have said: the failure Decision of a hit,
+ * False for a reset.
+ *
+ * Every call into Python comes first (the running loop, its port,
+ * create_future): any of them lets other threads run, and one may close the
+ * engine (freeing the shards) or shut the port down.  Then everything is
+ * re-checked and the check is pushed with no Python code in between, so
+ * nothing close() frees is reachable from here.
+ */
+static PyObject *
+engine_enqueue(EngineObject *self, const char *key, size_t keylen, SpecObject *spec,
+               long long cost, int op, uint64_t hash)
+{
+    rg_state *st = self->st;
+    PortObject *port;
+    PyObject *fut = NULL, *res = NULL;
+    rg_shard *shard;
+    rg_check *c;
+    uint32_t slot;
+    uint64_t now;
+    int err = RG_ERR_NONE;
+
+    port = engine_port(self);
+    if (port == NULL)
+        return NULL;
+    fut = PyObject_CallMethodNoArgs(port->loop, st->s_create_future);
+    if (fut == NULL)
+        goto done;
+    /* ---- no Python code from here to the push ---- */
+    if (engine_ready(self) < 0)
+        goto done;
+    if (port->port == NULL || port->fork_gen != rg_fork_generation) {
+        PyErr_SetString(PyExc_RuntimeError, "rategate: this event loop is closing");
+        goto done;
+    }
+    now = rg_now_ns(); /* after the Python calls: deadlines stay in order */
+    shard = &self->eng.shards[(hash >> 40) % (uint64_t)self->eng.cfg.nshards];
+    if (atomic_load_explicit(&shard->down, memory_order_relaxed)) {
+        err = RG_ERR_UNAVAILABLE;
+    } else if (atomic_fetch_add_explicit(&self->eng.outstanding, 1, memory_order_relaxed) >=
+               self->eng.cfg.max_pending) {
+        atomic_fetch_sub_explicit(&self->eng.outstanding, 1, memory_order_relaxed);
+        err = RG_ERR_OVERLOADED;
+    }
+    if (err != RG_ERR_NONE) {
+        if (op == RG_OP_RESET) {
+            res = Py_NewRef(Py_False);
+        } else {
+            self->k.checks++;
+            res = rg_failure(st, &self->k, spec->spec, self->failure_open, err);
+        }
+        goto done;
+    }
+    c = rg_check_new(key, keylen);
+    if (c == NULL) {
+        PyErr_NoMemory();
+        goto undo;
+    }
+    if (port_park(port, fut, &slot) < 0) { /* no Python code: PyMem and Py_NewRef */
+        rg_check_free(c);
+        goto undo;
+    }
+    c->slot = slot;
+    c->hash = hash;
+    c->port = port->port;
+    rg_port_incref(port->port);
+    c->spec = spec->spec;
+    rg_spec_incref(spec->spec);
+    c->cost = cost;
+    c->op = op;
+    c->submit_ns = now;
+    c->deadline_ns = now + self->eng.cfg.timeout_ns;
+    /* Wake the shard only onto an empty queue: it takes the whole queue at
+     * once, so checks that arrive while it works ride in its next batch.
+     * (Deferring the wake to the end of the event-loop iteration saved
+     * syscalls but cost HTTP throughput: measured 0.75x /health against
+     * 0.96x for this, over four interleaved runs; see the README.) */
+    if (rg_engine_submit(&self->eng, shard, c) && rg_shard_needs_wake(shard))
+        rg_engine_wake(shard);
+    if (op == RG_OP_HIT)
+        self->k.checks++;
+    res = fut;
+    fut = NULL;
+    goto done;
+undo:
+    atomic_fetch_sub_explicit(&self->eng.outstanding, 1, memory_order_relaxed);
+done:
+    Py_XDECREF(fut);
+    Py_DECREF(port);
+    return res;
 }
 
 static PyObject *
@@ -576,37 +778,21 @@ engine_submit(EngineObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t keylen;
     SpecObject *spec;
     long long cost;
-    uint64_t now, hash;
-    rg_shard *shard;
-    PortObject *port;
-    PyObject *fut;
-    rg_check *c;
-    uint32_t slot;
+    uint64_t hash;
 
     if (rg_parse_submit(st, args, nargs, &key, &keylen, &spec, &cost) < 0)
         return NULL;
-    if (self->closed) {
-        PyErr_SetString(PyExc_RuntimeError, "this Limiter is closed (aclose() was called)");
+    if (engine_ready(self) < 0)
         return NULL;
-    }
-    if (self->fork_gen != rg_fork_generation)
-        engine_after_fork(self);
-    if (!self->eng.started) {
-        char err[200];
-        if (rg_engine_start(&self->eng, err, sizeof(err)) < 0) {
-            PyErr_Format(PyExc_RuntimeError, "rategate: cannot start the engine: %s", err);
-            return NULL;
-        }
-    }
-    self->k.checks++;
-    now = rg_now_ns();
     hash = rg_hash(key, (size_t)keylen);
     /* The cache knows the wait of a cost of 1; a larger cost waits longer
      * by an amount only Redis knows (several rates), so it asks Redis. */
     if (cost == 1) {
+        uint64_t now = rg_now_ns();
         const rg_cache_entry *e =
             rg_cache_get(&self->cache, hash, spec->spec->id, key, (size_t)keylen, now);
         if (e != NULL) {
+            self->k.checks++;
             self->k.cached++;
             self->k.denied++;
             return rg_decision_new(st, 0, e->rate, spec->spec->rates[e->rate].burst, 0,
@@ -614,54 +800,35 @@ engine_submit(EngineObject *self, PyObject *const *args, Py_ssize_t nargs)
                                    (double)(e->until_ns - now) / 1e9, RG_ERR_NONE);
         }
     }
-    shard = &self->eng.shards[(hash >> 40) % (uint64_t)self->eng.cfg.nshards];
-    if (atomic_load_explicit(&shard->down, memory_order_relaxed))
+    if (atomic_load_explicit(&self->eng.shards[(hash >> 40) % (uint64_t)self->eng.cfg.nshards].down,
+                             memory_order_relaxed)) {
+        /* Down: answer at once, without the cost of a future (re-checked
+         * after it in engine_enqueue anyway). */
+        self->k.checks++;
         return rg_failure(st, &self->k, spec->spec, self->failure_open, RG_ERR_UNAVAILABLE);
-    if (atomic_fetch_add_explicit(&self->eng.outstanding, 1, memory_order_relaxed) >=
-        self->eng.cfg.max_pending) {
-        atomic_fetch_sub_explicit(&self->eng.outstanding, 1, memory_order_relaxed);
-        return rg_failure(st, &self->k, spec->spec, self->failure_open, RG_ERR_OVERLOADED);
     }
-    port = engine_port(self);
-    if (port == NULL)
-        goto undo;
-    fut = PyObject_CallMethodNoArgs(port->loop, st->s_create_future);
-    if (fut == NULL)
-        goto undo;
-    c = rg_check_new(key, (size_t)keylen);
-    if (c == NULL) {
-        Py_DECREF(fut);
-        PyErr_NoMemory();
-        goto undo;
-    }
-    if (port_park(port, fut, &slot) < 0) {
-        rg_check_free(c);
-        Py_DECREF(fut);
-        goto undo;
-    }
-    c->slot = slot;
-    c->hash = hash;
-    c->port = port->port;
-    rg_port_incref(port->port);
-    c->spec = spec->spec;
-    rg_spec_incref(spec->spec);
-    c->cost = cost;
-    c->submit_ns = now;
-    c->deadline_ns = now + self->eng.cfg.timeout_ns;
-    /* Wake the shard only onto an empty queue: it takes the whole queue at
-     * once, so checks that arrive while it works ride in its next batch.
-     * (Deferring the wake to the end of the event-loop iteration saved
-     * syscalls but cost HTTP throughput: measured 0.75x /health against
-     * 0.96x for this, over four interleaved runs; see the README.) */
-    if (rg_engine_submit(&self->eng, shard, c) && rg_shard_needs_wake(shard))
-        rg_engine_wake(shard);
-    return fut;
-undo:
-    self->k.checks--;
-    atomic_fetch_sub_explicit(&self->eng.outstanding, 1, memory_order_relaxed);
-    return NULL;
+    return engine_enqueue(self, key, (size_t)keylen, spec, cost, RG_OP_HIT, hash);
 }
 
+/* reset(key, spec) -> Future[bool] | False: delete the key's buckets for the
+ * spec's rates in Redis, and forget it in the deny cache now (and again
+ * when the answer arrives). */
+static PyObject *
+engine_reset(EngineObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    const char *key;
+    Py_ssize_t keylen;
+    SpecObject *spec;
+    uint64_t hash;
+
+    if (rg_parse_reset(self->st, args, nargs, &key, &keylen, &spec) < 0)
+        return NULL;
+    if (engine_ready(self) < 0)
+        return NULL;
+    hash = rg_hash(key, (size_t)keylen);
+    rg_cache_forget_key(&self->cache, hash, key, (size_t)keylen);
+    return engine_enqueue(self, key, (size_t)keylen, spec, 0, RG_OP_RESET, hash);
+}
 /*
  * Stop the threads (every check still held is answered "closed"), then
  * resolve what the ports hold: directly for the running loop's port or a
@@ -678,6 +845,8 @@ engine_close(EngineObject *self, PyObject *unused)
 
     if (self->closed)
         Py_RETURN_NONE;
+    /* Set before the GIL is released below: from here submit() refuses,
+     * stats() reads no shard, and a second close() returns. */
     self->closed = 1;
     if (self->fork_gen != rg_fork_generation)
         engine_after_fork(self);
@@ -723,6 +892,7 @@ engine_close(EngineObject *self, PyObject *unused)
     PyDict_Clear(self->ports);
     Py_CLEAR(self->last_loop);
     Py_CLEAR(self->last_port);
+    rg_cache_free(&self->cache); /* disabled from here: answers still arriving put nothing */
     Py_RETURN_NONE;
 }
 
@@ -736,7 +906,9 @@ engine_stats(EngineObject *self, PyObject *unused)
 
     if (d == NULL)
         return NULL;
-    if (self->eng.started && self->fork_gen == rg_fork_generation)
+    /* The shards exist while started and not closed: close() sets closed
+     * before it releases the GIL to stop and free them. */
+    if (self->eng.started && !self->closed && self->fork_gen == rg_fork_generation)
         for (i = 0; i < self->eng.cfg.nshards; i++)
             connected &= atomic_load(&self->eng.shards[i].connected);
     else
@@ -744,12 +916,13 @@ engine_stats(EngineObject *self, PyObject *unused)
     pthread_mutex_lock(&self->eng.err_mu);
     memcpy(err, self->eng.last_error, sizeof(err));
     pthread_mutex_unlock(&self->eng.err_mu);
-    v = Py_BuildValue("{slslsOsNsl}", "in_flight", atomic_load(&self->eng.outstanding),
+    v = Py_BuildValue("{slslsOsNslsn}", "in_flight", atomic_load(&self->eng.outstanding),
                       "reconnects", atomic_load(&self->eng.reconnects), "connected",
                       connected ? Py_True : Py_False, "last_error",
                       err[0] ? PyUnicode_DecodeUTF8(err, (Py_ssize_t)strlen(err), "replace")
                              : Py_NewRef(Py_None),
-                      "threads", (long)self->eng.cfg.nshards);
+                      "threads", (long)self->eng.cfg.nshards, "deny_cache_bytes",
+                      (Py_ssize_t)rg_cache_bytes(&self->cache));
     if (v == NULL || PyDict_Update(d, v) < 0) {
         Py_XDECREF(v);
         Py_DECREF(d);
@@ -810,6 +983,8 @@ engine_dealloc(EngineObject *self)
 static PyMethodDef engine_methods[] = {
     {"submit", (PyCFunction)(void (*)(void))engine_submit, METH_FASTCALL,
      "submit(key, spec, cost) -> Decision | Future[Decision]"},
+    {"reset", (PyCFunction)(void (*)(void))engine_reset, METH_FASTCALL,
+     "reset(key, spec) -> Future[bool] | False"},
     {"close", (PyCFunction)engine_close, METH_NOARGS, "Stop and join the loop threads."},
     {"stats", (PyCFunction)engine_stats, METH_NOARGS, "Counters."},
     {NULL, NULL, 0, NULL},
@@ -897,7 +1072,25 @@ mem_submit(MemoryEngineObject *self, PyObject *const *args, Py_ssize_t nargs)
     self->k.checks++;
     if (rg_memstore_check(&self->mem, spec->spec, key, (size_t)keylen, cost, rg_now_ns(), &r) < 0)
         return rg_failure(self->st, &self->k, spec->spec, self->failure_open, RG_ERR_OVERLOADED);
-    return rg_answer(self->st, &self->k, spec->spec, &r);
+    return rg_answer(self->st, &self->k, spec->spec, &r, cost);
+}
+
+/* reset(key, spec) -> True: the key's buckets for the spec's rates are full. */
+static PyObject *
+mem_reset(MemoryEngineObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    const char *key;
+    Py_ssize_t keylen;
+    SpecObject *spec;
+
+    if (rg_parse_reset(self->st, args, nargs, &key, &keylen, &spec) < 0)
+        return NULL;
+    if (self->closed) {
+        PyErr_SetString(PyExc_RuntimeError, "this Limiter is closed (aclose() was called)");
+        return NULL;
+    }
+    rg_memstore_delete(&self->mem, spec->spec, key, (size_t)keylen);
+    Py_RETURN_TRUE;
 }
 
 static PyObject *
@@ -941,6 +1134,8 @@ mem_dealloc(MemoryEngineObject *self)
 static PyMethodDef mem_methods[] = {
     {"submit", (PyCFunction)(void (*)(void))mem_submit, METH_FASTCALL,
      "submit(key, spec, cost) -> Decision"},
+    {"reset", (PyCFunction)(void (*)(void))mem_reset, METH_FASTCALL,
+     "reset(key, spec) -> True"},
     {"close", (PyCFunction)mem_close, METH_NOARGS, "Forget every bucket."},
     {"stats", (PyCFunction)mem_stats, METH_NOARGS, "Counters."},
     {NULL, NULL, 0, NULL},

@@ -35,6 +35,12 @@ Choices, so they are written down once:
   never be allowed (cost above the burst) gets no ``Retry-After``.
 - Windows ``w`` are whole seconds rounded up (structured fields have no
   fractions there).
+- draft-11's ``t`` is the effective window, "the number of seconds within
+  which the client can use no more than the available quota": with quota
+  left, the time until the bucket is full; with none left (``r=0``), the
+  time until the next token arrives.  On a 429 it is never later than
+  ``Retry-After`` (the draft: Retry-After SHOULD NOT point earlier than the
+  end of the window), and with a cost of 1 the two are equal.
 
 All constant parts (names, policies) are rendered once per rule; per request
 only a few small integers are turned into bytes.  The result is a raw ASGI
@@ -126,7 +132,7 @@ class RateLimitHeaders:
     list the caller may extend); ``render_denied(d)`` adds ``Retry-After``.
     """
 
-    __slots__ = ("style", "rates", "name", "render", "_n", "_pre", "_items")
+    __slots__ = ("style", "rates", "name", "render", "_n", "_pre", "_items", "_full")
 
     def __init__(self, style: str, rates: Sequence[Rate], name: str = "default") -> None:
         if style not in HEADER_STYLES:
@@ -172,6 +178,9 @@ class RateLimitHeaders:
             self.render = self._render_x
         self._pre = tuple(pre)
         self._items = tuple(items)
+        # Per rate: the refill time of all tokens but one, so that
+        # reset_after - _full[i] is the wait for the next token.
+        self._full = tuple(((r.burst or r.limit) - 1) * r.period / r.limit for r in self.rates)
 
     def __repr__(self) -> str:
         return f"RateLimitHeaders({self.style!r}, {[str(r) for r in self.rates]!r}, name={self.name!r})"
@@ -195,13 +204,17 @@ class RateLimitHeaders:
             self._pre[i],
         ]
 
-    def _render_draft11(self, d: Any, _ints: tuple[bytes, ...] = _INTS) -> Headers:
+    def _render_draft11(self, d: Any, _ints: tuple[bytes, ...] = _INTS, cap: int | None = None) -> Headers:
         i = d.rate
         if i >= self._n or i < 0:
             i = 0
         rem = d.remaining
         r = d.reset_after
+        if rem <= 0:
+            r -= self._full[i]  # r=0: the window ends with the next token
         reset = (math.ceil(r) if r < 1e12 else 0) if r > 0.0 else 0
+        if cap is not None and reset > cap:  # a 429's Retry-After
+            reset = cap
         return [
             self._pre[i],
             (b"ratelimit", b"%b%b;t=%b" % (
@@ -224,8 +237,8 @@ class RateLimitHeaders:
 
     def render_denied(self, d: Any) -> Headers:
         """``render(d)`` (the rate-limit headers of decision ``d``) plus ``Retry-After``."""
-        out = self.render(d)
         ra = retry_after_seconds(d.retry_after)
+        out = self._render_draft11(d, cap=ra) if self.style == "draft-11" else self.render(d)
         if ra is not None:
             out.append((_RETRY_AFTER, _int(ra)))
         return out

@@ -91,9 +91,12 @@ def bound_key(key: str | bytes, max_length: int = MAX_KEY_LENGTH) -> str | bytes
 
 
 def remote_addr(scope: Scope) -> str:
-    """The socket peer address (``scope["client"][0]``), or ``"unknown"``."""
+    """The socket peer address (``scope["client"][0]``) as the server gave it, or ``"unknown"``.
+
+    Not normalised: for a key, use :func:`client_ip`, which is.
+    """
     client = scope.get("client")
-    if client:
+    if client and client[0]:
         return str(client[0])
     return UNKNOWN_CLIENT
 
@@ -183,7 +186,12 @@ class client_ip:  # noqa: N801 - used like a function: key=client_ip(...)
     are joined in order, as HTTP says.  Note that uvicorn rewrites
     ``scope["client"]`` itself from ``X-Forwarded-For`` when the peer is in
     its ``--forwarded-allow-ips`` (default ``127.0.0.1``); that rewritten
-    address is what this function then sees as the socket address.
+    address, text from the network, is what this function then sees as the
+    socket address.  So the socket address is parsed and normalised too
+    (``FE80:0::2`` and ``fe80::2`` are one client; IPv4-mapped IPv6 is
+    IPv4; a zone id is dropped), and one that is not an IP address at all
+    (empty, a test client's name, a unix socket path, garbage from a
+    header) is keyed as ``"unknown"``: one shared bucket, never a bypass.
     """
 
     __slots__ = (
@@ -257,7 +265,7 @@ class client_ip:  # noqa: N801 - used like a function: key=client_ip(...)
         self._nets = self.trusted_proxies
         self._trust_unix = trust_unix
         self._hdr = _PROXY_HEADERS[self.proxy_header]
-        # No proxies and no grouping: the socket address is the key as it is.
+        # No proxies and no grouping: the socket address is the key (normalised).
         self._plain = not norm and not trust_unix and ipv6_prefix is None
         # peer/hop text -> (key for that address or None if malformed, trusted?)
         self._addr_cache: dict[str, tuple[str | None, bool]] = {}
@@ -298,21 +306,19 @@ class client_ip:  # noqa: N801 - used like a function: key=client_ip(...)
     # -- per request -----------------------------------------------------------
     def __call__(self, scope: Scope) -> str:
         client = scope.get("client")
-        if self._plain:
-            return str(client[0]) if client else UNKNOWN_CLIENT
         if client:
-            peer = str(client[0])
-            key, trusted = self._lookup(peer)
+            key, trusted = self._lookup(str(client[0]))
             if key is None:
-                # The server gave something that is not an IP (a test client's
-                # "testclient", a unix path): use it as it is, trust nothing.
-                return peer
-            if not trusted:
+                # Not an IP: a test client's "testclient", a unix path, or
+                # whatever uvicorn copied from a proxy header.  One shared
+                # key (over-limits, never a bypass); trust nothing.
+                return UNKNOWN_CLIENT
+            if self._plain or not trusted:
                 return key
         else:
             if not self._trust_unix:
                 return UNKNOWN_CLIENT
-            peer = key = UNKNOWN_CLIENT
+            key = UNKNOWN_CLIENT
         return self._walk(scope, key)
 
     def _walk(self, scope: Scope, fallback: str) -> str:

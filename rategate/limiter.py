@@ -27,6 +27,35 @@ FAILURE_MODES = ("closed", "open")
 MAX_RULE_LABELS = 4096
 _live: "weakref.WeakSet[Limiter]" = weakref.WeakSet()
 
+# Ranges of the options (the C core checks them again): a timeout of a day
+# is far inside what nanoseconds added to the clock and libuv timers hold.
+_MAX_SECONDS = 86400.0
+_MAX_DB = 2**31 - 1  # Redis's `databases` is a C int
+_MAX_PENDING = 2**31 - 1
+_MAX_DENY_CACHE = 2**24
+
+
+def _seconds(name: str, value: Any, lo: float, hi: float, hint: str = "") -> float:
+    """``value`` as float seconds within [lo, hi]; ValueError naming ``name`` and the range."""
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not lo <= value <= hi):  # False for NaN
+        raise ValueError(f"{name} must be a number of seconds from {lo:g} to {hi:g}{hint}, got {value!r}")
+    return float(value)
+
+
+def _whole(name: str, value: Any, lo: int, hi: int) -> int:
+    """``value`` as an int within [lo, hi]; ValueError naming ``name`` and the range."""
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ValueError(f"{name} must be an int from {lo} to {hi}, got {value!r}")
+    return value
+
+
+def _db(url: str, text: str) -> int:
+    db = int(text)
+    if db > _MAX_DB:
+        raise ValueError(f"bad storage URL {url!r}: the database {text} is past {_MAX_DB}; Redis numbers them from 0")
+    return db
+
 
 def parse_storage_url(url: str) -> Dict[str, Any]:
     """Split a storage URL into engine arguments; ValueError names the bad part."""
@@ -68,7 +97,7 @@ def parse_storage_url(url: str) -> Dict[str, Any]:
                     raise ValueError(
                         f"bad storage URL {url!r}: the database {path!r} must be a number, like /0"
                     )
-                db = int(path)
+                db = _db(url, path)
             if user == "":
                 user = None
             if host.startswith("[") or ":" in host:
@@ -89,7 +118,7 @@ def parse_storage_url(url: str) -> Dict[str, Any]:
             v = query["db"][-1]
             if not v.isdigit():
                 raise ValueError(f"bad storage URL {url!r}: db={v!r} must be a number")
-            db = int(v)
+            db = _db(url, v)
         if len(u.path.encode()) > 107:
             raise ValueError(f"bad storage URL {url!r}: the socket path is longer than 107 bytes")
         return {"kind": "redis", "host": None, "port": 0, "path": u.path,
@@ -115,7 +144,12 @@ class Limiter:
     * ``max_pending``: checks outstanding at once; past it, the failure mode
       decides at once (``error="overloaded"``).
     * ``deny_cache``: the local cache of keys over their limit, answered in
-      C without a round trip: True (65536 entries), False, or a size.
+      C without a round trip: True (up to 65536 entries, grown on demand),
+      False, or a bound on its entries.
+    * ``deny_cache_ttl``: a cached denial is answered locally for at most
+      this many seconds (default 1.0) before Redis is asked again, so a
+      :meth:`reset` (or keys deleted in Redis) in any process is seen
+      within it; a flood costs one Redis check per key per interval.
     * ``spin``: while Redis owes replies, the loop thread polls (yielding
       the CPU each turn) for up to this many seconds instead of sleeping, so
       handing it a check costs no wake-up syscall.  0 disables it.
@@ -133,34 +167,31 @@ class Limiter:
         threads: int = 1,
         max_pending: int = 100_000,
         deny_cache: Union[bool, int] = True,
+        deny_cache_ttl: float = 1.0,
         connect_timeout: float = 1.0,
         stall_timeout: Optional[float] = None,
         spin: float = 0.0002,
     ) -> None:
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-            raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+        timeout = _seconds("timeout", timeout, 1e-6, _MAX_SECONDS)
         if failure_mode not in FAILURE_MODES:
             raise ValueError(f"failure_mode must be 'closed' or 'open', got {failure_mode!r}")
-        if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= 64:
-            raise ValueError(f"threads must be an int from 1 to 64, got {threads!r}")
-        if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
-            raise ValueError(f"max_pending must be an int >= 1, got {max_pending!r}")
+        threads = _whole("threads", threads, 1, 64)
+        max_pending = _whole("max_pending", max_pending, 1, _MAX_PENDING)
         if deny_cache is True:
             deny_cache = 65536
         elif deny_cache is False:
             deny_cache = 0
-        if not isinstance(deny_cache, int) or deny_cache < 0:
+        if isinstance(deny_cache, bool) or not isinstance(deny_cache, int) or not 0 <= deny_cache <= _MAX_DENY_CACHE:
             raise ValueError(
-                f"deny_cache must be True, False or a number of entries >= 0, got {deny_cache!r}"
+                f"deny_cache must be True, False or a number of entries from 0 to {_MAX_DENY_CACHE}, "
+                f"got {deny_cache!r}"
             )
-        if not isinstance(connect_timeout, (int, float)) or not connect_timeout > 0:
-            raise ValueError(f"connect_timeout must be a number of seconds > 0, got {connect_timeout!r}")
-        if isinstance(spin, bool) or not isinstance(spin, (int, float)) or not 0 <= spin <= 0.01:
-            raise ValueError(f"spin must be a number of seconds from 0 to 0.01 (0 disables it), got {spin!r}")
+        deny_cache_ttl = _seconds("deny_cache_ttl", deny_cache_ttl, 0.001, 3600.0)
+        connect_timeout = _seconds("connect_timeout", connect_timeout, 1e-6, _MAX_SECONDS)
+        spin = _seconds("spin", spin, 0.0, 0.01, " (0 disables it)")
         if stall_timeout is None:
-            stall_timeout = max(2.0, 20 * float(timeout))
-        if not isinstance(stall_timeout, (int, float)) or not stall_timeout > 0:
-            raise ValueError(f"stall_timeout must be a number of seconds > 0, got {stall_timeout!r}")
+            stall_timeout = min(max(2.0, 20 * timeout), _MAX_SECONDS)
+        stall_timeout = _seconds("stall_timeout", stall_timeout, 1e-6, _MAX_SECONDS)
         self.storage = storage
         self._closed = True  # until the engine exists (__del__, __repr__ rely on it)
         cfg = parse_storage_url(storage)
@@ -177,8 +208,8 @@ class Limiter:
         else:
             self._engine = _core.Engine(
                 cfg["host"], cfg["port"], cfg["path"], cfg["username"], cfg["password"], cfg["db"],
-                float(timeout), failure_mode == "open", threads, max_pending, deny_cache,
-                float(connect_timeout), float(stall_timeout), float(spin),
+                timeout, failure_mode == "open", threads, max_pending, deny_cache,
+                connect_timeout, stall_timeout, spin, deny_cache_ttl,
             )
         self._closed = False
         # The hot path: bound once, called per request.
@@ -226,6 +257,19 @@ class Limiter:
         if r.__class__ is Decision:
             return r
         return await r  # type: ignore[no-any-return]
+
+    async def reset(self, key: Union[str, bytes], rates: Union[RateLike, Spec]) -> bool:
+        """Forget ``key``'s buckets for ``rates``: its next hit starts from a full bucket.
+
+        Deletes them in the store (Redis, or memory://) and forgets the key in
+        this process's deny cache at once; other processes see it within their
+        ``deny_cache_ttl``.  Returns True once the store has done it, False if
+        the store could not be reached (Redis down, or past ``timeout``).
+        """
+        r = self._engine.reset(key, self.compile(rates))
+        if isinstance(r, bool):
+            return r
+        return bool(await r)
 
     def stats(self) -> Dict[str, Any]:
         """Counters: checks, allowed, denied, cached_denials, errors by kind, in_flight, reconnects,

@@ -34,6 +34,10 @@ _EXAMPLE = 'write it like "100/minute", "100 per minute", "5/s" or "10/5 seconds
 # microseconds): a period of at most a year, and at most 10^9 tokens.
 _MAX_PERIOD = 366 * 86400.0
 _MAX_LIMIT = 10**9
+# ... and a bucket that refills within 10 years (burst * period / limit):
+# past that, a stored time stops being an exact double and Redis's PX TTL
+# leaves int64 milliseconds (gcra.h, RG_MAX_TAU_US).
+_MAX_REFILL = 10 * 365 * 86400.0
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,13 @@ class Rate:
         if isinstance(burst, bool) or not isinstance(burst, int) or not 1 <= burst <= _MAX_LIMIT:
             raise ValueError(f"Rate burst must be an int between 1 and {_MAX_LIMIT}, got {self.burst!r}")
         object.__setattr__(self, "burst", burst)
+        if self.period * 1e6 / self.limit < 1.0:  # the C core's T >= 1 us, same arithmetic
+            raise ValueError(f"Rate {self.limit}/{self.period:g}s is too fast: at most 1,000,000 per second")
+        if burst * self.period / self.limit > _MAX_REFILL:
+            raise ValueError(
+                f"Rate {self.limit}/{self.period:g}s with burst {burst} takes more than 10 years to refill "
+                "its bucket (burst * period / limit): use a smaller burst or a shorter period"
+            )
 
     @classmethod
     def parse(cls, text: str) -> "Rate":

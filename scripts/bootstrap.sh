@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(gcc make pkg-config libhiredis-dev libuv1-dev redis-server redis-tools wrk)
+APT_PACKAGES=(gcc make pkg-config libhiredis-dev libuv1-dev redis-server redis-tools wrk valgrind)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -40,7 +40,8 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
     .venv/bin/python -m pip install -q \
         "pytest>=8" "pytest-asyncio>=1.0" "httpx>=0.27" "fastapi>=0.100" "starlette>=0.37" \
-        "uvicorn>=0.29" "redis>=5" "mypy>=1.8" "websockets>=12" "prometheus_client>=0.17"
+        "uvicorn>=0.29" "redis>=5" "mypy>=1.8" "websockets>=12" "prometheus_client>=0.17" \
+        "hypothesis>=6.100" "http-sf>=1.0"
     if [ "$MODE" = bench ]; then
         .venv/bin/python -m pip install -q -r bench/requirements.txt
     fi

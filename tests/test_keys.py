@@ -167,9 +167,13 @@ def test_unix_socket_proxy() -> None:
     assert f(scope("10.0.0.5", (XFF, "198.51.100.7"))) == "10.0.0.5"
 
 
-def test_non_ip_peer_is_used_as_it_is() -> None:
-    f = client_ip(trusted_proxies=["10.0.0.0/8"])
-    assert f(scope("testclient", (XFF, "198.51.100.7"))) == "testclient"
+def test_non_ip_peer_is_one_shared_key() -> None:
+    # issue 8 #15: the peer may be text uvicorn copied from a proxy header;
+    # one that is not an IP address is refused into one shared key.
+    for f in (client_ip(trusted_proxies=["10.0.0.0/8"]), client_ip()):
+        assert f(scope("testclient", (XFF, "198.51.100.7"))) == keys.UNKNOWN_CLIENT
+        assert f(scope("garbage-1")) == f(scope("garbage-2")) == keys.UNKNOWN_CLIENT
+        assert f(scope("")) == keys.UNKNOWN_CLIENT
 
 
 # -- Forwarded (RFC 7239) and X-Real-IP -------------------------------------------
