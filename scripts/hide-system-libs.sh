@@ -9,10 +9,10 @@
 # change:
 #   - hiredis and libuv: the runtime libraries, the headers, the static
 #     libraries and the pkg-config files;
-#   - OpenSSL: the development files only (headers, libssl.so/libcrypto.so
-#     link names, static libraries, pkg-config files).  libssl3's runtime
-#     stays, because redis-server links it; the tests check with ldd that
-#     rategate's own libssl, once linked, comes from rategate.libs;
+#   - OpenSSL: the development files (headers, static libraries, pkg-config
+#     files).  libssl3's runtime stays, because redis-server links it;
+#     make test-wheel checks with ldd that rategate's own libssl, once
+#     linked, comes from rategate.libs/;
 #   - the C compilers (gcc, cc, c++, clang, cc1): nothing can be built.
 # A file is hidden by bind-mounting /dev/null over it (empty, not
 # executable), a directory by an empty read-only tmpfs.  A bind mount lands

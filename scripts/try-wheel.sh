@@ -36,7 +36,7 @@ free_port() { "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1",
 echo "try-wheel: fresh venv ($("$PY" --version)), pip install $(basename "$WHEEL") fastapi uvicorn"
 "$PY" -m venv "$WORK/venv"
 "$WORK/venv/bin/python" -m pip install -q --disable-pip-version-check --only-binary :all: \
-    "$WHEEL" fastapi uvicorn 2>&1 | grep -v "^WARNING: Location" || true
+    "$WHEEL" fastapi uvicorn
 # From outside the checkout: `import rategate` must find the installed one.
 (cd "$WORK" && venv/bin/python -c 'import rategate; print("try-wheel: rategate", rategate.__version__, "from", rategate.__file__)') \
     || { echo "try-wheel: the installed wheel does not import" >&2; exit 1; }
