@@ -49,6 +49,7 @@ INSTALL_HINT = (
 # Packages of the C runtime: manylinux lets a wheel use these from the
 # system, so auditwheel does not bundle them and they need no notice.
 SYSTEM_PACKAGES = {"libc6", "libgcc-s1", "libstdc++6"}
+SYSTEM_SONAMES = re.compile(r"^(libc|libm|libpthread|libdl|librt|libgcc_s|libstdc\+\+|ld-linux[-\w]*)\.so")
 
 
 def _fail(msg: str) -> "None":
@@ -112,8 +113,15 @@ class build_ext_with_notices(build_ext):
         dest = os.path.join(self.build_lib, "rategate", "_licenses")
         shutil.rmtree(dest, ignore_errors=True)
         found, missing, index = {}, [], []
-        for soname, path in _linked_libraries(ext_path):
-            package = _owner(path) if shutil.which("dpkg-query") else None
+        if not (shutil.which("ldd") and shutil.which("dpkg-query")):
+            linked = []
+            missing.append("every linked library (finding them needs ldd and Debian's dpkg-query)")
+        else:
+            linked = _linked_libraries(ext_path)
+        for soname, path in linked:
+            if SYSTEM_SONAMES.match(soname):
+                continue
+            package = _owner(path)
             if package in SYSTEM_PACKAGES:
                 continue
             notice = f"/usr/share/doc/{package}/copyright"
@@ -123,10 +131,11 @@ class build_ext_with_notices(build_ext):
             found[package] = notice
             index.append(f"{soname}: {path}, Debian package {package}, notice {package}.copyright")
         if missing:
-            msg = ("rategate: no licence notice found for " + ", ".join(missing)
-                   + ": the wheel would bundle it without one (only Debian's dpkg is supported)")
+            msg = ("no licence notice found for " + ", ".join(missing)
+                   + ": a wheel would bundle it without one (only Debian's dpkg is supported)")
             if os.environ.get("RATEGATE_REQUIRE_NOTICES") == "1":
-                _fail(msg)
+                sys.stderr.write(f"\nrategate: {msg}\n\n")
+                raise SystemExit(1)
             sys.stderr.write(f"warning: {msg}\n")
         if not found:
             return
@@ -134,9 +143,10 @@ class build_ext_with_notices(build_ext):
         for package, notice in found.items():
             shutil.copyfile(notice, os.path.join(dest, f"{package}.copyright"))
         with open(os.path.join(dest, "README"), "w") as f:
-            f.write("The wheel bundles these libraries (in rategate.libs/, renamed by auditwheel).\n"
-                    "Each one's licence notice is the file named, copied from the Debian package\n"
-                    "the library was built by.  rategate's own licence is LICENSE (MIT).\n\n")
+            f.write("rategate._core links these libraries.  A wheel made by `make wheel` carries\n"
+                    "them in rategate.libs/ (renamed by auditwheel); a build from source uses the\n"
+                    "system's.  Each one's licence notice is the file named, copied from the Debian\n"
+                    "package the library comes from.  rategate's own licence is LICENSE (MIT).\n\n")
             f.write("\n".join(index) + "\n")
 
 
