@@ -5,7 +5,7 @@ CFLAGS_CI = -Wall -Wextra -Werror
 
 BENCH_ARGS ?=
 
-.PHONY: bootstrap bootstrap-bench build test test-asan test-tsan test-valgrind bench bench-quick clean
+.PHONY: bootstrap bootstrap-bench build test test-asan test-tsan test-valgrind test-wheel test-pythons wheel bench bench-quick clean
 
 bootstrap:
 	bash scripts/bootstrap.sh test
@@ -33,6 +33,21 @@ test-tsan: bootstrap
 # fails on any error context with a frame in rategate._core.
 test-valgrind: bootstrap
 	bash scripts/valgrind.sh
+
+# The sdist, then one wheel per CPython built from it, repaired by auditwheel
+# (the system libraries it links, bundled in rategate.libs/), into dist/
+WHEEL_PYTHONS ?= 3.11 3.12 3.13
+wheel: bootstrap
+	bash scripts/wheel.sh $(WHEEL_PYTHONS)
+
+# The suite against this Python's wheel installed in a fresh venv, with the
+# system's hiredis/libuv/compilers hidden; then the README example from it.
+test-wheel: bootstrap
+	bash scripts/test-wheel.sh
+
+# The source-tree suite on CPython 3.12 and 3.13 (.venv312, .venv313).
+test-pythons: bootstrap
+	bash scripts/test-pythons.sh
 
 # The main job: starts its own redis-server, prints the table, writes
 # bench/results/latest.{json,md,png}.  BENCH_ARGS="--cases health,rategate" etc.

@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # Set up everything rategate needs on a fresh Debian/Ubuntu machine:
-# system packages (hiredis, libuv, redis-server, wrk, ...), a virtual
-# environment in .venv, and the Python dependencies.  Idempotent and quick
-# when everything is already there.
+# system packages (hiredis, libuv, OpenSSL, redis-server, wrk, ...), a
+# virtual environment in .venv, and the Python dependencies.  Idempotent and
+# quick when everything is already there.
+#
+#   PYTHON=/path/to/python3 VENV=.venv313 scripts/bootstrap.sh test
+#
+# makes the venv from another interpreter (make test-pythons does).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(gcc make pkg-config libhiredis-dev libuv1-dev redis-server redis-tools wrk valgrind)
+APT_PACKAGES=(gcc make pkg-config libhiredis-dev libuv1-dev libssl-dev redis-server redis-tools wrk curl valgrind)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -27,23 +31,24 @@ if ((${#missing[@]})); then
 fi
 
 PYTHON="${PYTHON:-python3}"
-if [ ! -x .venv/bin/python ]; then
-    echo "bootstrap: creating .venv with $($PYTHON --version)"
-    "$PYTHON" -m venv .venv
+VENV="${VENV:-.venv}"
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "bootstrap: creating $VENV with $("$PYTHON" --version)"
+    "$PYTHON" -m venv "$VENV"
 fi
 # test: what the suite needs; bench: that and bench/requirements.txt.
 MODE="${1:-test}"
-stamp=.venv/.rategate-deps-$MODE
+stamp="$VENV/.rategate-deps-$MODE"
 want="$( { cat pyproject.toml; [ "$MODE" = bench ] && cat bench/requirements.txt; true; } | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-    echo "bootstrap: installing Python dependencies ($MODE) into .venv"
-    .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
-    .venv/bin/python -m pip install -q \
+    echo "bootstrap: installing Python dependencies ($MODE) into $VENV"
+    "$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel
+    "$VENV/bin/python" -m pip install -q \
         "pytest>=8" "pytest-asyncio>=1.0" "httpx>=0.27" "fastapi>=0.100" "starlette>=0.37" \
         "uvicorn>=0.29" "redis>=5" "mypy>=1.8" "websockets>=12" "prometheus_client>=0.17" \
         "hypothesis>=6.100" "http-sf>=1.0"
     if [ "$MODE" = bench ]; then
-        .venv/bin/python -m pip install -q -r bench/requirements.txt
+        "$VENV/bin/python" -m pip install -q -r bench/requirements.txt
     fi
     echo "$want" > "$stamp"
 fi

@@ -9,6 +9,10 @@ Stable names (the middleware tests use them too):
 - ``storage_url``: parametrized over ``"memory://"`` and ``redis_url``.
 - ``make_limiter``: builds Limiters and closes them after the test.
 
+``RATEGATE_TEST_INSTALLED=<dir>`` (set by ``make test-wheel``): the run
+stops at once unless ``import rategate`` finds the package under <dir> (the
+wheel's venv), not a checkout that happens to be on ``sys.path``.
+
 A hang must fail, not block CI: every test runs under a hard watchdog
 (``RATEGATE_TEST_TIMEOUT`` seconds, default 60) that dumps every thread's
 stack and exits the run.
@@ -32,11 +36,30 @@ from redisserver import RedisServer  # noqa: E402
 TEST_TIMEOUT = float(os.environ.get("RATEGATE_TEST_TIMEOUT", "60"))
 
 
+# -- which rategate ------------------------------------------------------------
+def pytest_report_header(config: pytest.Config) -> str:
+    import rategate
+
+    return f"rategate {rategate.__version__} from {os.path.dirname(rategate.__file__)}"
+
+
+def _check_installed() -> None:
+    want = os.environ.get("RATEGATE_TEST_INSTALLED")
+    if not want:
+        return
+    import rategate
+
+    where = os.path.realpath(rategate.__file__)
+    if os.path.commonpath([where, os.path.realpath(want)]) != os.path.realpath(want):
+        raise pytest.UsageError(f"RATEGATE_TEST_INSTALLED={want}, but rategate was imported from {where}")
+
+
 # -- the watchdog -------------------------------------------------------------
 _watchdog_fd: list[int] = []
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    _check_installed()
     # A private copy of the real stderr, taken while output capture is
     # suspended: the dump must reach the terminal / CI log, not a capture file.
     if not _watchdog_fd:

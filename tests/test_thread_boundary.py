@@ -12,8 +12,10 @@ import re
 from pathlib import Path
 
 import pytest
+from source_tree import ROOT, needs_source
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+pytestmark = needs_source
+CSRC = ROOT / "csrc"
 LOOP_THREAD_FILES = ["engine.c", "engine.h", "redis.c", "redis.h", "port.c", "port.h",
                      "check.c", "check.h", "gcra.c", "gcra.h", "cache.c", "cache.h",
                      "memstore.c", "memstore.h", "script.c", "script.h"]

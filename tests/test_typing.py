@@ -1,15 +1,13 @@
 """The package type-checks under mypy --strict (with the .pyi of the C core)."""
 
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from source_tree import ROOT, needs_source
 
-ROOT = Path(__file__).resolve().parent.parent
 
-
+@needs_source
 def test_mypy_strict() -> None:
     pytest.importorskip("mypy", reason="mypy is installed by the test set-up (scripts/bootstrap.sh)")
     r = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--no-incremental", "rategate"],
