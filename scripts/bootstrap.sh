@@ -43,10 +43,12 @@ want="$( { cat pyproject.toml; [ "$MODE" = bench ] && cat bench/requirements.txt
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "bootstrap: installing Python dependencies ($MODE) into $VENV"
     "$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel
-    "$VENV/bin/python" -m pip install -q \
-        "pytest>=8" "pytest-asyncio>=1.0" "httpx>=0.27" "fastapi>=0.100" "starlette>=0.37" \
-        "uvicorn>=0.29" "redis>=5" "mypy>=1.8" "websockets>=12" "prometheus_client>=0.17" \
-        "hypothesis>=6.100" "http-sf>=1.0"
+    # The test extra of pyproject.toml, the one list of the suite's needs
+    # (read with tomllib, so nothing here repeats it; rategate itself is
+    # built in place, not installed).
+    mapfile -t test_deps < <("$VENV/bin/python" -c \
+        'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["test"]))')
+    "$VENV/bin/python" -m pip install -q "${test_deps[@]}"
     if [ "$MODE" = bench ]; then
         "$VENV/bin/python" -m pip install -q -r bench/requirements.txt
     fi
