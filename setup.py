@@ -56,7 +56,7 @@ def _flags():
 cflags, libs = _flags()
 extra_compile = ["-std=gnu11", "-O2", "-fvisibility=hidden", *cflags]
 extra_compile += shlex.split(os.environ.get("RATEGATE_CFLAGS", ""))
-extra_link = [*libs, "-lpthread", "-lm", *shlex.split(os.environ.get("RATEGATE_LDFLAGS", ""))]
+extra_link = [*libs, "-lssl", "-lcrypto", "-lpthread", "-lm", *shlex.split(os.environ.get("RATEGATE_LDFLAGS", ""))]
 
 setup(
     ext_modules=[
