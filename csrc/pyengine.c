@@ -410,9 +410,12 @@ engine_tp_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"host", "port", "path", "username", "password", "db",
                              "timeout", "failure_open", "threads", "max_pending",
-                             "cache_size", "connect_timeout", "stall_timeout", "spin", NULL};
+                             "cache_size", "connect_timeout", "stall_timeout", "spin",
+                             "tls", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile",
+                             "ssl_verify", "ssl_check_hostname", NULL};
     PyObject *host, *path, *user, *pass;
-    int port, db, failure_open, threads;
+    const char *ca = NULL, *certfile = NULL, *keyfile = NULL;
+    int port, db, failure_open, threads, tls = 0, verify = 1, check_hostname = 1;
     long max_pending;
     Py_ssize_t cache_size;
     double timeout, connect_timeout, stall_timeout, spin = 0.0;
@@ -421,10 +424,11 @@ engine_tp_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
 
     if (st == NULL)
         return NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OiOOOidpilndd|d:Engine", kwlist, &host, &port,
-                                     &path, &user, &pass, &db, &timeout, &failure_open,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OiOOOidpilndd|dpzzzpp:Engine", kwlist, &host,
+                                     &port, &path, &user, &pass, &db, &timeout, &failure_open,
                                      &threads, &max_pending, &cache_size, &connect_timeout,
-                                     &stall_timeout, &spin))
+                                     &stall_timeout, &spin, &tls, &ca, &certfile, &keyfile,
+                                     &verify, &check_hostname))
         return NULL;
     if (!(timeout > 0 && connect_timeout > 0 && stall_timeout > 0)) {
         PyErr_SetString(PyExc_ValueError, "timeouts must be > 0 seconds");
@@ -480,6 +484,17 @@ engine_tp_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
     self->eng.cfg.password = dup_arg(pass, &self->eng.cfg.password_len, "password");
     if (PyErr_Occurred())
         goto error;
+    if (tls) {
+        /* Made here, on the Python thread, so a bad file is a ValueError
+         * now; the loop threads only make SSL objects from it (conn.c). */
+        char err[600];
+        self->eng.cfg.tls = rg_tls_ctx_new(ca, certfile, keyfile, verify, err, sizeof(err));
+        if (self->eng.cfg.tls == NULL) {
+            PyErr_SetString(PyExc_ValueError, err);
+            goto error;
+        }
+        self->eng.cfg.tls_check_hostname = verify && check_hostname;
+    }
     if (rg_cache_init(&self->cache, (size_t)cache_size) < 0) {
         PyErr_NoMemory();
         goto error;

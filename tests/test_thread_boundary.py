@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
-LOOP_THREAD_FILES = ["engine.c", "engine.h", "redis.c", "redis.h", "port.c", "port.h",
+LOOP_THREAD_FILES = ["engine.c", "engine.h", "conn.c", "conn.h", "batch.c", "batch.h", "port.c", "port.h",
                      "check.c", "check.h", "gcra.c", "gcra.h", "cache.c", "cache.h",
                      "memstore.c", "memstore.h", "script.c", "script.h"]
 
