@@ -55,6 +55,7 @@ typedef struct resolve_req {
     unsigned delay_ms;
     int port;
     int err;               /* getaddrinfo's */
+    int sys_errno;         /* errno, for EAI_SYSTEM */
     struct addrinfo *ai;
     char host[];
 } resolve_req;
@@ -83,6 +84,7 @@ struct rg_conn {
     uv_connect_t connect_req;
     uv_timer_t timer;        /* connect timeout */
     resolve_req *resolving;
+    struct addrinfo *ai, *ai_next; /* the name's addresses; the next to try */
     redisReader *reader;
     int hello_left;          /* handshake replies still owed (they come first) */
     char sha[41];
@@ -199,6 +201,8 @@ conn_free(rg_conn *c)
     if (c->ssl != NULL)
         SSL_free(c->ssl); /* frees both BIOs */
     rg_buf_free(&c->pending);
+    if (c->ai != NULL)
+        freeaddrinfo(c->ai);
     free(c->fifo);
     free(c);
 }
@@ -557,13 +561,20 @@ read_cb(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf)
     if (nread < 0) {
         if (c->ssl != NULL && !c->tls_done)
             tls_fail(c, "handshake with");
-        else if (nread == UV_EOF)
-            conn_losef(c, "connection closed by %s%s", c->addr,
-                       c->state != CS_HELLO ? ""
-                       : c->ssl == NULL ? " during the set-up (a TLS port? then use rediss://)"
-                                        : " during the set-up");
-        else
-            conn_losef(c, "connection to %s failed: %s", c->addr, uv_strerror((int)nread));
+        else {
+            /* Dropped before the handshake's replies: a TLS port answers a
+             * plain client so (Redis resets or closes it). */
+            const char *hint = c->state != CS_HELLO ? ""
+                               : c->ssl == NULL ? " during the set-up (a TLS port? then use rediss://)"
+                                                : " during the set-up";
+            char why[512];
+            if (nread == UV_EOF)
+                msgf(why, sizeof(why), "connection closed by %s%s", c->addr, hint);
+            else
+                msgf(why, sizeof(why), "connection to %s failed: %s%s", c->addr,
+                     uv_strerror((int)nread), hint);
+            conn_lose(c, why);
+        }
         goto out;
     }
     if (c->ssl == NULL) {
@@ -666,6 +677,26 @@ done:
     return r;
 }
 
+static void connect_to(rg_conn *c, const struct sockaddr *sa);
+
+/* The failed attempt's socket is closed: connect to the next address. */
+static void
+next_addr(uv_handle_t *h)
+{
+    rg_conn *c = h->data;
+    struct addrinfo *a = c->ai_next;
+
+    c->handles--;
+    if (c->state == CS_CLOSED) {
+        if (c->handles == 0)
+            conn_free(c);
+        return;
+    }
+    c->ai_next = a->ai_next;
+    connect_to(c, a->ai_addr);
+    c->ops->settle(c->owner);
+}
+
 static void
 connected_cb(uv_connect_t *req, int status)
 {
@@ -674,6 +705,12 @@ connected_cb(uv_connect_t *req, int status)
 
     if (c->state == CS_CLOSED)
         return; /* closed while connecting: the handle's close cancels us */
+    if (status < 0 && c->ai_next != NULL && status != UV_ECANCELED) {
+        /* Try the name's next address once this socket is closed. */
+        c->h_init = 0;
+        uv_close(&c->h.handle, next_addr);
+        return;
+    }
     if (status < 0) {
         conn_losef(c, "connect failed: %s: %s", c->addr, uv_strerror(status));
         goto out;
@@ -746,6 +783,7 @@ resolve_work(uv_work_t *w)
     hints.ai_socktype = SOCK_STREAM;
     msgf(port, sizeof(port), "%d", q->port);
     q->err = getaddrinfo(q->host, port, &hints, &q->ai);
+    q->sys_errno = errno;
 }
 
 static void
@@ -762,13 +800,18 @@ resolve_done(uv_work_t *w, int status)
         return;
     }
     c->resolving = NULL;
-    if (q->err != 0 || q->ai == NULL)
+    if (q->err != 0 || q->ai == NULL) {
         conn_losef(c, "cannot resolve %s: %s", c->addr,
-                   q->err == EAI_SYSTEM ? strerror(errno) : gai_strerror(q->err));
-    else
+                   q->err == EAI_SYSTEM ? strerror(q->sys_errno) : gai_strerror(q->err));
+        if (q->ai != NULL)
+            freeaddrinfo(q->ai);
+    } else {
+        /* Kept: a name may have several addresses (localhost: ::1 and
+         * 127.0.0.1), tried in turn until one accepts. */
+        c->ai = q->ai;
+        c->ai_next = q->ai->ai_next;
         connect_to(c, q->ai->ai_addr);
-    if (q->ai != NULL)
-        freeaddrinfo(q->ai);
+    }
     free(q);
     c->ops->settle(c->owner);
 }
@@ -780,7 +823,11 @@ timeout_cb(uv_timer_t *t)
     static const char *const phase[] = {"resolving the host name", "connecting", "the set-up"};
     char why[400];
 
-    if (c->why[0] != '\0') {
+    if (c->state == CS_HELLO && c->ssl != NULL && !c->tls_done) {
+        msgf(why, sizeof(why), "TLS handshake with %s failed: no answer within %llu ms: is this "
+             "port speaking TLS? use redis:// for a plain port", c->addr,
+             (unsigned long long)(c->cfg->connect_timeout_ns / 1000000u));
+    } else if (c->why[0] != '\0') {
         /* A failure found inside an rg_conn_* call, reported from here so
          * that the owner never gets lost() from inside its own call. */
         msgf(why, sizeof(why), "%s", c->why);
@@ -959,6 +1006,11 @@ rg_tls_ctx_new(const char *ca_certs, const char *certfile, const char *keyfile, 
                        errlen) != 0)
             goto fail;
         if (SSL_CTX_use_PrivateKey_file(ctx, key, SSL_FILETYPE_PEM) != 1) {
+            if (ERR_GET_REASON(ERR_peek_last_error()) == X509_R_KEY_VALUES_MISMATCH) {
+                msgf(err, errlen, "ssl_keyfile: %s is not the key of the certificate in %s", key,
+                     certfile);
+                goto fail;
+            }
             ssl_reason(why, sizeof(why));
             msgf(err, errlen, "%s: %s holds no PEM private key OpenSSL accepts (%s)%s",
                      keyfile != NULL ? "ssl_keyfile" : "ssl_certfile", key, why,

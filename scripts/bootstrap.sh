@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(gcc make pkg-config libhiredis-dev libuv1-dev redis-server redis-tools wrk)
+APT_PACKAGES=(gcc make pkg-config libhiredis-dev libuv1-dev libssl-dev openssl redis-server redis-tools wrk)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

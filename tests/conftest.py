@@ -7,6 +7,9 @@ Stable names (the middleware tests use them too):
 - ``own_redis``: a private server for one test, free to kill, restart, pause.
 - ``redis_unix_server`` / ``redis_unix_url``: the same over a unix socket.
 - ``storage_url``: parametrized over ``"memory://"`` and ``redis_url``.
+- ``tls_certs``: a throwaway CA and certificates (tests/tlscerts.py).
+- ``redis_tls_server`` / ``redis_tls_url``: a TLS-only server (session),
+  ``rediss://127.0.0.1:PORT/0?ssl_ca_certs=...``, emptied for the test.
 - ``make_limiter``: builds Limiters and closes them after the test.
 
 A hang must fail, not block CI: every test runs under a hard watchdog
@@ -28,6 +31,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))  # "from redisserver import ..."
 
 from redisserver import RedisServer  # noqa: E402
+from tlscerts import Certs, make_certs  # noqa: E402
 
 TEST_TIMEOUT = float(os.environ.get("RATEGATE_TEST_TIMEOUT", "60"))
 
@@ -110,6 +114,29 @@ def redis_unix_url(redis_unix_server: RedisServer) -> str:
         redis_unix_server.start()
     redis_unix_server.flushall()
     return redis_unix_server.url
+
+
+@pytest.fixture(scope="session")
+def tls_certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    return make_certs(str(tmp_path_factory.mktemp("tls")))
+
+
+@pytest.fixture(scope="session")
+def redis_tls_server(tls_certs: Certs) -> Iterator[RedisServer]:
+    server = RedisServer(tls=(tls_certs.server_cert, tls_certs.server_key, tls_certs.ca))
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def redis_tls_url(redis_tls_server: RedisServer) -> str:
+    """``rediss://127.0.0.1:PORT/0?ssl_ca_certs=...`` of the session TLS server, emptied."""
+    if not redis_tls_server.running:
+        redis_tls_server.start()
+    redis_tls_server.flushall()
+    return redis_tls_server.url
 
 
 @pytest.fixture(params=["memory", "redis"])

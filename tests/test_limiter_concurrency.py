@@ -33,7 +33,12 @@ def catch_loop_errors() -> list[dict]:
 
 # -- 10,000 at once from one loop ---------------------------------------------------------------
 @pytest.mark.parametrize("deny_cache", [False, True])
-async def test_ten_thousand_concurrent_checks(storage_url: str, make_limiter: Any, deny_cache: bool) -> None:
+@pytest.mark.parametrize("storage", ["memory", "redis", "rediss"])
+async def test_ten_thousand_concurrent_checks(
+    request: pytest.FixtureRequest, make_limiter: Any, deny_cache: bool, storage: str
+) -> None:
+    storage_url = {"memory": lambda: "memory://", "redis": lambda: request.getfixturevalue("redis_url"),
+                   "rediss": lambda: request.getfixturevalue("redis_tls_url")}[storage]()
     # Generous deadline: this is about exactness, not speed.
     lim = make_limiter(storage_url, timeout=BOUND, deny_cache=deny_cache)
     seen = catch_loop_errors()

@@ -23,6 +23,7 @@ import time
 from typing import Any
 
 import httpx
+import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -88,7 +89,9 @@ def warm_up(srv: Uvicorn, source: str, n: int) -> set[int]:
     return asyncio.run(go())
 
 
-def test_four_workers_share_one_limit(redis_server: Any) -> None:
+@pytest.mark.parametrize("transport", ["plain", "tls"])
+def test_four_workers_share_one_limit(request: pytest.FixtureRequest, transport: str) -> None:
+    redis_server = request.getfixturevalue("redis_server" if transport == "plain" else "redis_tls_server")
     redis_server.flushall()
     srv = start(redis_server.url, 4)
     try:
