@@ -129,7 +129,7 @@ rg_batch_write(rg_batch *b, const char *sha, rg_buf *out)
         rg_check *c = b->checks[i];
         char tag[24];
         size_t taglen = 0;
-        if (0)
+        if (c->keylen == 0 || memchr(c->key, '}', c->keylen) != NULL)
             taglen = (size_t)snprintf(tag, sizeof(tag), "%016llx",
                                       (unsigned long long)fnv1a(c->key, c->keylen));
         for (j = 0; j < c->spec->n; j++)

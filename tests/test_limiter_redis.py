@@ -50,10 +50,20 @@ async def test_state_is_one_integer_per_key(lim: Any, rc: Any) -> None:
     assert rc.type(b"rg:{i}:10/3600000") == b"string"
 
 
+def fnv1a64(b: bytes) -> int:
+    h = 0xCBF29CE484222325
+    for x in b:
+        h = ((h ^ x) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
 async def test_binary_keys_are_sent_verbatim(lim: Any, rc: Any) -> None:
+    # A '}' in the key would end the hash tag early: such keys are tagged by
+    # a stable hash of the key instead (and carry the key verbatim after it).
     key = b"a\x00b{c}d\xff\r\n*1"
     await hit(lim, key, "10/hour")
-    assert rc.keys("*") == [b"rg:{" + key + b"}:10/3600000"]
+    tag = b"~%016x" % fnv1a64(key)
+    assert rc.keys("*") == [b"rg:{" + tag + b"}~" + key + b":10/3600000"]
     await hit(lim, "ключ", "10/hour")
     assert rc.exists(b"rg:{" + "ключ".encode() + b"}:10/3600000") == 1
 
@@ -190,3 +200,34 @@ async def test_password(make_limiter: Any) -> None:
         assert d.error in ("unavailable", "redis_error", "timeout")
         assert d.allowed is False
         assert server.client().get(b"rg:{pw}:10/3600000") is not None
+
+
+# -- one hash slot per check (Redis Cluster) ----------------------------------------------------
+@pytest.fixture(scope="module")
+def keyslot() -> Any:
+    """CLUSTER KEYSLOT of a real (cluster-enabled, slot-less) redis-server."""
+    from redisserver import RedisServer
+
+    with RedisServer(extra_args=["--cluster-enabled", "yes",
+                                 "--cluster-config-file", "nodes.conf"]) as srv:
+        c = srv.client()
+        yield lambda k: int(c.execute_command("CLUSTER", "KEYSLOT", k))
+
+
+@pytest.mark.parametrize("key", [b"}", b"}x", b"a}", b"{}", b"{", b"x{y}z", b"}{a}", b"plain",
+                                 b"\xff}\x00", "ключ}".encode()])
+async def test_every_rate_of_a_check_is_in_one_slot(lim: Any, rc: Any, keyslot: Any, key: bytes) -> None:
+    rc.flushdb()
+    rates = "1/second; 10/minute; 100/hour; 1000/day"
+    await hit(lim, key, rates)
+    keys = rc.keys("*")
+    assert len(keys) == 4
+    # The key travels verbatim inside every Redis key of the check.
+    assert all(key in k for k in keys)
+    slots = {keyslot(k) for k in keys}
+    assert len(slots) == 1, (keys, slots)
+    # The tag is never empty: {} would hash the whole key (one slot per rate).
+    assert all(not k.startswith(b"rg:{}") for k in keys)
+    # Stable across processes: the same key always lands in the same slot.
+    assert (await hit(lim, key, rates)).error is None
+    assert set(rc.keys("*")) == set(keys)
