@@ -231,3 +231,39 @@ async def test_every_rate_of_a_check_is_in_one_slot(lim: Any, rc: Any, keyslot: 
     # Stable across processes: the same key always lands in the same slot.
     assert (await hit(lim, key, rates)).error is None
     assert set(rc.keys("*")) == set(keys)
+
+
+# -- reset (the script's side of Limiter.reset) ----------------------------------------------
+def test_script_reset_deletes_the_checks_keys_in_the_same_call(rc: Any) -> None:
+    # One call: a hit on "a" (2 rates), a reset of "b" (2 rates), a hit on "c".
+    # A reset travels as cost -1 and answers allowed with zeros.
+    from rategate import _core
+
+    rc.set(b"rg:{b}:10/60000", b"123")
+    rc.set(b"rg:{b}:100/3600000", b"456")
+    rc.set(b"rg:{other}:10/60000", b"789")
+    keys = [b"rg:{a}:10/60000", b"rg:{a}:100/3600000", b"rg:{b}:10/60000", b"rg:{b}:100/3600000",
+            b"rg:{c}:10/60000"]
+    argv = [3, 1, 2, 6e6, 5.4e7, 3.6e7, 3.564e9, -1, 2, 6e6, 5.4e7, 3.6e7, 3.564e9, 1, 1, 6e6, 5.4e7]
+    out = rc.eval(_core.SCRIPT, len(keys), *keys, *argv)
+    assert len(out) == 18
+    assert out[0] == 1 and out[12] == 1  # the hits are allowed
+    assert out[6:12] == [1, 0, 0, 0, 0, 0]  # the reset
+    assert rc.exists(b"rg:{b}:10/60000", b"rg:{b}:100/3600000") == 0
+    assert rc.exists(b"rg:{a}:10/60000", b"rg:{c}:10/60000", b"rg:{other}:10/60000") == 3
+
+
+# -- Redis's own error text is kept (issue 8 #13) ----------------------------------------------
+async def test_oom_error_text_reaches_last_error(own_redis: RedisServer, make_limiter: Any) -> None:
+    c = own_redis.client()
+    lim = make_limiter(own_redis.url, timeout=TIMEOUT)
+    await hit(lim, "warm", "10/hour")
+    c.config_set("maxmemory-policy", "noeviction")
+    c.config_set("maxmemory", "1")
+    try:
+        d = await hit(lim, "k", "10/hour", ok=False)
+        assert d.error == "redis_error"
+        err = lim.stats()["last_error"]
+        assert "OOM" in err, err
+    finally:
+        c.config_set("maxmemory", "0")
