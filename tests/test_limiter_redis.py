@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 import pytest
@@ -267,3 +268,25 @@ async def test_oom_error_text_reaches_last_error(own_redis: RedisServer, make_li
         assert "OOM" in err, err
     finally:
         c.config_set("maxmemory", "0")
+
+
+# -- memory after a burst of huge keys (issue 8 #10) -------------------------------------------
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+async def test_buffers_shrink_after_a_burst_of_huge_keys(redis_url: str, make_limiter: Any) -> None:
+    # 100 checks x 16 rates x 64 KiB keys in one script call is about 100 MB
+    # of command; once written, none of it may stay with the engine.
+    lim = make_limiter(redis_url, timeout=30.0)
+    rates = "; ".join(f"{1000 + i}/day" for i in range(16))
+    await hit(lim, "warm", rates)
+    before = _rss_mb()
+    for r in range(2):
+        keys = [bytes([65 + r]) * 65000 + b"%03d" % i for i in range(100)]
+        ds = await asyncio.wait_for(asyncio.gather(*(lim.hit(k, rates) for k in keys)), 60)
+        assert all(d.error is None for d in ds), lim.stats()["last_error"]
+    del keys, ds
+    grown = _rss_mb() - before
+    assert grown < 60, f"RSS grew {grown:.0f} MB after the burst"
