@@ -483,3 +483,22 @@ def test_forked_child_closes_the_parents_loop_fds(redis_server: RedisServer, red
         assert got == [[], [], 0]
     finally:
         asyncio.run(asyncio.wait_for(lim.aclose(), BOUND))
+
+
+def _thread_names() -> list[str]:
+    names = []
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                names.append(f.read().strip())
+        except OSError:
+            pass
+    return names
+
+
+async def test_loop_threads_are_named(redis_url: str, make_limiter: Any) -> None:
+    # For ps, top, py-spy and the incident notes: which threads are ours.
+    lim = make_limiter(redis_url, threads=2)
+    assert (await lim.hit("n", "10/hour")).error is None
+    names = _thread_names()
+    assert "rategate-loop-0" in names and "rategate-loop-1" in names, names
