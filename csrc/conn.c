@@ -565,7 +565,7 @@ read_cb(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf)
             /* Dropped before the handshake's replies: a TLS port answers a
              * plain client so (Redis resets or closes it). */
             const char *hint = c->state != CS_HELLO ? ""
-                               : c->ssl == NULL ? " during the set-up (a TLS port? then use rediss://)"
+                               : c->ssl == NULL ? " during the set-up (if this is a TLS port, use rediss://)"
                                                 : " during the set-up";
             char why[512];
             if (nread == UV_EOF)
