@@ -276,6 +276,8 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+@pytest.mark.skipif(bool(os.environ.get("RATEGATE_SANITIZED")),
+                    reason="ASan's quarantine holds freed memory: RSS says nothing there")
 async def test_buffers_shrink_after_a_burst_of_huge_keys(redis_url: str, make_limiter: Any) -> None:
     # 100 checks x 16 rates x 64 KiB keys in one script call is about 100 MB
     # of command; once written, none of it may stay with the engine.
