@@ -171,13 +171,14 @@ batch_fail(rg_shard *s, rg_batch *b, int err)
     }
 }
 
-/* Write b's script call on d's connection (already ready).  On failure the
- * batch's checks fail and it is retired. */
+/* Write b's script call on d's connection (ready).  On failure (no live
+ * check, no connection, out of memory) the batch's checks fail and it is
+ * retired. */
 static void
 batch_send(rg_shard *s, rg_dest *d, rg_batch *b)
 {
     rg_buf out = {0};
-    int r = rg_batch_write(b, d->sha, &out);
+    int r = d->conn != NULL ? rg_batch_write(b, d->sha, &out) : 1;
 
     if (r == 0) {
         b->sent_ns = rg_now_ns();

@@ -82,10 +82,15 @@ def redis_server() -> Iterator[RedisServer]:
 @pytest.fixture
 def redis_url(redis_server: RedisServer) -> str:
     """The session server, emptied (FLUSHALL) for this test."""
-    if not redis_server.running:  # a test killed the shared one: heal
-        redis_server.start()
-    redis_server.flushall()
-    return redis_server.url
+    return fresh_url(redis_server)
+
+
+def fresh_url(server: RedisServer) -> str:
+    """A session server's URL, emptied for this test (healed first if a test killed it)."""
+    if not server.running:
+        server.start()
+    server.flushall()
+    return server.url
 
 
 @pytest.fixture
@@ -110,10 +115,7 @@ def redis_unix_server() -> Iterator[RedisServer]:
 @pytest.fixture
 def redis_unix_url(redis_unix_server: RedisServer) -> str:
     """``unix:///tmp/.../redis.sock`` of the session unix server, emptied."""
-    if not redis_unix_server.running:
-        redis_unix_server.start()
-    redis_unix_server.flushall()
-    return redis_unix_server.url
+    return fresh_url(redis_unix_server)
 
 
 @pytest.fixture(scope="session")
@@ -123,20 +125,14 @@ def tls_certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
 
 @pytest.fixture(scope="session")
 def redis_tls_server(tls_certs: Certs) -> Iterator[RedisServer]:
-    server = RedisServer(tls=(tls_certs.server_cert, tls_certs.server_key, tls_certs.ca))
-    try:
+    with RedisServer(tls=tls_certs.server_tls) as server:
         yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture
 def redis_tls_url(redis_tls_server: RedisServer) -> str:
     """``rediss://127.0.0.1:PORT/0?ssl_ca_certs=...`` of the session TLS server, emptied."""
-    if not redis_tls_server.running:
-        redis_tls_server.start()
-    redis_tls_server.flushall()
-    return redis_tls_server.url
+    return fresh_url(redis_tls_server)
 
 
 @pytest.fixture(params=["memory", "redis"])

@@ -27,21 +27,15 @@ FAST = 2.0
 
 @pytest.fixture(scope="module")
 def mutual_server(tls_certs: Certs) -> Iterator[RedisServer]:
-    s = RedisServer(tls=(tls_certs.server_cert, tls_certs.server_key, tls_certs.ca),
-                    tls_auth_clients="yes", client_cert=(tls_certs.client_cert, tls_certs.client_key))
-    try:
+    with RedisServer(tls=tls_certs.server_tls, tls_auth_clients="yes",
+                     client_cert=(tls_certs.client_cert, tls_certs.client_key)) as s:
         yield s
-    finally:
-        s.close()
 
 
 @pytest.fixture(scope="module")
 def wrongname_server(tls_certs: Certs) -> Iterator[RedisServer]:
-    s = RedisServer(tls=(tls_certs.wrongname_cert, tls_certs.wrongname_key, tls_certs.ca))
-    try:
+    with RedisServer(tls=(tls_certs.wrongname_cert, tls_certs.wrongname_key, tls_certs.ca)) as s:
         yield s
-    finally:
-        s.close()
 
 
 @pytest.fixture(scope="module")
@@ -49,16 +43,9 @@ def acl_servers(tls_certs: Certs) -> Iterator[tuple[RedisServer, RedisServer]]:
     # An ACL user besides the default one (whose password the fixture's
     # own probe uses).
     acl = ["--user", "alice", "on", ">s3cret", "~*", "&*", "+@all"]
-    plain = RedisServer(password="probe-pw", extra_args=acl)
-    try:
-        tls = RedisServer(password="probe-pw", extra_args=acl,
-                          tls=(tls_certs.server_cert, tls_certs.server_key, tls_certs.ca))
-        try:
-            yield plain, tls
-        finally:
-            tls.close()
-    finally:
-        plain.close()
+    with RedisServer(password="probe-pw", extra_args=acl) as plain, \
+            RedisServer(password="probe-pw", extra_args=acl, tls=tls_certs.server_tls) as tls:
+        yield plain, tls
 
 
 def tls_port(url: str) -> int:
@@ -181,7 +168,7 @@ async def test_tls_client_on_the_plain_port(redis_url: str, tls_certs: Certs, ma
 
 
 async def test_killed_and_restarted_behind_tls(tls_certs: Certs, make_limiter: Any) -> None:
-    with RedisServer(tls=(tls_certs.server_cert, tls_certs.server_key, tls_certs.ca)) as srv:
+    with RedisServer(tls=tls_certs.server_tls) as srv:
         lim = make_limiter(srv.url, timeout=0.5)
         await assert_exact(lim, "before")
         srv.stop()

@@ -31,6 +31,11 @@ class Certs:
         return os.path.join(self.dir, name)
 
     @property
+    def server_tls(self) -> tuple[str, str, str]:
+        """RedisServer's ``tls=``: the good server certificate, its key, the CA."""
+        return (self.server_cert, self.server_key, self.ca)
+
+    @property
     def ca(self) -> str:
         return self.path("ca.pem")
 
