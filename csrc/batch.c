@@ -65,7 +65,7 @@ write_key(rg_buf *b, const rg_check *c, int j, const char *tag, size_t taglen)
                       : 4 + c->keylen + 2 + sp->key_id_len[j];
     char *p;
 
-    b->len += (size_t)sprintf(b->p + b->len, "$%zu\r\n", n);
+    rg_resp_header(b, '$', n);
     p = b->p + b->len;
     if (taglen) {
         memcpy(p, "rg:{~", 5);

@@ -84,6 +84,7 @@ typedef struct rg_buf {
 int rg_buf_reserve(rg_buf *b, size_t more);
 void rg_buf_free(rg_buf *b);
 /* RESP writers; the buffer must have been reserved for them (see batch.c). */
+void rg_resp_header(rg_buf *b, char c, size_t n); /* "$<n>\r\n", "*<n>\r\n" */
 void rg_resp_array(rg_buf *b, size_t n);
 void rg_resp_bulk(rg_buf *b, const char *s, size_t n);
 void rg_resp_bulk_int(rg_buf *b, long long v);
