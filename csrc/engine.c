@@ -198,6 +198,9 @@ batch_send(rg_shard *s, rg_dest *d, rg_batch *b)
 
 static void dest_connect(rg_dest *d);
 
+/* A ready connection that lived this long counts as healthy when it drops. */
+#define RG_HEALTHY_NS 1000000000ull
+
 static void
 retry_cb(uv_timer_t *t)
 {
@@ -240,6 +243,8 @@ on_ready(void *owner, rg_conn *c, const char *sha)
     memcpy(d->sha, sha, sizeof(d->sha));
     d->state = RG_READY;
     d->again = 0;
+    d->answered = 0;
+    d->ready_ns = rg_now_ns();
     if (d->ever_ready)
         atomic_fetch_add(&s->eng->reconnects, 1);
     d->ever_ready = 1;
@@ -262,10 +267,12 @@ on_lost(void *owner, rg_conn *c, int was_ready, const char *why)
         d->state = RG_DOWN;
         return;
     }
-    if (was_ready) {
+    if (was_ready && (d->answered || rg_now_ns() - d->ready_ns >= RG_HEALTHY_NS)) {
         /* Healthy until now (an idle timeout, CLIENT KILL, a proxy's reset):
          * connect again at once, no backoff, not `down`.  Checks keep
-         * waiting for it within their deadlines. */
+         * waiting for it within their deadlines.  A connection dropped
+         * before it answered anything or lived a second (a proxy that
+         * closes each one) counts as a failed attempt: no tight loop. */
         d->state = RG_CONNECTING;
         d->again = 1;
         atomic_store(&s->connected, 0);
@@ -311,6 +318,7 @@ on_reply(void *owner, rg_conn *c, void *priv, struct redisReply *r)
         batch_retire(s, b);
         return;
     }
+    d->answered = 1;
     switch (rg_batch_decode(b, r, why, sizeof(why))) {
     case RG_BATCH_NOSCRIPT:
         /* SCRIPT FLUSH, or a failover to a replica without the script:

@@ -67,6 +67,8 @@ typedef struct rg_dest {
     int state;                 /* enum rg_dest_state */
     int ever_ready;
     int again;                 /* connecting at once after a ready connection dropped */
+    int answered;              /* the connection answered a script call since ready */
+    uint64_t ready_ns;         /* when it became ready */
     uint64_t backoff_ms;
     uv_timer_t retry_timer;    /* reconnect after the backoff */
     char sha[41];
