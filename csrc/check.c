@@ -3,9 +3,11 @@
  */
 #include "check.h"
 
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "port.h"
 
@@ -49,4 +51,59 @@ rg_now_ns(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* ---- fds owned by loop threads (see check.h) ---------------------------- */
+
+#define RG_FD_SLOTS 1024
+static atomic_int fd_slots[RG_FD_SLOTS]; /* fd + 1; 0: free */
+
+void
+rg_fd_own(int fd)
+{
+    int i;
+    for (i = 0; i < RG_FD_SLOTS; i++) {
+        int zero = 0;
+        if (atomic_compare_exchange_strong(&fd_slots[i], &zero, fd + 1))
+            return;
+    }
+    /* Full: a child would leak this fd, nothing worse. */
+}
+
+void
+rg_fd_disown(int fd)
+{
+    int i;
+    for (i = 0; i < RG_FD_SLOTS; i++) {
+        int want = fd + 1;
+        if (atomic_compare_exchange_strong(&fd_slots[i], &want, 0))
+            return;
+    }
+}
+
+/* In the child: the parent's loop threads do not exist here; close what
+ * they owned (async-signal-safe: close() and atomics only). */
+static void
+fd_child(void)
+{
+    int i;
+    for (i = 0; i < RG_FD_SLOTS; i++) {
+        int v = atomic_exchange(&fd_slots[i], 0);
+        if (v != 0)
+            close(v - 1);
+    }
+}
+
+static pthread_once_t fd_once = PTHREAD_ONCE_INIT;
+
+static void
+fd_install(void)
+{
+    pthread_atfork(NULL, NULL, fd_child);
+}
+
+void
+rg_fd_install_atfork(void)
+{
+    pthread_once(&fd_once, fd_install);
 }

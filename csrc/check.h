@@ -63,6 +63,7 @@ typedef struct rg_check {
     uint64_t deadline_ns;
     int64_t cost;
     int op;                /* enum rg_op */
+    int resent;            /* sent again after its connection dropped (at most once) */
     int err;               /* enum rg_err */
     rg_result res;
     uint32_t keylen;
@@ -83,6 +84,19 @@ rg_check *rg_check_new(const char *key, size_t keylen);
 void rg_check_free(rg_check *c);
 
 uint64_t rg_now_ns(void);
+
+/*
+ * The file descriptors the loop threads own (epoll, wake-up eventfds,
+ * sockets), process-wide and lock-free, so that a child of fork() closes
+ * them at once (pthread_atfork) without touching the parent's structures,
+ * which may be mid-update.  Own an fd after it is opened and disown it before
+ * it is closed: an fd missed in between is only leaked by a child, never
+ * closed while it means something else.
+ */
+void rg_fd_own(int fd);
+void rg_fd_disown(int fd);
+/* Install the fork handler (idempotent; any thread). */
+void rg_fd_install_atfork(void);
 
 /* Live objects, for the leak tests (always on: two relaxed atomics). */
 extern atomic_long rg_live_checks;

@@ -2,7 +2,7 @@
  * engine.h: the loop threads that run checks against Redis.
  *
  * An engine has one or more shards; each shard is one thread running one
- * libuv loop that owns one hiredis async connection.  Keys are spread over
+ * libuv loop that owns its connections (conn.h) to its destinations.  Keys are spread over
  * shards by hash.  The Python thread talks to a shard only through
  * rg_engine_submit() (a mutex-protected queue plus uv_async_send) and reads
  * only the atomic fields marked below.  A loop thread never touches a
@@ -19,9 +19,10 @@
 
 #include "check.h"
 
-struct redisAsyncContext;
+#include "batch.h"
+#include "conn.h"
 
-#define RG_BATCH_MAX 100 /* checks in one script call */
+struct ssl_ctx_st;
 
 typedef struct rg_engine_cfg {
     char *host;       /* TCP host, or NULL */
@@ -33,30 +34,46 @@ typedef struct rg_engine_cfg {
     size_t username_len;
     int db;
     uint64_t timeout_ns;         /* per-check deadline */
-    uint64_t connect_timeout_ns; /* connect + handshake */
+    uint64_t connect_timeout_ns; /* resolve + connect + TLS + handshake */
     uint64_t stall_ns;           /* no reply for this long: drop the connection */
     long max_pending;            /* bound on outstanding checks */
     uint64_t spin_ns;            /* poll instead of sleeping while replies are owed (0: never) */
     int nshards;
+    struct ssl_ctx_st *tls;      /* rediss://: made by rg_tls_ctx_new, freed with the cfg */
+    int tls_check_hostname;
 } rg_engine_cfg;
 
-/* Doubly linked list with a sentinel, of checks (loop thread only). */
+/* Doubly linked list with a sentinel, of checks (loop thread only), kept in
+ * deadline order (see list_insert in engine.c). */
 typedef struct rg_list {
     rg_check head;
 } rg_list;
 
-/* One script call in flight: the checks it carries (NULL once answered by
- * the deadline; the late reply is then ignored for that check). */
-typedef struct rg_batch {
-    struct rg_shard *shard;
-    struct rg_batch *prev, *next; /* unreplied batches, oldest first */
-    uint64_t sent_ns;
-    int n;
-    int evaled; /* resent with EVAL after NOSCRIPT */
-    rg_check *checks[];
-} rg_batch;
+enum rg_dest_state { RG_DOWN, RG_CONNECTING, RG_READY };
 
-enum rg_conn_state { RG_DOWN, RG_CONNECTING, RG_READY };
+/*
+ * One destination of a shard: one Redis server, the connection to it and
+ * the script calls it owes replies to.  (One per shard today; Sentinel and
+ * Cluster give a shard several, chosen by a topology.)  Loop thread only.
+ *
+ * A connection that was ready and drops is replaced at once: checks wait
+ * for the new one within their deadline, and the checks of the calls lost
+ * with it are sent again once (see dest_reply).  Only a connect attempt
+ * that fails marks the shard `down` (answered at once) and backs off.
+ */
+typedef struct rg_dest {
+    struct rg_shard *shard;
+    rg_conn *conn;             /* NULL between attempts */
+    int state;                 /* enum rg_dest_state */
+    int ever_ready;
+    int again;                 /* connecting at once after a ready connection dropped */
+    int answered;              /* the connection answered a script call since ready */
+    uint64_t ready_ns;         /* when it became ready */
+    uint64_t backoff_ms;
+    uv_timer_t retry_timer;    /* reconnect after the backoff */
+    char sha[41];
+    rg_batch bsentinel;        /* unreplied script calls, oldest first */
+} rg_dest;
 
 typedef struct rg_shard {
     struct rg_engine *eng;
@@ -74,26 +91,14 @@ typedef struct rg_shard {
     uv_loop_t loop;
     uv_async_t wake;
     uv_timer_t deadline_timer; /* check deadlines and stall detection */
-    uv_timer_t conn_timer;     /* connect timeout, then reconnect backoff */
     pthread_t thread;
     int thread_started;
     int closing;
-    struct redisAsyncContext *ac;
-    int state;                 /* enum rg_conn_state */
-    int ever_ready;
-    uint64_t backoff_ms;
     unsigned int rand_state;
-    char sha[41];
+    rg_dest dest;
     rg_list waiting;           /* queued while connecting */
     rg_list sent;              /* in a batch, awaiting the reply */
-    rg_batch bsentinel;        /* list of unreplied batches */
     rg_check *done_head, *done_tail; /* finished, pushed to ports at flush */
-    /* scratch for building a script call */
-    const char **argv;
-    size_t *argvlen;
-    size_t argcap;
-    char *kbuf;
-    size_t kbufcap;
 } rg_shard;
 
 typedef struct rg_engine {
@@ -102,6 +107,7 @@ typedef struct rg_engine {
     int started;
     atomic_long outstanding; /* queued + waiting + sent-and-unreplied */
     atomic_long reconnects;
+    rg_conn_cfg conn;        /* from cfg, for every connection (set at start) */
     pthread_mutex_t err_mu;
     char last_error[256];    /* last Redis error text, for stats (under err_mu) */
 } rg_engine;
@@ -122,17 +128,12 @@ int rg_shard_needs_wake(rg_shard *s);
  * RG_ERR_CLOSED through its port.  Call without the GIL. */
 void rg_engine_stop(rg_engine *e);
 /* After fork() in the child: forget the parent's threads without touching
- * their locks (their memory is leaked on purpose: it may be mid-update). */
+ * their locks (their memory is leaked on purpose: it may be mid-update);
+ * err_mu is made anew (a parent thread may have held it at the fork), and
+ * the fds the parent's loop threads owned were closed by the fork handler
+ * (rg_fd_own). */
 void rg_engine_abandon(rg_engine *e);
 void rg_engine_free_cfg(rg_engine_cfg *cfg);
 void rg_engine_set_error(rg_engine *e, const char *msg, size_t len);
-
-/* Loop-thread internals shared with redis.c. */
-void rg_shard_complete(rg_shard *s, rg_check *c, int err);
-void rg_shard_flush(rg_shard *s);
-void rg_shard_send_waiting(rg_shard *s);
-void rg_shard_fail_waiting(rg_shard *s, int err);
-void rg_shard_arm(rg_shard *s);
-void rg_list_remove(rg_check *c);
 
 #endif

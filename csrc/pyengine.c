@@ -467,9 +467,11 @@ engine_tp_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
     static char *kwlist[] = {"host", "port", "path", "username", "password", "db",
                              "timeout", "failure_open", "threads", "max_pending",
                              "cache_size", "connect_timeout", "stall_timeout", "spin",
-                             "deny_cache_ttl", NULL};
+                             "deny_cache_ttl", "tls", "ssl_ca_certs", "ssl_certfile",
+                             "ssl_keyfile", "ssl_verify", "ssl_check_hostname", NULL};
     PyObject *host, *path, *user, *pass;
-    int port, db, failure_open, threads;
+    const char *ca = NULL, *certfile = NULL, *keyfile = NULL;
+    int port, db, failure_open, threads, tls = 0, verify = 1, check_hostname = 1;
     long max_pending;
     Py_ssize_t cache_size;
     double timeout, connect_timeout, stall_timeout, spin = 0.0, ttl = 1.0;
@@ -478,10 +480,11 @@ engine_tp_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
 
     if (st == NULL)
         return NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OiOOOidpilndd|dd:Engine", kwlist, &host, &port,
-                                     &path, &user, &pass, &db, &timeout, &failure_open,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OiOOOidpilndd|ddpzzzpp:Engine", kwlist, &host,
+                                     &port, &path, &user, &pass, &db, &timeout, &failure_open,
                                      &threads, &max_pending, &cache_size, &connect_timeout,
-                                     &stall_timeout, &spin, &ttl)) {
+                                     &stall_timeout, &spin, &ttl, &tls, &ca, &certfile, &keyfile,
+                                     &verify, &check_hostname)) {
         if (PyErr_ExceptionMatches(PyExc_OverflowError)) {
             PyErr_Clear();
             PyErr_SetString(PyExc_ValueError,
@@ -544,6 +547,17 @@ engine_tp_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
     self->eng.cfg.password = dup_arg(pass, &self->eng.cfg.password_len, "password");
     if (PyErr_Occurred())
         goto error;
+    if (tls) {
+        /* Made here, on the Python thread, so a bad file is a ValueError
+         * now; the loop threads only make SSL objects from it (conn.c). */
+        char err[600];
+        self->eng.cfg.tls = rg_tls_ctx_new(ca, certfile, keyfile, verify, err, sizeof(err));
+        if (self->eng.cfg.tls == NULL) {
+            PyErr_SetString(PyExc_ValueError, err);
+            goto error;
+        }
+        self->eng.cfg.tls_check_hostname = verify && check_hostname;
+    }
     if (rg_cache_init(&self->cache, (size_t)cache_size, (uint64_t)(ttl * 1e9)) < 0) {
         PyErr_NoMemory();
         goto error;

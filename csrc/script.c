@@ -10,13 +10,16 @@
  * rates, with the same arithmetic as gcra.c (keep them in step).
  *
  * KEYS: for each check, one key per rate.
- * ARGV: [1] number of checks; then per check: cost, number of rates, then
- *       per rate: T and tau in microseconds ("%.17g").
+ * ARGV: [1] number of checks; then per check: cost (-1: reset, i.e.
+ *       delete the check's keys), number of rates, then per rate: T and tau
+ *       in microseconds ("%.17g").
  * Reply: per check six integers: allowed, reported rate (0-based),
- *       remaining, reset_us, retry_us, block_us (see rg_result).  allowed
- *       is -1 when Redis refused one of the check's commands (a key of the
- *       wrong type, OOM): redis.pcall keeps that from failing the other
- *       checks of the batch, which are decided as usual.
+ *       remaining, reset_us, retry_us, block_us (see rg_result); a reset
+ *       answers 1 and zeros.  allowed is -1 when Redis refused one of the
+ *       check's commands (a key of the wrong type, OOM): redis.pcall keeps
+ *       that from failing the other checks of the batch, which are decided
+ *       as usual, and Redis's own error text (the first) follows the
+ *       integers as one more element, so the cause is not lost.
  *
  * Time is Redis's TIME, counted from 2023-11-14 (1.7e9 s) so that
  * microseconds stay far below 2^53.  A TAT is stored with 17 significant
@@ -27,24 +30,34 @@ const char rg_script[] =
     "if redis.replicate_commands then redis.replicate_commands() end\n"
     "local t = redis.call('TIME')\n"
     "local now = (tonumber(t[1]) - 1700000000) * 1000000 + tonumber(t[2])\n"
-    "local out, a, k = {}, 2, 1\n"
+    "local out, a, k, why = {}, 2, 1, nil\n"
     "local floor, ceil, pcall = math.floor, math.ceil, redis.pcall\n"
+    "local function failed(e)\n"
+    "  if type(e) == 'table' and e.err then why = why or e.err; return true end\n"
+    "  return false\n"
+    "end\n"
     "for c = 1, tonumber(ARGV[1]) do\n"
     "  local cost, nr = tonumber(ARGV[a]), tonumber(ARGV[a + 1])\n"
     "  a = a + 2\n"
-    "  local T, tau, sl, t0, nw, allowed = {}, {}, {}, {}, {}, 1\n"
+    "  local rate, rem, reset, retry, block, allowed = 1, -1, 0, 0, 0, 1\n"
+    "  if cost < 0 then\n"
+    "    for j = 1, nr do\n"
+    "      if failed(pcall('DEL', KEYS[k + j - 1])) then allowed = -1 end\n"
+    "    end\n"
+    "    a = a + 2 * nr\n"
+    "  else\n"
+    "  local T, tau, sl, t0, nw = {}, {}, {}, {}, {}\n"
     "  for j = 1, nr do\n"
     "    T[j], tau[j] = tonumber(ARGV[a]), tonumber(ARGV[a + 1])\n"
     "    sl[j] = T[j] < 2 and T[j] / 2 or 1\n"
     "    a = a + 2\n"
     "    local v = pcall('GET', KEYS[k + j - 1])\n"
-    "    if type(v) == 'table' then allowed = -1; v = 0 end\n"
+    "    if failed(v) then allowed = -1; v = 0 end\n"
     "    v = tonumber(v) or 0\n"
     "    if v < now then v = now end\n"
     "    t0[j], nw[j] = v, v + cost * T[j]\n"
     "    if allowed == 1 and nw[j] - now > tau[j] + sl[j] then allowed = 0 end\n"
     "  end\n"
-    "  local rate, rem, reset, retry, block = 1, -1, 0, 0, 0\n"
     "  if allowed == 1 then\n"
     "    for j = 1, nr do\n"
     "      local r = floor((tau[j] - (nw[j] - now) + sl[j]) / T[j])\n"
@@ -53,8 +66,9 @@ const char rg_script[] =
     "      if cost > 0 then\n"
     "        local ttl = ceil((nw[j] - now) / 1000)\n"
     "        if ttl < 1 then ttl = 1 end\n"
-    "        local e = pcall('SET', KEYS[k + j - 1], string.format('%.17g', nw[j]), 'PX', ttl)\n"
-    "        if type(e) == 'table' and e.err then allowed = -1 end\n"
+    "        if failed(pcall('SET', KEYS[k + j - 1], string.format('%.17g', nw[j]), 'PX', ttl)) then\n"
+    "          allowed = -1\n"
+    "        end\n"
     "      end\n"
     "    end\n"
     "  elseif allowed == 0 then\n"
@@ -69,6 +83,7 @@ const char rg_script[] =
     "    if rem < 0 then rem = 0 end\n"
     "    reset, retry, block = ceil(t0[rate] - now), ceil(worst), floor(block)\n"
     "  end\n"
+    "  end\n"
     "  if rem < 0 then rem = 0 end\n"
     "  if reset > 9e15 then reset = 9e15 end\n"
     "  if retry > 9e15 then retry = 9e15 end\n"
@@ -78,5 +93,6 @@ const char rg_script[] =
     "  out[o + 4], out[o + 5], out[o + 6] = reset, retry, block\n"
     "  k = k + nr\n"
     "end\n"
+    "if why then out[#out + 1] = why end\n"
     "return out\n";
 const size_t rg_script_len = sizeof(rg_script) - 1;

@@ -65,6 +65,12 @@ class Engine:
         stall_timeout: float,
         spin: float = 0.0,
         deny_cache_ttl: float = 1.0,
+        tls: bool = False,
+        ssl_ca_certs: Optional[str] = None,
+        ssl_certfile: Optional[str] = None,
+        ssl_keyfile: Optional[str] = None,
+        ssl_verify: bool = True,
+        ssl_check_hostname: bool = True,
     ) -> "Engine": ...
     def submit(
         self, key: Union[str, bytes], spec: Spec, cost: int, /

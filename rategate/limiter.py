@@ -1,7 +1,7 @@
 """Limiter: a storage URL turned into an engine, and hit().
 
-The engine is the C core (``rategate._core``): for ``redis://`` and
-``unix://`` a loop thread per shard owns the Redis connection; for
+The engine is the C core (``rategate._core``): for ``redis://``,
+``rediss://`` (TLS) and ``unix://`` a loop thread per shard owns the Redis connection; for
 ``memory://`` the same GCRA runs in process.  Nothing here touches the
 network; the Python side only submits checks and awaits futures that the
 core resolves in batches.
@@ -25,6 +25,75 @@ __all__ = ["Limiter", "Decision", "as_limiter", "parse_storage_url"]
 FAILURE_MODES = ("closed", "open")
 # Rule labels counted apart per limiter (stats()["rules"], metrics' "rule" label).
 MAX_RULE_LABELS = 4096
+# TLS options, by redis-py's names: in a rediss:// URL's query or as Limiter keywords.
+SSL_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname")
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def _ssl_cert_reqs(v: Any, where: str) -> bool:
+    """ssl_cert_reqs -> verify?  "required"/"none" (or ssl.CERT_REQUIRED/CERT_NONE)."""
+    import ssl
+
+    if isinstance(v, ssl.VerifyMode):
+        if v == ssl.CERT_OPTIONAL:
+            v = "optional"
+        else:
+            return v == ssl.CERT_REQUIRED
+    if isinstance(v, str) and v.lower() in ("required", "none"):
+        return v.lower() == "required"
+    raise ValueError(
+        f"{where}ssl_cert_reqs must be 'required' (verify the server, the default) or 'none' "
+        f"(encrypt without verifying), got {v!r}"
+    )
+
+
+def _ssl_bool(v: Any, where: str) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.lower() in _TRUE + _FALSE:
+        return v.lower() in _TRUE
+    raise ValueError(f"{where}ssl_check_hostname must be true or false, got {v!r}")
+
+
+def _ssl_file(v: Any, name: str, where: str) -> Optional[str]:
+    if v is None:
+        return None
+    if isinstance(v, os.PathLike):
+        v = os.fspath(v)
+    if not isinstance(v, str) or not v:
+        raise ValueError(f"{where}{name} must be the path of a PEM file, got {v!r}")
+    return v
+
+
+def tls_options(query: Dict[str, Any], keywords: Dict[str, Any], url: str) -> Dict[str, Any]:
+    """The engine's TLS arguments from a rediss:// URL's query and the Limiter keywords."""
+    opts: Dict[str, Any] = {}
+    for name in SSL_OPTIONS:
+        in_url, in_kw = name in query, keywords.get(name) is not None
+        if in_url and in_kw:
+            raise ValueError(f"bad storage URL {url!r}: {name} is given both in the URL and as a keyword; give it once")
+        if in_url:
+            opts[name] = query[name]
+        elif in_kw:
+            opts[name] = keywords[name]
+    where = f"bad storage URL {url!r}: " if any(n in query for n in SSL_OPTIONS) else ""
+    verify = _ssl_cert_reqs(opts.get("ssl_cert_reqs", "required"), where)
+    check = opts.get("ssl_check_hostname")
+    check_hostname = verify if check is None else _ssl_bool(check, where)
+    if check_hostname and not verify:
+        raise ValueError(
+            f"{where}ssl_check_hostname=True needs ssl_cert_reqs='required': a name is only "
+            "checked on a verified certificate"
+        )
+    return {
+        "tls": True,
+        "ssl_ca_certs": _ssl_file(opts.get("ssl_ca_certs"), "ssl_ca_certs", where),
+        "ssl_certfile": _ssl_file(opts.get("ssl_certfile"), "ssl_certfile", where),
+        "ssl_keyfile": _ssl_file(opts.get("ssl_keyfile"), "ssl_keyfile", where),
+        "ssl_verify": verify,
+        "ssl_check_hostname": check_hostname,
+    }
 _live: "weakref.WeakSet[Limiter]" = weakref.WeakSet()
 
 # Ranges of the options (the C core checks them again): a timeout of a day
@@ -57,8 +126,12 @@ def _db(url: str, text: str) -> int:
     return db
 
 
-def parse_storage_url(url: str) -> Dict[str, Any]:
-    """Split a storage URL into engine arguments; ValueError names the bad part."""
+def parse_storage_url(url: str, ssl: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Split a storage URL into engine arguments; ValueError names the bad part.
+
+    ``ssl``: the TLS keywords given to the Limiter (``ssl_ca_certs`` ...),
+    which only a ``rediss://`` URL takes.
+    """
     if not isinstance(url, str) or not url:
         raise ValueError(
             f"storage must be a URL string like 'redis://127.0.0.1:6379/0' or 'memory://', got {url!r}"
@@ -68,18 +141,33 @@ def parse_storage_url(url: str) -> Dict[str, Any]:
     except ValueError as e:
         raise ValueError(f"bad storage URL {url!r}: {e}") from None
     scheme = u.scheme.lower()
+    if ssl and any(v is not None for v in ssl.values()) and scheme != "rediss":
+        given = sorted(k for k, v in ssl.items() if v is not None)[0]
+        raise ValueError(f"{given} is a TLS option: it needs a rediss:// storage URL, got {url!r}")
     if scheme == "memory":
         if u.netloc or u.path or u.query:
             raise ValueError(f"bad storage URL {url!r}: memory:// takes nothing after it")
         return {"kind": "memory"}
-    if scheme in ("redis", "unix"):
+    if scheme in ("redis", "rediss", "unix"):
         user = unquote(u.username) if u.username else None
         password = unquote(u.password) if u.password is not None else None
         query = parse_qs(u.query, keep_blank_values=True)
         db = 0
-        if scheme == "redis":
-            if u.query:
-                raise ValueError(f"bad storage URL {url!r}: redis:// takes no query; the db goes in the path (/0)")
+        if scheme in ("redis", "rediss"):
+            tls: Dict[str, Any] = {"tls": False}
+            if scheme == "rediss":
+                unknown = set(query) - set(SSL_OPTIONS)
+                if unknown:
+                    raise ValueError(
+                        f"bad storage URL {url!r}: unknown option {sorted(unknown)[0]!r}; "
+                        f"rediss:// takes {', '.join(SSL_OPTIONS)}"
+                    )
+                tls = tls_options({k: v[-1] for k, v in query.items()}, ssl or {}, url)
+            elif u.query:
+                raise ValueError(
+                    f"bad storage URL {url!r}: redis:// takes no query; the db goes in the path (/0)"
+                    + ("; TLS options need rediss://" if set(query) & set(SSL_OPTIONS) else "")
+                )
             host = u.hostname
             if not host:
                 raise ValueError(f"bad storage URL {url!r}: no host; write it like redis://127.0.0.1:6379/0")
@@ -103,7 +191,7 @@ def parse_storage_url(url: str) -> Dict[str, Any]:
             if host.startswith("[") or ":" in host:
                 host = host.strip("[]")
             return {"kind": "redis", "host": host, "port": port, "path": None,
-                    "username": user, "password": password, "db": db}
+                    "username": user, "password": password, "db": db, **tls}
         # unix:///path/to/redis.sock?db=N
         if u.netloc and u.hostname not in (None, "", "localhost"):
             raise ValueError(
@@ -122,11 +210,11 @@ def parse_storage_url(url: str) -> Dict[str, Any]:
         if len(u.path.encode()) > 107:
             raise ValueError(f"bad storage URL {url!r}: the socket path is longer than 107 bytes")
         return {"kind": "redis", "host": None, "port": 0, "path": u.path,
-                "username": user or None, "password": password, "db": db}
-    if scheme in ("rediss", "redis+tls"):
-        raise ValueError(f"bad storage URL {url!r}: TLS (rediss://) is not supported yet; use redis:// or unix://")
+                "username": user or None, "password": password, "db": db, "tls": False}
+    if scheme == "redis+tls":
+        raise ValueError(f"bad storage URL {url!r}: for TLS write rediss://")
     raise ValueError(
-        f"bad storage URL {url!r}: unknown scheme {u.scheme!r}; use redis://, unix:// or memory://"
+        f"bad storage URL {url!r}: unknown scheme {u.scheme!r}; use redis://, rediss://, unix:// or memory://"
     )
 
 
@@ -150,6 +238,11 @@ class Limiter:
       this many seconds (default 1.0) before Redis is asked again, so a
       :meth:`reset` (or keys deleted in Redis) in any process is seen
       within it; a flood costs one Redis check per key per interval.
+    * ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile``, ``ssl_cert_reqs``
+      (``"required"`` or ``"none"``), ``ssl_check_hostname``: TLS, for a
+      ``rediss://`` URL (redis-py's names; they may also be given in the
+      URL's query).  By default the server is verified against the system
+      CA store and its certificate must name the host.
     * ``spin``: while Redis owes replies, the loop thread polls (yielding
       the CPU each turn) for up to this many seconds instead of sleeping, so
       handing it a check costs no wake-up syscall.  0 disables it.
@@ -171,6 +264,11 @@ class Limiter:
         connect_timeout: float = 1.0,
         stall_timeout: Optional[float] = None,
         spin: float = 0.0002,
+        ssl_ca_certs: Optional[str] = None,
+        ssl_certfile: Optional[str] = None,
+        ssl_keyfile: Optional[str] = None,
+        ssl_cert_reqs: Optional[str] = None,
+        ssl_check_hostname: Optional[bool] = None,
     ) -> None:
         timeout = _seconds("timeout", timeout, 1e-6, _MAX_SECONDS)
         if failure_mode not in FAILURE_MODES:
@@ -194,7 +292,10 @@ class Limiter:
         stall_timeout = _seconds("stall_timeout", stall_timeout, 1e-6, _MAX_SECONDS)
         self.storage = storage
         self._closed = True  # until the engine exists (__del__, __repr__ rely on it)
-        cfg = parse_storage_url(storage)
+        cfg = parse_storage_url(storage, {
+            "ssl_ca_certs": ssl_ca_certs, "ssl_certfile": ssl_certfile, "ssl_keyfile": ssl_keyfile,
+            "ssl_cert_reqs": ssl_cert_reqs, "ssl_check_hostname": ssl_check_hostname,
+        })
         self.timeout = float(timeout)
         self.failure_mode = failure_mode
         self.kind = cfg["kind"]
@@ -210,6 +311,8 @@ class Limiter:
                 cfg["host"], cfg["port"], cfg["path"], cfg["username"], cfg["password"], cfg["db"],
                 timeout, failure_mode == "open", threads, max_pending, deny_cache,
                 connect_timeout, stall_timeout, spin, deny_cache_ttl,
+                **{k: cfg[k] for k in ("tls", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile",
+                                       "ssl_verify", "ssl_check_hostname") if k in cfg},
             )
         self._closed = False
         # The hot path: bound once, called per request.

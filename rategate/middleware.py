@@ -539,7 +539,7 @@ class RateLimitMiddleware:
             self.metrics.watch(limiter)
 
         # Failure incidents: logged when one starts and when it ends.
-        self._failures = FailureLog()
+        self._failures = FailureLog(cause=getattr(limiter, "stats", None))
         self._shadow_log = ShadowLog()
 
     def _prepare(self, r: Rule) -> None:
@@ -805,17 +805,40 @@ class FailureLog:
     An incident starts with the first decision carrying ``error`` and ends
     with the first one without; the closing line counts the failed checks by
     kind.  A flood during a Redis outage thus writes two log lines, not one per
-    request.  Call :meth:`note` for a decision with an error, and for every
-    decision while :attr:`active`.
+    request.  The opening line says the cause (``cause()``: the limiter's
+    ``stats()``, whose ``last_error`` names it: "connect failed:
+    127.0.0.1:6390: connection refused", Redis's own error text...).  A
+    flapping connection makes many short incidents: an opening line is
+    written at most once per ``quiet`` seconds (the ones left out are counted
+    in the next), and a closing line only for an incident whose opening was.
+    Call :meth:`note` for a decision with an error, and for every decision
+    while :attr:`active`.
     """
 
-    __slots__ = ("active", "started", "counts", "what")
+    __slots__ = ("active", "started", "counts", "what", "cause", "quiet", "logged", "last_logged",
+                 "unlogged")
 
-    def __init__(self, what: str = "the limiter") -> None:
+    def __init__(self, what: str = "the limiter", cause: Any = None, quiet: float = 60.0) -> None:
         self.active = False
         self.started = 0.0
         self.counts: dict[str, int] = {}
         self.what = what
+        self.cause = cause
+        self.quiet = quiet
+        self.logged = False
+        self.last_logged = -float("inf")
+        self.unlogged = 0
+
+    def _cause(self, err: str) -> str:
+        if err == "timeout":
+            return "no answer within the check's deadline"
+        if err == "overloaded":
+            return "too many checks outstanding (max_pending)"
+        try:
+            last = self.cause().get("last_error") if self.cause is not None else None
+        except Exception:  # a limiter closing in another thread: no cause, still a line
+            last = None
+        return str(last) if last else ""
 
     def note(self, d: Any) -> None:
         err = d.error
@@ -823,24 +846,36 @@ class FailureLog:
             if self.active:
                 self.active = False
                 counts, self.counts = self.counts, {}
-                logger.warning(
-                    "rategate: %s is answering again after %.1fs; failed checks: %s",
-                    self.what,
-                    time.monotonic() - self.started,
-                    ", ".join(f"{k}={v}" for k, v in sorted(counts.items())),
-                )
+                if self.logged:
+                    logger.warning(
+                        "rategate: %s is answering again after %.1fs; failed checks: %s",
+                        self.what,
+                        time.monotonic() - self.started,
+                        ", ".join(f"{k}={v}" for k, v in sorted(counts.items())),
+                    )
             return
         counts = self.counts
         counts[err] = counts.get(err, 0) + 1
         if not self.active:
             self.active = True
-            self.started = time.monotonic()
+            now = self.started = time.monotonic()
+            self.logged = now - self.last_logged >= self.quiet
+            if not self.logged:
+                self.unlogged += 1
+                return
+            self.last_logged = now
+            cause = self._cause(err)
+            more = (f"; {self.unlogged} shorter incidents in the last {self.quiet:.0f}s were not logged"
+                    if self.unlogged else "")
+            self.unlogged = 0
             logger.warning(
-                "rategate: %s failed (%s); until it recovers, limited requests are %s "
-                "(logged once per incident)",
+                "rategate: %s failed (%s%s); until it recovers, limited requests are %s "
+                "(logged once per incident%s)",
                 self.what,
                 err,
+                f": {cause}" if cause else "",
                 "let through (failure_mode='open')" if d.allowed else "answered 429 (failure_mode='closed')",
+                more,
             )
 
 

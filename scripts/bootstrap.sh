@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(gcc make pkg-config libhiredis-dev libuv1-dev libssl-dev redis-server redis-tools wrk curl valgrind)
+APT_PACKAGES=(gcc make pkg-config libhiredis-dev libuv1-dev libssl-dev openssl redis-server redis-tools wrk curl valgrind)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -7,6 +7,9 @@ Stable names (the middleware tests use them too):
 - ``own_redis``: a private server for one test, free to kill, restart, pause.
 - ``redis_unix_server`` / ``redis_unix_url``: the same over a unix socket.
 - ``storage_url``: parametrized over ``"memory://"`` and ``redis_url``.
+- ``tls_certs``: a throwaway CA and certificates (tests/tlscerts.py).
+- ``redis_tls_server`` / ``redis_tls_url``: a TLS-only server (session),
+  ``rediss://127.0.0.1:PORT/0?ssl_ca_certs=...``, emptied for the test.
 - ``make_limiter``: builds Limiters and closes them after the test.
 
 ``RATEGATE_TEST_INSTALLED=<dir>`` (set by ``make test-wheel``): the run
@@ -32,6 +35,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))  # "from redisserver import ..."
 
 from redisserver import RedisServer  # noqa: E402
+from tlscerts import Certs, make_certs  # noqa: E402
 
 TEST_TIMEOUT = float(os.environ.get("RATEGATE_TEST_TIMEOUT", "60"))
 
@@ -101,10 +105,15 @@ def redis_server() -> Iterator[RedisServer]:
 @pytest.fixture
 def redis_url(redis_server: RedisServer) -> str:
     """The session server, emptied (FLUSHALL) for this test."""
-    if not redis_server.running:  # a test killed the shared one: heal
-        redis_server.start()
-    redis_server.flushall()
-    return redis_server.url
+    return fresh_url(redis_server)
+
+
+def fresh_url(server: RedisServer) -> str:
+    """A session server's URL, emptied for this test (healed first if a test killed it)."""
+    if not server.running:
+        server.start()
+    server.flushall()
+    return server.url
 
 
 @pytest.fixture
@@ -129,10 +138,24 @@ def redis_unix_server() -> Iterator[RedisServer]:
 @pytest.fixture
 def redis_unix_url(redis_unix_server: RedisServer) -> str:
     """``unix:///tmp/.../redis.sock`` of the session unix server, emptied."""
-    if not redis_unix_server.running:
-        redis_unix_server.start()
-    redis_unix_server.flushall()
-    return redis_unix_server.url
+    return fresh_url(redis_unix_server)
+
+
+@pytest.fixture(scope="session")
+def tls_certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    return make_certs(str(tmp_path_factory.mktemp("tls")))
+
+
+@pytest.fixture(scope="session")
+def redis_tls_server(tls_certs: Certs) -> Iterator[RedisServer]:
+    with RedisServer(tls=tls_certs.server_tls) as server:
+        yield server
+
+
+@pytest.fixture
+def redis_tls_url(redis_tls_server: RedisServer) -> str:
+    """``rediss://127.0.0.1:PORT/0?ssl_ca_certs=...`` of the session TLS server, emptied."""
+    return fresh_url(redis_tls_server)
 
 
 @pytest.fixture(params=["memory", "redis"])

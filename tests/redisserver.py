@@ -94,6 +94,12 @@ class RedisServer:
     ``port`` picks the TCP port (default: a free one).  ``extra_args`` are passed to redis-server as they are (for example
     ``["--requirepass", "secret"]``); ``password`` is used by :meth:`client`
     and in :attr:`url`.
+
+    ``tls=(cert, key, ca)`` serves TLS only (``--port 0 --tls-port P``), with
+    ``tls_auth_clients`` ``"yes"`` (a client certificate signed by ``ca`` is
+    required), ``"no"`` or ``"optional"``; ``client_cert=(cert, key)`` is
+    what :meth:`client` and the start-up probe present.  :attr:`url` is then
+    ``rediss://127.0.0.1:P/0?ssl_ca_certs=<ca>``.
     """
 
     def __init__(
@@ -103,9 +109,15 @@ class RedisServer:
         port: int | None = None,
         password: str | None = None,
         extra_args: list[str] | None = None,
+        tls: tuple[str, str, str] | None = None,
+        tls_auth_clients: str = "no",
+        client_cert: tuple[str, str] | None = None,
     ) -> None:
         self.unix = unix
         self.password = password
+        self.tls = tls
+        self.tls_auth_clients = tls_auth_clients
+        self.client_cert = client_cert
         self.extra_args = list(extra_args or [])
         self.dir = tempfile.mkdtemp(prefix="rategate-redis-")
         self.port = 0 if unix else (port or free_port())
@@ -142,6 +154,8 @@ class RedisServer:
             # unix URLs carry no password in this form; tests that need one
             # use TCP.
             return f"unix://{self.socket_path}{q}"
+        if self.tls:
+            return f"rediss://{auth}127.0.0.1:{self.port}/{db}?ssl_ca_certs={self.tls[2]}"
         return f"redis://{auth}127.0.0.1:{self.port}/{db}"
 
     @property
@@ -158,7 +172,7 @@ class RedisServer:
         argv = [
             REDIS_SERVER,
             "--bind", "127.0.0.1",
-            "--port", str(self.port),
+            "--port", "0" if self.tls else str(self.port),
             "--dir", self.dir,
             "--save", "",
             "--appendonly", "no",
@@ -172,6 +186,10 @@ class RedisServer:
             argv += ["--unixsocket", self.socket_path or "", "--unixsocketperm", "700"]
         if self.password:
             argv += ["--requirepass", self.password]
+        if self.tls:
+            cert, key, ca = self.tls
+            argv += ["--tls-port", str(self.port), "--tls-cert-file", cert, "--tls-key-file", key,
+                     "--tls-ca-cert-file", ca, "--tls-auth-clients", self.tls_auth_clients]
         argv += self.extra_args
         if _SETPRIV and threading.current_thread() is threading.main_thread():
             # The kernel kills redis-server if this process dies without
@@ -253,6 +271,10 @@ class RedisServer:
         )
         if self.unix:
             return redis.Redis(unix_socket_path=self.socket_path, **kw)
+        if self.tls:
+            kw.update(ssl=True, ssl_ca_certs=self.tls[2], ssl_check_hostname=False)
+            if self.client_cert:
+                kw.update(ssl_certfile=self.client_cert[0], ssl_keyfile=self.client_cert[1])
         return redis.Redis(host="127.0.0.1", port=self.port, **kw)
 
     def client(self, db: int = 0) -> redis.Redis:

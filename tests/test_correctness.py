@@ -194,7 +194,6 @@ async def test_reset_forgets_the_local_denial_at_once(redis_url: str) -> None:
         await lim.aclose()
 
 
-@pytest.mark.xfail(reason="needs the conn branch", strict=False)
 async def test_reset_deletes_the_buckets_in_redis(redis_server: RedisServer, redis_url: str) -> None:
     lim = rategate.Limiter(redis_url)
     try:

@@ -33,7 +33,12 @@ def catch_loop_errors() -> list[dict]:
 
 # -- 10,000 at once from one loop ---------------------------------------------------------------
 @pytest.mark.parametrize("deny_cache", [False, True])
-async def test_ten_thousand_concurrent_checks(storage_url: str, make_limiter: Any, deny_cache: bool) -> None:
+@pytest.mark.parametrize("storage", ["memory", "redis", "rediss"])
+async def test_ten_thousand_concurrent_checks(
+    request: pytest.FixtureRequest, make_limiter: Any, deny_cache: bool, storage: str
+) -> None:
+    storage_url = {"memory": lambda: "memory://", "redis": lambda: request.getfixturevalue("redis_url"),
+                   "rediss": lambda: request.getfixturevalue("redis_tls_url")}[storage]()
     # Generous deadline: this is about exactness, not speed.
     lim = make_limiter(storage_url, timeout=BOUND, deny_cache=deny_cache)
     seen = catch_loop_errors()
@@ -419,3 +424,82 @@ def test_bad_spin_is_named(spin: Any) -> None:
 
     with pytest.raises(ValueError, match="spin"):
         rategate.Limiter("redis://127.0.0.1:6379/0", spin=spin)
+
+
+def _fd_kinds() -> dict[int, str]:
+    """This process's fds and what they point at (socket:[ino], anon_inode:[eventpoll], ...)."""
+    out = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            out[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            pass
+    return out
+
+
+def _redis_socket_inodes(port: int) -> set[str]:
+    """Inodes of TCP sockets connected to 127.0.0.1:port."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                lines = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if int(f[2].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f"socket:[{f[9]}]")
+    return inodes
+
+
+@pytest.mark.filterwarnings("ignore:.*fork.*:DeprecationWarning")
+def test_forked_child_closes_the_parents_loop_fds(redis_server: RedisServer, redis_url: str) -> None:
+    # The child must not keep the parent's Redis sockets, epoll fds and
+    # eventfds (issue 8 #5): they are closed in the child at the fork.
+    lim = rategate.Limiter(redis_url, timeout=5.0, threads=3)
+    earlier = _fd_kinds()  # other tests' clients and limiters: not this one's
+    try:
+        assert asyncio.run(asyncio.wait_for(lim.hit("f", "10/hour"), 10)).error is None
+        for _ in range(500):  # every shard connected
+            if lim.stats()["connected"]:
+                break
+            time.sleep(0.01)
+        before = {fd: k for fd, k in _fd_kinds().items() if earlier.get(fd) != k}
+        redis_socks = {fd for fd, k in before.items() if k in _redis_socket_inodes(redis_server.port)}
+        # Three shards: three connections to Redis (the test's own redis-py
+        # clients are closed here).
+        assert len(redis_socks) >= 3
+        epolls = {fd for fd, k in before.items() if k == "anon_inode:[eventpoll]"}
+        assert len(epolls) >= 3  # one per loop thread
+
+        def child() -> list:
+            now = _fd_kinds()
+            kept_socks = [fd for fd in redis_socks if now.get(fd) == before[fd]]
+            kept_epolls = [fd for fd in epolls if now.get(fd) == before[fd]]
+            st = lim.stats()  # err_mu usable in the child
+            return [kept_socks, kept_epolls, st["in_flight"]]
+
+        got = _run_in_child(child)
+        assert got == [[], [], 0]
+    finally:
+        asyncio.run(asyncio.wait_for(lim.aclose(), BOUND))
+
+
+def _thread_names() -> list[str]:
+    names = []
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                names.append(f.read().strip())
+        except OSError:
+            pass
+    return names
+
+
+async def test_loop_threads_are_named(redis_url: str, make_limiter: Any) -> None:
+    # For ps, top, py-spy and the incident notes: which threads are ours.
+    lim = make_limiter(redis_url, threads=2)
+    assert (await lim.hit("n", "10/hour")).error is None
+    names = _thread_names()
+    assert "rategate-loop-0" in names and "rategate-loop-1" in names, names

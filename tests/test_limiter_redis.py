@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 import pytest
@@ -50,10 +51,20 @@ async def test_state_is_one_integer_per_key(lim: Any, rc: Any) -> None:
     assert rc.type(b"rg:{i}:10/3600000") == b"string"
 
 
+def fnv1a64(b: bytes) -> int:
+    h = 0xCBF29CE484222325
+    for x in b:
+        h = ((h ^ x) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
 async def test_binary_keys_are_sent_verbatim(lim: Any, rc: Any) -> None:
+    # A '}' in the key would end the hash tag early: such keys are tagged by
+    # a stable hash of the key instead (and carry the key verbatim after it).
     key = b"a\x00b{c}d\xff\r\n*1"
     await hit(lim, key, "10/hour")
-    assert rc.keys("*") == [b"rg:{" + key + b"}:10/3600000"]
+    tag = b"~%016x" % fnv1a64(key)
+    assert rc.keys("*") == [b"rg:{" + tag + b"}~" + key + b":10/3600000"]
     await hit(lim, "ключ", "10/hour")
     assert rc.exists(b"rg:{" + "ключ".encode() + b"}:10/3600000") == 1
 
@@ -190,3 +201,94 @@ async def test_password(make_limiter: Any) -> None:
         assert d.error in ("unavailable", "redis_error", "timeout")
         assert d.allowed is False
         assert server.client().get(b"rg:{pw}:10/3600000") is not None
+
+
+# -- one hash slot per check (Redis Cluster) ----------------------------------------------------
+@pytest.fixture(scope="module")
+def keyslot() -> Any:
+    """CLUSTER KEYSLOT of a real (cluster-enabled, slot-less) redis-server."""
+    from redisserver import RedisServer
+
+    with RedisServer(extra_args=["--cluster-enabled", "yes",
+                                 "--cluster-config-file", "nodes.conf"]) as srv:
+        c = srv.client()
+        yield lambda k: int(c.execute_command("CLUSTER", "KEYSLOT", k))
+
+
+@pytest.mark.parametrize("key", [b"}", b"}x", b"a}", b"{}", b"{", b"x{y}z", b"}{a}", b"plain",
+                                 b"\xff}\x00", "ключ}".encode()])
+async def test_every_rate_of_a_check_is_in_one_slot(lim: Any, rc: Any, keyslot: Any, key: bytes) -> None:
+    rc.flushdb()
+    rates = "1/second; 10/minute; 100/hour; 1000/day"
+    await hit(lim, key, rates)
+    keys = rc.keys("*")
+    assert len(keys) == 4
+    # The key travels verbatim inside every Redis key of the check.
+    assert all(key in k for k in keys)
+    slots = {keyslot(k) for k in keys}
+    assert len(slots) == 1, (keys, slots)
+    # The tag is never empty: {} would hash the whole key (one slot per rate).
+    assert all(not k.startswith(b"rg:{}") for k in keys)
+    # Stable across processes: the same key always lands in the same slot.
+    assert (await hit(lim, key, rates)).error is None
+    assert set(rc.keys("*")) == set(keys)
+
+
+# -- reset (the script's side of Limiter.reset) ----------------------------------------------
+def test_script_reset_deletes_the_checks_keys_in_the_same_call(rc: Any) -> None:
+    # One call: a hit on "a" (2 rates), a reset of "b" (2 rates), a hit on "c".
+    # A reset travels as cost -1 and answers allowed with zeros.
+    from rategate import _core
+
+    rc.set(b"rg:{b}:10/60000", b"123")
+    rc.set(b"rg:{b}:100/3600000", b"456")
+    rc.set(b"rg:{other}:10/60000", b"789")
+    keys = [b"rg:{a}:10/60000", b"rg:{a}:100/3600000", b"rg:{b}:10/60000", b"rg:{b}:100/3600000",
+            b"rg:{c}:10/60000"]
+    argv = [3, 1, 2, 6e6, 5.4e7, 3.6e7, 3.564e9, -1, 2, 6e6, 5.4e7, 3.6e7, 3.564e9, 1, 1, 6e6, 5.4e7]
+    out = rc.eval(_core.SCRIPT, len(keys), *keys, *argv)
+    assert len(out) == 18
+    assert out[0] == 1 and out[12] == 1  # the hits are allowed
+    assert out[6:12] == [1, 0, 0, 0, 0, 0]  # the reset
+    assert rc.exists(b"rg:{b}:10/60000", b"rg:{b}:100/3600000") == 0
+    assert rc.exists(b"rg:{a}:10/60000", b"rg:{c}:10/60000", b"rg:{other}:10/60000") == 3
+
+
+# -- Redis's own error text is kept (issue 8 #13) ----------------------------------------------
+async def test_oom_error_text_reaches_last_error(own_redis: RedisServer, make_limiter: Any) -> None:
+    c = own_redis.client()
+    lim = make_limiter(own_redis.url, timeout=TIMEOUT)
+    await hit(lim, "warm", "10/hour")
+    c.config_set("maxmemory-policy", "noeviction")
+    c.config_set("maxmemory", "1")
+    try:
+        d = await hit(lim, "k", "10/hour", ok=False)
+        assert d.error == "redis_error"
+        err = lim.stats()["last_error"]
+        assert "OOM" in err, err
+    finally:
+        c.config_set("maxmemory", "0")
+
+
+# -- memory after a burst of huge keys (issue 8 #10) -------------------------------------------
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.mark.skipif(bool(os.environ.get("RATEGATE_SANITIZED")),
+                    reason="ASan's quarantine holds freed memory: RSS says nothing there")
+async def test_buffers_shrink_after_a_burst_of_huge_keys(redis_url: str, make_limiter: Any) -> None:
+    # 100 checks x 16 rates x 64 KiB keys in one script call is about 100 MB
+    # of command; once written, none of it may stay with the engine.
+    lim = make_limiter(redis_url, timeout=30.0)
+    rates = "; ".join(f"{1000 + i}/day" for i in range(16))
+    await hit(lim, "warm", rates)
+    before = _rss_mb()
+    for r in range(2):
+        keys = [bytes([65 + r]) * 65000 + b"%03d" % i for i in range(100)]
+        ds = await asyncio.wait_for(asyncio.gather(*(lim.hit(k, rates) for k in keys)), 60)
+        assert all(d.error is None for d in ds), lim.stats()["last_error"]
+    del keys, ds
+    grown = _rss_mb() - before
+    assert grown < 60, f"RSS grew {grown:.0f} MB after the burst"

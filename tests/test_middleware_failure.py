@@ -111,3 +111,36 @@ async def test_redis_too_slow_answers_at_the_deadline(own_redis: Any) -> None:
             assert r.status_code == 200
     finally:
         await lim.aclose()
+
+
+@pytest.mark.asyncio
+async def test_incident_line_names_the_cause_and_flapping_is_rate_limited(
+    own_redis: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Issue 8 #13: the line carries the cause, and a flapping Redis logs one
+    # opening line (not one per flap).
+    lim = rategate.Limiter(own_redis.url, failure_mode="closed", timeout=0.2)
+    mw = RateLimitMiddleware(ok, limiter=lim, limits="1000/minute")
+    transport = httpx.ASGITransport(app=mw, client=("203.0.113.9", 1))
+    caplog.set_level(logging.WARNING, logger="rategate")
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            assert (await get(c, "/")).status_code == 200
+            for _ in range(3):  # three outages, each healed
+                own_redis.stop()
+                for _ in range(50):
+                    if (await get(c, "/")).status_code == 429:
+                        break
+                    await asyncio.sleep(0.02)
+                own_redis.start()
+                for _ in range(200):
+                    if (await get(c, "/")).status_code == 200:
+                        break
+                    await asyncio.sleep(0.05)
+            opened = messages(caplog, "failed (")
+            assert len(opened) == 1, opened
+            assert f"127.0.0.1:{own_redis.port}" in opened[0], opened[0]
+            assert any(w in opened[0] for w in ("connection refused", "connection closed", "reset by peer")), opened[0]
+            assert len(messages(caplog, "answering again")) == 1
+    finally:
+        await lim.aclose()

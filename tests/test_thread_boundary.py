@@ -1,6 +1,6 @@
 """The loop threads never touch a PyObject: checked on the source.
 
-Everything a loop thread runs lives in the files below (engine.c, redis.c,
+Everything a loop thread runs lives in the files below (engine.c, conn.c, batch.c,
 port.c and what they call).  None of them may include Python.h (directly or
 through module.h) or name any Py*/_Py* API outside comments: the only way
 for a Python object to reach a loop thread would be through one of them.
@@ -16,7 +16,7 @@ from source_tree import ROOT, needs_source
 
 pytestmark = needs_source
 CSRC = ROOT / "csrc"
-LOOP_THREAD_FILES = ["engine.c", "engine.h", "redis.c", "redis.h", "port.c", "port.h",
+LOOP_THREAD_FILES = ["engine.c", "engine.h", "conn.c", "conn.h", "batch.c", "batch.h", "port.c", "port.h",
                      "check.c", "check.h", "gcra.c", "gcra.h", "cache.c", "cache.h",
                      "memstore.c", "memstore.h", "script.c", "script.h"]
 

@@ -1,0 +1,225 @@
+/*
+ * batch.c: the script call for a batch of checks (see batch.h).  Loop
+ * thread only.
+ */
+#include "batch.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <hiredis/hiredis.h>
+
+#include "script.h"
+
+rg_batch *
+rg_batch_new(rg_check **checks, int n)
+{
+    rg_batch *b = malloc(sizeof(*b) + (size_t)n * sizeof(rg_check *));
+    int i;
+
+    if (b == NULL)
+        return NULL;
+    b->prev = b->next = NULL;
+    b->sent_ns = 0;
+    b->n = n;
+    b->total = n;
+    b->evaled = 0;
+    for (i = 0; i < n; i++) {
+        b->checks[i] = checks[i];
+        checks[i]->batch = b;
+        checks[i]->bidx = (uint32_t)i;
+    }
+    return b;
+}
+
+/* A stable 64-bit FNV-1a: the same in every process and every run (unlike
+ * the seeded hash of the deny cache), so every app server names a key's
+ * buckets the same. */
+static uint64_t
+fnv1a(const char *p, size_t n)
+{
+    uint64_t h = 0xcbf29ce484222325ULL;
+    size_t i;
+    for (i = 0; i < n; i++) {
+        h ^= (unsigned char)p[i];
+        h *= 0x100000001b3ULL;
+    }
+    return h;
+}
+
+/*
+ * The key of rate j of check c.  Every key of one check carries the same
+ * non-empty hash tag, so a check never spans two Redis Cluster slots:
+ *   rg:{<key>}:<rate>             a non-empty key without '}'
+ *   rg:{~<fnv1a hex>}~<key>:<rate> otherwise (a '}' in the key would end the
+ *                                 tag early, an empty key would give "{}")
+ * The two forms never collide: after the first '}' comes ':' in one and
+ * '~' in the other; and no rate part contains ':', so <key>:<rate> is
+ * unambiguous.  Binary-safe: keys travel as bulk strings.
+ */
+static void
+write_key(rg_buf *b, const rg_check *c, int j, const char *tag, size_t taglen)
+{
+    const rg_spec *sp = c->spec;
+    size_t n = taglen ? 5 + taglen + 2 + c->keylen + 1 + sp->key_id_len[j]
+                      : 4 + c->keylen + 2 + sp->key_id_len[j];
+    char *p;
+
+    rg_resp_header(b, '$', n);
+    p = b->p + b->len;
+    if (taglen) {
+        memcpy(p, "rg:{~", 5);
+        p += 5;
+        memcpy(p, tag, taglen);
+        p += taglen;
+        *p++ = '}';
+        *p++ = '~';
+        memcpy(p, c->key, c->keylen);
+        p += c->keylen;
+        *p++ = ':';
+    } else {
+        memcpy(p, "rg:{", 4);
+        p += 4;
+        memcpy(p, c->key, c->keylen);
+        p += c->keylen;
+        *p++ = '}';
+        *p++ = ':';
+    }
+    memcpy(p, sp->key_id[j], sp->key_id_len[j]);
+    p += sp->key_id_len[j];
+    *p++ = '\r';
+    *p++ = '\n';
+    b->len = (size_t)(p - b->p);
+}
+
+int
+rg_batch_write(rg_batch *b, const char *sha, rg_buf *out)
+{
+    size_t argc = 4, bytes = 64 + RG_RESP_BULK_MAX(rg_script_len);
+    int i, j, n = 0, nkeys = 0;
+
+    for (i = 0; i < b->n; i++) {
+        rg_check *c = b->checks[i];
+        if (c == NULL)
+            continue;
+        b->checks[n] = c;
+        c->bidx = (uint32_t)n++;
+        nkeys += c->spec->n;
+        argc += 2 + 3 * (size_t)c->spec->n;
+        /* per rate: the key (with a tag of up to 16 hex digits and the
+         * rate part) and two numbers of at most 31 characters */
+        bytes += 64 + (size_t)c->spec->n * (RG_RESP_BULK_MAX(c->keylen + 24 + 48) +
+                                            2 * RG_RESP_BULK_MAX(32));
+    }
+    b->n = n;
+    if (n == 0)
+        return 1;
+    if (rg_buf_reserve(out, bytes) != 0)
+        return -1;
+    rg_resp_array(out, argc);
+    if (b->evaled) {
+        rg_resp_bulk(out, "EVAL", 4);
+        rg_resp_bulk(out, rg_script, rg_script_len);
+    } else {
+        rg_resp_bulk(out, "EVALSHA", 7);
+        rg_resp_bulk(out, sha, 40);
+    }
+    rg_resp_bulk_int(out, nkeys);
+    for (i = 0; i < n; i++) {
+        rg_check *c = b->checks[i];
+        char tag[24];
+        size_t taglen = 0;
+        if (c->keylen == 0 || memchr(c->key, '}', c->keylen) != NULL)
+            taglen = (size_t)snprintf(tag, sizeof(tag), "%016llx",
+                                      (unsigned long long)fnv1a(c->key, c->keylen));
+        for (j = 0; j < c->spec->n; j++)
+            write_key(out, c, j, tag, taglen);
+    }
+    rg_resp_bulk_int(out, n);
+    for (i = 0; i < n; i++) {
+        rg_check *c = b->checks[i];
+        /* A reset travels as cost -1 (a hit's cost is >= 0). */
+        rg_resp_bulk_int(out, c->op == RG_OP_RESET ? -1 : (long long)c->cost);
+        rg_resp_bulk_int(out, c->spec->n);
+        for (j = 0; j < c->spec->n; j++) {
+            rg_resp_bulk(out, c->spec->arg_T[j], c->spec->arg_T_len[j]);
+            rg_resp_bulk(out, c->spec->arg_tau[j], c->spec->arg_tau_len[j]);
+        }
+    }
+    return 0;
+}
+
+static int64_t
+int_at(const redisReply *r, size_t i, int *ok)
+{
+    const redisReply *e = r->element[i];
+    if (e->type != REDIS_REPLY_INTEGER) {
+        *ok = 0;
+        return 0;
+    }
+    return e->integer;
+}
+
+static void
+copy_text(char *why, size_t whylen, const char *s, size_t n)
+{
+    if (n >= whylen)
+        n = whylen - 1;
+    memcpy(why, s, n);
+    why[n] = '\0';
+}
+
+int
+rg_batch_decode(rg_batch *b, const redisReply *reply, char *why, size_t whylen)
+{
+    size_t want = (size_t)b->n * 6;
+    int i;
+
+    why[0] = '\0';
+    if (reply->type == REDIS_REPLY_ERROR) {
+        copy_text(why, whylen, reply->str, reply->len);
+        if (!b->evaled && strncmp(reply->str, "NOSCRIPT", 8) == 0)
+            return RG_BATCH_NOSCRIPT;
+        return RG_BATCH_FAILED;
+    }
+    /* Six integers per check, then Redis's error text if a command of the
+     * script failed (see script.c). */
+    if (reply->type != REDIS_REPLY_ARRAY ||
+        (reply->elements != want &&
+         !(reply->elements == want + 1 && reply->element[want]->type == REDIS_REPLY_STRING))) {
+        copy_text(why, whylen, "unexpected reply to the script", 30);
+        return RG_BATCH_FAILED;
+    }
+    if (reply->elements == want + 1)
+        copy_text(why, whylen, reply->element[want]->str, reply->element[want]->len);
+    for (i = 0; i < b->n; i++) {
+        rg_check *c = b->checks[i];
+        size_t o = (size_t)i * 6;
+        int ok = 1;
+        if (c == NULL)
+            continue;
+        c->res.allowed = (int)int_at(reply, o, &ok);
+        c->res.rate = (int)int_at(reply, o + 1, &ok);
+        c->res.remaining = int_at(reply, o + 2, &ok);
+        c->res.reset_us = int_at(reply, o + 3, &ok);
+        c->res.retry_us = int_at(reply, o + 4, &ok);
+        c->res.block_us = int_at(reply, o + 5, &ok);
+        if (c->res.rate < 0 || c->res.rate >= c->spec->n || c->res.allowed < 0 ||
+            c->res.allowed > 1)
+            ok = 0;
+        if (ok && c->op == RG_OP_RESET) {
+            /* Deleted: rate 0's bucket is full. */
+            c->res.rate = 0;
+            c->res.remaining = c->spec->rates[0].burst;
+            c->res.reset_us = c->res.retry_us = c->res.block_us = 0;
+        }
+        c->err = ok ? RG_ERR_NONE : RG_ERR_REDIS;
+    }
+    if (why[0] == '\0')
+        for (i = 0; i < b->n; i++)
+            if (b->checks[i] != NULL && b->checks[i]->err == RG_ERR_REDIS) {
+                copy_text(why, whylen, "malformed reply to the script", 29);
+                break;
+            }
+    return RG_BATCH_DECIDED;
+}
