@@ -27,7 +27,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from test_uvicorn import Uvicorn  # noqa: E402
-from test_uvicorn_workers import warm_up  # noqa: E402
+from test_uvicorn_workers import warm_workers  # noqa: E402
 
 WORKERS = 4
 TIERS = {b"free": "10/minute", b"pro": "1000/minute"}
@@ -91,13 +91,7 @@ def server(redis_server: Any) -> Iterator[Uvicorn]:
     srv = Uvicorn("test_uvicorn_features:make_app", "--factory", "--no-proxy-headers", workers=WORKERS,
                   env={"RATEGATE_REDIS_URL": redis_server.url, "PROMETHEUS_MULTIPROC_DIR": mpdir})
     try:
-        pids: set[int] = set()
-        for _ in range(20):
-            pids |= warm_up(srv, "127.0.0.59", 40)
-            if len(pids) >= 2:
-                break
-            time.sleep(0.2)
-        assert len(pids) >= 2, f"20 bursts of 40 warm-up requests were all served by one worker: {pids}"
+        warm_workers(srv, "127.0.0.59", WORKERS)
         yield srv
     finally:
         srv.stop()

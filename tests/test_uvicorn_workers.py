@@ -64,19 +64,26 @@ def start(redis_url: str, workers: int) -> Uvicorn:
     # a busy machine one worker can take a whole burst.  Repeat the burst
     # (bounded) until at least two workers have answered.
     try:
-        pids: set[int] = set()
-        for _ in range(20):
-            got, warm = warm_up(srv, "127.0.0.39", 40)
-            pids |= got
-            if warm and (workers == 1 or len(pids) >= 2):
-                break
-            time.sleep(0.2)
-        if workers > 1:
-            assert len(pids) >= 2, f"20 bursts of 40 warm-up requests were all served by one worker: {pids}"
+        warm_workers(srv, "127.0.0.39", workers)
     except BaseException:
         srv.stop()
         raise
     return srv
+
+
+def warm_workers(srv: Uvicorn, source: str, workers: int) -> set[int]:
+    """Bursts from ``source`` until every request of one was allowed and (with
+    several workers) at least two workers have answered; the pids seen."""
+    pids: set[int] = set()
+    for _ in range(20):
+        got, warm = warm_up(srv, source, 40)
+        pids |= got
+        if warm and (workers == 1 or len(pids) >= 2):
+            return pids
+        time.sleep(0.2)
+    if workers > 1:
+        assert len(pids) >= 2, f"20 bursts of 40 warm-up requests were all served by one worker: {pids}"
+    return pids
 
 
 def warm_up(srv: Uvicorn, source: str, n: int) -> tuple[set[int], bool]:
