@@ -42,6 +42,7 @@ class Pacer:
         self.rate = rate
         self.max_connections = max_connections
         self.idle: list[Conn] = []
+        self.open: set[Conn] = set()
         self.waiting: deque[float] = deque()  # due times of requests with no connection yet
         self.connections = 0                  # open or opening
         self.peak_connections = 0
@@ -76,6 +77,7 @@ class Pacer:
                 self.errors += 1
                 self.outstanding -= 1
             return
+        self.open.add(conn)
         if t_due is not None:
             conn.send(t_due)
         else:
@@ -97,13 +99,14 @@ class Pacer:
 
     def lost(self, conn: "Conn", busy: bool) -> None:
         self.connections -= 1
+        self.open.discard(conn)
         if conn in self.idle:
             self.idle.remove(conn)
         if busy:
             self.errors += 1
             self.outstanding -= 1
 
-    async def run(self, seconds: float, warmup: float, prewarm: int) -> dict:
+    async def run(self, seconds: float, warmup: float, prewarm: int, drain: float) -> dict:
         for _ in range(min(prewarm, self.max_connections)):
             self.connections += 1
             await self._open(None)
@@ -122,9 +125,13 @@ class Pacer:
             # sleep spins (the client's CPU is taken from the server under test)
             await asyncio.sleep(max(0.001, t0 + sent / self.rate - time.perf_counter()))
         wall = time.perf_counter() - self.t_measure
-        deadline = time.perf_counter() + 5.0
+        deadline = time.perf_counter() + drain
         while self.outstanding > 0 and time.perf_counter() < deadline:
             await asyncio.sleep(0.005)
+        for conn in list(self.open):
+            if conn.transport is not None:
+                conn.transport.close()
+        await asyncio.sleep(0)  # let the transports finish closing
         lat = sorted(self.latencies)
         n = len(lat)
 
@@ -189,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-connections", type=int, default=1000)
     p.add_argument("--warmup", type=float, default=0.5,
                    help="seconds at the same rate before the measured ones (not counted)")
+    p.add_argument("--drain", type=float, default=5.0,
+                   help="seconds to wait for the last answers; later ones count as unanswered")
     p.add_argument("--prewarm", type=int, default=32, help="connections opened before the clock starts")
     a = p.parse_args(argv)
     if a.rate <= 0 or a.seconds <= 0 or a.warmup < 0 or a.max_connections < 1:
@@ -198,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         runner = uvloop.run
     except ImportError:
         runner = asyncio.run
-    out = runner(Pacer(a.port, a.path, a.rate, a.max_connections).run(a.seconds, a.warmup, a.prewarm))
+    out = runner(Pacer(a.port, a.path, a.rate, a.max_connections).run(a.seconds, a.warmup, a.prewarm, a.drain))
     sys.stdout.write("PACE_JSON " + json.dumps(out) + "\n")
     return 0
 

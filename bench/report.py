@@ -414,6 +414,8 @@ def terminal(results: dict) -> str:
         parts.append("\nDetails")
         parts.extend("  " + x for x in extra)
     parts.append("\nmachine: " + _machine_line(results))
+    if results.get("elapsed_s") is not None:
+        parts.append(f"the run took {results['elapsed_s'] // 60:.0f} min {results['elapsed_s'] % 60:.0f} s")
     for n in results.get("notes", []):
         parts.append("note: " + n)
     return "\n".join(parts)

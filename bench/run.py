@@ -369,7 +369,7 @@ def run_pace(ctx: Ctx, port: int, rate: float, name: str) -> dict:
     """The fixed offered load (bench/pace.py): open loop at ``rate`` req/s."""
     a = ctx.args
     cmd = [PY, "-m", "bench.pace", "--port", str(port), "--rate", f"{rate:.1f}", "--seconds", f"{a.load_duration:g}",
-           "--warmup", "0.5"]
+           "--warmup", "0.5", "--drain", "2"]
     p = procs.spawn(cmd, capture=True, log=ctx.tmp / f"{name}.pace.err", cwd=ROOT)
     out = wait_proc(p, a.load_duration + 40, ctx.progress, f"fixed load {rate:,.0f}/s", a.load_duration + 0.5)
     data = marker_json(out, "PACE_JSON")
@@ -728,7 +728,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the fixed offered load, as a share of /health's req/s at the same worker count "
                         "(default 0.5; 0 = no fixed-load run)")
     p.add_argument("--load-duration", type=float,
-                   help="seconds of the fixed-load run per case, after 0.5 s unmeasured (default 5, quick 2)")
+                   help="seconds of the fixed-load run per case, after 0.5 s unmeasured (default 5, quick 1.5)")
     p.add_argument("--cases", default="all", help="comma-separated cases or groups (default all)")
     p.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto",
                    help="uvicorn event loop (auto: uvloop if installed)")
@@ -740,7 +740,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.duration = a.duration if a.duration is not None else (3.0 if a.quick else 10.0)
     a.warmup = a.warmup if a.warmup is not None else (1.0 if a.quick else 3.0)
     a.rounds = a.rounds if a.rounds is not None else (1 if a.quick else 2)
-    a.load_duration = a.load_duration if a.load_duration is not None else (2.0 if a.quick else 5.0)
+    a.load_duration = a.load_duration if a.load_duration is not None else (1.5 if a.quick else 5.0)
     try:
         ws = [int(x) for x in (a.workers or f"{os.cpu_count() or 1},1").split(",") if x.strip()]
     except ValueError:
@@ -789,7 +789,8 @@ def main(argv=None) -> int:
             old.unlink()
     n_http = sum(1 for n in a.selected if n in HTTP_BY_NAME)
     nw = len(a.workers)
-    progress = Progress(1 + nw * (n_http * a.rounds + (a.rounds == 1 and n_http > 1)) + len(a.selected) - n_http)
+    progress = Progress(1 + nw * (n_http * a.rounds + (a.rounds == 1 and n_http > 1 and not a.quick))
+                        + len(a.selected) - n_http)
     ctx = Ctx(args=a, tmp=tmp, progress=progress)
     started = _dt.datetime.now(_dt.timezone.utc)
     results: dict = {"version": 2, "started": started.isoformat(timespec="seconds"),
@@ -852,11 +853,11 @@ def main(argv=None) -> int:
         micro_names = [n for n in a.selected if n not in HTTP_BY_NAME]
         # HTTP cases in rounds, each round every worker count, each worker count every
         # case: a case keeps its best round (other load on the machine only ever
-        # lowers a figure, so the best is the least disturbed).  With one round,
-        # /health is measured again after the other cases: the baseline is then the
-        # better of a measurement at each end of the run.
+        # lowers a figure, so the best is the least disturbed).  With one round
+        # (not --quick, which is kept short), /health is measured again after the
+        # other cases: the baseline is then the better of a measurement at each end.
         plan = [(rnd, w, name) for rnd in range(1, a.rounds + 1) for w in a.workers for name in http_names]
-        if a.rounds == 1 and len(http_names) > 1:
+        if a.rounds == 1 and len(http_names) > 1 and not a.quick:
             plan += [(2, w, "health") for w in a.workers]
         for rnd, w, name in plan:
             group = results["http"].setdefault(str(w), {})
@@ -903,7 +904,9 @@ def main(argv=None) -> int:
         procs.stop_all()
 
     results["machine"]["loadavg_end"] = list(os.getloadavg())
-    results["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    finished = _dt.datetime.now(_dt.timezone.utc)
+    results["finished"] = finished.isoformat(timespec="seconds")
+    results["elapsed_s"] = round((finished - started).total_seconds())
     report.compute(results)
     written = report.write_all(results, out_dir, png=not a.no_png)
     print(report.terminal(results))
