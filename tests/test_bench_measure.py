@@ -112,9 +112,13 @@ async def test_pacer_counts_every_request() -> None:
     """The pacer against a tiny HTTP server that answers in two pieces,
     200 for even requests and 429 for odd ones."""
     served = 0
+    handlers: set[asyncio.Task[None]] = set()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal served
+        task = asyncio.current_task()
+        assert task is not None
+        handlers.add(task)
         while True:
             try:
                 await reader.readuntil(b"\r\n\r\n")
@@ -126,6 +130,7 @@ async def test_pacer_counts_every_request() -> None:
             await writer.drain()
             writer.write(b"cde")
         writer.close()
+        await writer.wait_closed()
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
@@ -134,6 +139,9 @@ async def test_pacer_counts_every_request() -> None:
         out: dict[str, Any] = await p.run(seconds=0.5, warmup=0.1, prewarm=2, drain=5.0)
     finally:
         server.close()
+        await server.wait_closed()
+        # the pacer closed its connections: every handler ends on its own
+        await asyncio.wait_for(asyncio.gather(*handlers), 10)
     assert out["sent"] == 200 and out["completed"] == 200
     assert out["answered_total"] == served == 240
     assert sum(out["status"].values()) == 200 and set(out["status"]) == {"200", "429"}
