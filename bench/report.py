@@ -490,7 +490,7 @@ def markdown(results: dict) -> str:
                      "wrk window (event loop = the workers' main threads; rategate loops = threads named "
                      "rategate-loop-N; other = the rest of the workers and uvicorn's supervisor); Redis from "
                      "INFO commandstats over the same window (scripts = EVALSHA + EVAL; checks = the checks that "
-                     "reached Redis, one per request for the other limiters). " + _fixed_text(o) + ".")
+                     "reached Redis, one per request for the other limiters). Fixed load: " + _fixed_text(o) + ".")
         lines.append("")
     for w, group in groups(results):
         lines.append(f"**{_group_title(w, results)}**")

@@ -1,16 +1,20 @@
 """The rategate benchmark: one command, one machine, one run.
 
-    python -m bench.run                 # every case, 10 s each, 2 rounds (about 5 minutes)
-    python -m bench.run --quick         # 3 s each, one round, shorter micro-benchmarks (under 2 minutes)
-    python -m bench.run --cases health,rategate,rategate-flood --duration 20
+    python -m bench.run                 # every case at workers = cores and at 1 worker, 2 rounds
+    python -m bench.run --quick         # 3 s each, one round, shorter micro-benchmarks (about 3 minutes)
+    python -m bench.run --cases health,rategate,rategate-flood --workers 2 --duration 20
 
 It starts its own redis-server on a free 127.0.0.1 port (or uses
-RATEGATE_REDIS_URL), runs each HTTP case's app under one uvicorn worker on a
-free port, warms it up, measures it with wrk (same duration and connections for
-every case), then runs the measurements without HTTP (bench/micro.py) and
-redis-benchmark.  It prints a table and the six speed targets with PASS/MISS,
-and writes bench/results/latest.{json,md,png}.  Every process it starts is in
-its own process group and is stopped when it ends, fails or is interrupted.
+RATEGATE_REDIS_URL), runs each HTTP case's app under uvicorn on a free port at
+each worker count of --workers, warms it up, measures it with wrk (same
+duration and connections for every case) while reading every thread's CPU from
+/proc and Redis's INFO commandstats, then offers it a fixed open-loop load
+(bench/pace.py, half of /health's req/s at the same worker count) for the
+latency a user feels at normal load.  Then come the measurements without HTTP
+(bench/micro.py) and redis-benchmark.  It prints the tables and the targets
+with PASS/MISS, and writes bench/results/latest.{json,md,png}.  Every process
+it starts is in its own process group and is stopped when it ends, fails or is
+interrupted.
 """
 
 from __future__ import annotations
