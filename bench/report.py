@@ -240,25 +240,35 @@ def _us(v) -> str:
 
 
 def _not_run(r: dict, ncols: int) -> list[str]:
+    """The cells after the case's name: dashes, and why in the last column."""
     why = ("skipped: " + r["skipped"]) if "skipped" in r else ("error: " + one_line(r.get("error", "?")))
-    return ["—"] * (ncols - 1) + [why]
+    return ["—"] * (ncols - 2) + [why]
 
 
-def http_rows(group: dict) -> list[list[str]]:
+def _rows(group: dict, cols: list[str], cells) -> list[list[str]]:
+    """One row per case: ``cells(r)`` for a measured case (None: no row), else why it was not."""
     rows = []
     for name, r in group.items():
         if "rps" not in r:
-            rows.append([name, *_not_run(r, len(HTTP_COLS))])
-            continue
-        lat, lag = r["latency_ms"], r.get("lag_ms", {})
-        non2xx = f"{r['non_2xx']:,}" + ("" if r.get("as_expected", True) else " !!")
-        rows.append([
-            name, f"{r['rps']:,.0f}", f"{r['ratio_to_health']:.2f}" if r.get("ratio_to_health") else "—",
-            _ms(lat["p50"]), _ms(lat["p99"]), _ms(lat["p99_9"]), f"{r['ok_2xx']:,}", non2xx,
-            f"{_ms(lag.get('p50_ms'))} / {_ms(lag.get('p99_ms'))}",
-            f"{r['server_cpu_us_per_req']:.0f}" if r.get("server_cpu_us_per_req") else "—",
-        ])
+            rows.append([name, *_not_run(r, len(cols))])
+        elif (c := cells(r)) is not None:
+            rows.append([name, *c])
     return rows
+
+
+def http_rows(group: dict) -> list[list[str]]:
+    return _rows(group, HTTP_COLS, _http_cells)
+
+
+def _http_cells(r: dict) -> list[str]:
+    lat, lag = r["latency_ms"], r.get("lag_ms", {})
+    non2xx = f"{r['non_2xx']:,}" + ("" if r.get("as_expected", True) else " !!")
+    return [
+        f"{r['rps']:,.0f}", f"{r['ratio_to_health']:.2f}" if r.get("ratio_to_health") else "—",
+        _ms(lat["p50"]), _ms(lat["p99"]), _ms(lat["p99_9"]), f"{r['ok_2xx']:,}", non2xx,
+        f"{_ms(lag.get('p50_ms'))} / {_ms(lag.get('p99_ms'))}",
+        f"{r['server_cpu_us_per_req']:.0f}" if r.get("server_cpu_us_per_req") else "—",
+    ]
 
 
 CPU_COLS = ["case", "event loop", "rategate loops", "other threads", "server", "redis-server", "wrk",
@@ -267,20 +277,18 @@ CPU_COLS = ["case", "event loop", "rategate loops", "other threads", "server", "
 
 def cpu_rows(group: dict) -> list[list[str]]:
     """CPU µs per request by place, and the Redis commands, of the saturation (wrk) window."""
-    rows = []
-    for name, r in group.items():
-        if "rps" not in r:
-            rows.append([name, *_not_run(r, len(CPU_COLS))])
-            continue
-        c = r.get("cpu_us_per_req") or {}
-        rd = r.get("redis") or {}
-        checks = "—" if rd.get("checks_per_script_call") is None else f"{rd['checks_per_script_call']:.1f}"
-        rows.append([name, _us(c.get("event_loop")), _us(c.get("rategate_loops")), _us(c.get("other")),
-                     _us(c.get("server")), _us(c.get("redis")), _us(c.get("load_generator")),
-                     "—" if rd.get("calls_per_request") is None else f"{rd['calls_per_request']:.2f}",
-                     f"{rd['script_calls']:,}" if rd else "—", checks,
-                     _us(rd.get("usec_per_script_call")), _us(rd.get("usec_per_check"))])
-    return rows
+    return _rows(group, CPU_COLS, _cpu_cells)
+
+
+def _cpu_cells(r: dict) -> list[str]:
+    c = r.get("cpu_us_per_req") or {}
+    rd = r.get("redis") or {}
+    checks = "—" if rd.get("checks_per_script_call") is None else f"{rd['checks_per_script_call']:.1f}"
+    return [_us(c.get("event_loop")), _us(c.get("rategate_loops")), _us(c.get("other")),
+            _us(c.get("server")), _us(c.get("redis")), _us(c.get("load_generator")),
+            "—" if rd.get("calls_per_request") is None else f"{rd['calls_per_request']:.2f}",
+            f"{rd['script_calls']:,}" if rd else "—", checks,
+            _us(rd.get("usec_per_script_call")), _us(rd.get("usec_per_check"))]
 
 
 FIXED_COLS = ["case", "offered/s", "answered/s", "p50 ms", "p99 ms", "p99.9 ms", "+p50 ms", "+p99 ms",
@@ -289,22 +297,21 @@ FIXED_COLS = ["case", "offered/s", "answered/s", "p50 ms", "p99 ms", "p99.9 ms",
 
 def fixed_rows(group: dict) -> list[list[str]]:
     """The fixed offered load (bench/pace.py): latency, and what /health's adds to it."""
-    rows = []
-    for name, r in group.items():
-        f = r.get("fixed_load")
-        if not f:
-            if "rps" not in r:
-                rows.append([name, *_not_run(r, len(FIXED_COLS))])
-            continue
-        lat, add, c = f["latency_ms"], f.get("added_ms") or {}, f.get("cpu_us_per_req") or {}
-        non2xx = sum(v for k, v in f["status"].items() if not k.startswith("2")) + f["errors"] + f["unanswered"]
-        behind = " !!" if f["achieved_rps"] < 0.95 * f["rate"] else ""  # could not keep up with the load
-        rows.append([name, f"{f['rate']:,.0f}", f"{f['achieved_rps']:,.0f}{behind}", _ms(lat["p50"]),
-                     _ms(lat["p99"]), _ms(lat["p99_9"]),
-                     "—" if add.get("p50") is None else f"{add['p50']:+.2f}",
-                     "—" if add.get("p99") is None else f"{add['p99']:+.2f}",
-                     _us(c.get("event_loop")), _us(c.get("rategate_loops")), _us(c.get("redis")), f"{non2xx:,}"])
-    return rows
+    return _rows(group, FIXED_COLS, _fixed_cells)
+
+
+def _fixed_cells(r: dict) -> list[str] | None:
+    f = r.get("fixed_load")
+    if not f:
+        return None
+    lat, add, c = f["latency_ms"], f.get("added_ms") or {}, f.get("cpu_us_per_req") or {}
+    non2xx = sum(v for k, v in f["status"].items() if not k.startswith("2")) + f["errors"] + f["unanswered"]
+    behind = " !!" if f["achieved_rps"] < 0.95 * f["rate"] else ""  # could not keep up with the load
+    return [f"{f['rate']:,.0f}", f"{f['achieved_rps']:,.0f}{behind}", _ms(lat["p50"]),
+            _ms(lat["p99"]), _ms(lat["p99_9"]),
+            "—" if add.get("p50") is None else f"{add['p50']:+.2f}",
+            "—" if add.get("p99") is None else f"{add['p99']:+.2f}",
+            _us(c.get("event_loop")), _us(c.get("rategate_loops")), _us(c.get("redis")), f"{non2xx:,}"]
 
 
 def target13_rows(results: dict) -> list[list[str]]:
