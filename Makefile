@@ -25,8 +25,10 @@ test: bootstrap
 test-asan: bootstrap
 	bash scripts/asan.sh
 
-# The main job: starts its own redis-server, prints the table, writes
-# bench/results/latest.{json,md,png}.  BENCH_ARGS="--cases health,rategate" etc.
+# The main job: starts its own redis-server, runs every case at workers = cores
+# and at one worker, prints the tables, writes bench/results/latest.{json,md,png}
+# (about 15 minutes on 2 cores; bench-quick about 3).
+# BENCH_ARGS="--cases health,rategate --workers 2" etc.
 bench: bootstrap-bench build
 	$(PY) -m bench.run $(BENCH_ARGS)
 

@@ -7,9 +7,10 @@ would sit behind the rate limiter, and an outer ASGI wrapper would cost every
 request something).  It speaks one line per command:
 
     reset\n  -> {"ok": true}       start a new measurement window
-    stats\n  -> {...}              lag percentiles and samples, CPU, the limiter's
+    stats\n  -> {...}              lag percentiles and samples, pid, RSS, the limiter's
                                    counters since reset (gauges as they are)
 
+CPU by thread is read by the runner from /proc (bench/measure.py), not here.
 Under `uvicorn --workers N` every worker is its own process with its own
 control server: each listens on a free port and writes it to
 ``$BENCH_CONTROL_DIR/<pid>.port``, where the runner finds them all.
@@ -101,8 +102,6 @@ class Control:
 
     def _mark(self) -> None:
         self.t_wall = time.perf_counter()
-        self.t_proc = time.process_time()
-        self.t_thread = time.thread_time()  # called on the loop thread: the Python thread's CPU
         self.limiter_base = self._limiter_stats()
 
     def _limiter_stats(self) -> Any:
@@ -117,8 +116,6 @@ class Control:
         out: dict[str, Any] = {
             "lag": self.monitor.summary(),
             "wall_s": time.perf_counter() - self.t_wall,
-            "cpu_process_s": time.process_time() - self.t_proc,
-            "cpu_loop_thread_s": time.thread_time() - self.t_thread,
             "pid": os.getpid(),
         }
         try:
