@@ -49,8 +49,10 @@ test-wheel: bootstrap
 test-pythons: bootstrap
 	bash scripts/test-pythons.sh
 
-# The main job: starts its own redis-server, prints the table, writes
-# bench/results/latest.{json,md,png}.  BENCH_ARGS="--cases health,rategate" etc.
+# The main job: starts its own redis-server, runs every case at workers = cores
+# and at one worker, prints the tables, writes bench/results/latest.{json,md,png}
+# (about 15 minutes on 2 cores; bench-quick about 3).
+# BENCH_ARGS="--cases health,rategate --workers 2" etc.
 bench: bootstrap-bench build
 	$(PY) -m bench.run $(BENCH_ARGS)
 

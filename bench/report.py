@@ -27,13 +27,42 @@ def _get(d, *path):
     return d
 
 
-def compute(results: dict) -> None:
-    """Add ratios to the HTTP cases and the ``targets`` list to ``results``."""
+# issue 13: the production shape (rategate, all allowed, at workers = cores unless said)
+TARGETS_13 = [
+    ("cores ratio", "rategate req/s ÷ /health at workers = cores", ">=", 0.90, "×"),
+    ("Redis µs/check", "Redis command time per check (INFO commandstats)", "<=", 3.0, "µs"),
+    ("loop threads µs/check", "rategate loop threads' CPU per check", "<=", 3.0, "µs"),
+    ("added p99 at fixed load", "p99 over /health's at the fixed offered load", "<=", 1.0, "ms"),
+]
+
+
+def groups(results: dict) -> list[tuple[int, dict]]:
+    """The HTTP results by worker count, headline (the first of --workers) first."""
     http = results.get("http", {})
-    health_rps = _get(http, "health", "rps")
-    for r in http.values():
-        if "rps" in r and health_rps:
-            r["ratio_to_health"] = round(r["rps"] / health_rps, 3)
+    order = _get(results, "options", "workers") or sorted(int(w) for w in http)
+    return [(int(w), http[str(w)]) for w in order if str(w) in http]
+
+
+def one_worker(results: dict) -> dict:
+    """The one-worker group (issue 5's targets are defined on it), else the first."""
+    g = groups(results)
+    return next((r for w, r in g if w == 1), g[0][1] if g else {})
+
+
+def compute(results: dict) -> None:
+    """Add ratios and fixed-load differences to the HTTP cases and the target lists to ``results``."""
+    for _, group in groups(results):
+        health = group.get("health", {})
+        health_rps = health.get("rps")
+        h_fixed = health.get("fixed_load") or {}
+        for r in group.values():
+            if "rps" in r and health_rps:
+                r["ratio_to_health"] = round(r["rps"] / health_rps, 3)
+            f = r.get("fixed_load")
+            if f and h_fixed.get("latency_ms") and f["latency_ms"].get("p50") is not None:
+                f["added_ms"] = {k: round(f["latency_ms"][k] - h_fixed["latency_ms"][k], 3) for k in ("p50", "p99")}
+    results["targets_13"] = targets_13(results)
+    http = one_worker(results)
     micro = results.get("micro", {})
     rb = micro.get("redis_benchmark", {})
     rss_marks = _get(micro, "rss", "marks") or []
@@ -97,6 +126,25 @@ def compute(results: dict) -> None:
     results["targets"] = out
 
 
+def targets_13(results: dict) -> list[dict]:
+    g = groups(results)
+    head_w, head = g[0] if g else (0, {})
+    rg = head.get("rategate", {})
+    why = rg.get("skipped") or rg.get("error") or ("not run" if not rg else None)
+    values = [
+        rg.get("ratio_to_health"),
+        _get(rg, "redis", "usec_per_check"),
+        _get(rg, "cpu_us_per_req", "rategate_loops"),  # all allowed: one check per request
+        _get(rg, "fixed_load", "added_ms", "p99"),
+    ]
+    out = []
+    for (short, desc, op, goal, unit), v in zip(TARGETS_13, values):
+        status = "n/a" if v is None else ("PASS" if (v >= goal if op == ">=" else v <= goal) else "MISS")
+        out.append({"name": short, "description": f"{desc} ({head_w} workers)", "value": v, "op": op,
+                    "target": goal, "unit": unit, "status": status, "note": why if v is None else None})
+    return out
+
+
 def _num(v, unit: str = "") -> str:
     if v is None:
         return "—"
@@ -146,8 +194,14 @@ def case_line(r: dict, health: dict | None) -> str:
     if health and health.get("rps"):
         ratio = f"{r['rps'] / health['rps']:.2f}× /health  "
     flag = "" if r.get("as_expected") else f"  !! {r.get('unexpected')}"
+    cpu = r.get("cpu_us_per_req") or {}
+    fixed = r.get("fixed_load") or {}
+    extra = f"  CPU µs/req: loop {_us(cpu.get('event_loop'))}, rategate {_us(cpu.get('rategate_loops'))}, " \
+            f"redis {_us(cpu.get('redis'))}"
+    if fixed:
+        extra += f"; at {fixed['rate']:,.0f}/s p99 {_ms(fixed['latency_ms']['p99'])} ms"
     return (f"  {name:<20} {r['rps']:>9,.0f} req/s  {ratio}p50 {_ms(r['latency_ms']['p50'])} ms  "
-            f"p99 {_ms(r['latency_ms']['p99'])} ms  non-2xx {r['non_2xx']:,}{flag}")
+            f"p99 {_ms(r['latency_ms']['p99'])} ms  non-2xx {r['non_2xx']:,}{extra}{flag}")
 
 
 def micro_line(name: str, micro: dict) -> str:
@@ -181,24 +235,95 @@ HTTP_COLS = ["case", "req/s", "× /health", "p50 ms", "p99 ms", "p99.9 ms", "2xx
              "loop lag p50/p99 ms", "CPU µs/req"]
 
 
-def http_rows(results: dict) -> list[list[str]]:
+def _us(v) -> str:
+    return "—" if v is None else (f"{v:.0f}" if v >= 100 else f"{v:.1f}")
+
+
+def _not_run(r: dict, ncols: int) -> list[str]:
+    """The cells after the case's name: dashes, and why in the last column."""
+    why = ("skipped: " + r["skipped"]) if "skipped" in r else ("error: " + one_line(r.get("error", "?")))
+    return ["—"] * (ncols - 2) + [why]
+
+
+def _rows(group: dict, cols: list[str], cells) -> list[list[str]]:
+    """One row per case: ``cells(r)`` for a measured case (None: no row), else why it was not."""
     rows = []
-    for name, r in results.get("http", {}).items():
+    for name, r in group.items():
         if "rps" not in r:
-            rows.append([name, "—", "—", "—", "—", "—", "—", "—", "—",
-                         ("skipped: " + r["skipped"]) if "skipped" in r else ("error: " + one_line(r.get("error", "?")))])
-            continue
-        lat, lag = r["latency_ms"], r.get("lag_ms", {})
-        non2xx = f"{r['non_2xx']:,}" + ("" if r.get("as_expected", True) else " !!")
-        rows.append([
-            name, f"{r['rps']:,.0f}", f"{r['ratio_to_health']:.2f}" if r.get("ratio_to_health") else "—",
-            _ms(lat["p50"]), _ms(lat["p99"]), _ms(lat["p99_9"]), f"{r['ok_2xx']:,}", non2xx,
-            f"{_ms(lag.get('p50_ms'))} / {_ms(lag.get('p99_ms'))}",
-            f"{r['server_cpu_us_per_req']:.0f}" if r.get("server_cpu_us_per_req") else "—",
-        ])
+            rows.append([name, *_not_run(r, len(cols))])
+        elif (c := cells(r)) is not None:
+            rows.append([name, *c])
     return rows
 
 
+def http_rows(group: dict) -> list[list[str]]:
+    return _rows(group, HTTP_COLS, _http_cells)
+
+
+def _http_cells(r: dict) -> list[str]:
+    lat, lag = r["latency_ms"], r.get("lag_ms", {})
+    non2xx = f"{r['non_2xx']:,}" + ("" if r.get("as_expected", True) else " !!")
+    return [
+        f"{r['rps']:,.0f}", f"{r['ratio_to_health']:.2f}" if r.get("ratio_to_health") else "—",
+        _ms(lat["p50"]), _ms(lat["p99"]), _ms(lat["p99_9"]), f"{r['ok_2xx']:,}", non2xx,
+        f"{_ms(lag.get('p50_ms'))} / {_ms(lag.get('p99_ms'))}",
+        f"{r['server_cpu_us_per_req']:.0f}" if r.get("server_cpu_us_per_req") else "—",
+    ]
+
+
+CPU_COLS = ["case", "event loop", "rategate loops", "other threads", "server", "redis-server", "wrk",
+            "Redis cmds/req", "scripts", "checks/script", "µs/script", "Redis µs/check"]
+
+
+def cpu_rows(group: dict) -> list[list[str]]:
+    """CPU µs per request by place, and the Redis commands, of the saturation (wrk) window."""
+    return _rows(group, CPU_COLS, _cpu_cells)
+
+
+def _cpu_cells(r: dict) -> list[str]:
+    c = r.get("cpu_us_per_req") or {}
+    rd = r.get("redis") or {}
+    checks = "—" if rd.get("checks_per_script_call") is None else f"{rd['checks_per_script_call']:.1f}"
+    return [_us(c.get("event_loop")), _us(c.get("rategate_loops")), _us(c.get("other")),
+            _us(c.get("server")), _us(c.get("redis")), _us(c.get("load_generator")),
+            "—" if rd.get("calls_per_request") is None else f"{rd['calls_per_request']:.2f}",
+            f"{rd['script_calls']:,}" if rd else "—", checks,
+            _us(rd.get("usec_per_script_call")), _us(rd.get("usec_per_check"))]
+
+
+FIXED_COLS = ["case", "offered/s", "answered/s", "p50 ms", "p99 ms", "p99.9 ms", "+p50 ms", "+p99 ms",
+              "event loop µs/req", "rategate loops µs/req", "redis-server µs/req", "non-2xx"]
+
+
+def fixed_rows(group: dict) -> list[list[str]]:
+    """The fixed offered load (bench/pace.py): latency, and what /health's adds to it."""
+    return _rows(group, FIXED_COLS, _fixed_cells)
+
+
+def _fixed_cells(r: dict) -> list[str] | None:
+    f = r.get("fixed_load")
+    if not f:
+        return None
+    lat, add, c = f["latency_ms"], f.get("added_ms") or {}, f.get("cpu_us_per_req") or {}
+    non2xx = sum(v for k, v in f["status"].items() if not k.startswith("2")) + f["errors"] + f["unanswered"]
+    behind = " !!" if f["achieved_rps"] < 0.95 * f["rate"] else ""  # could not keep up with the load
+    return [f"{f['rate']:,.0f}", f"{f['achieved_rps']:,.0f}{behind}", _ms(lat["p50"]),
+            _ms(lat["p99"]), _ms(lat["p99_9"]),
+            "—" if add.get("p50") is None else f"{add['p50']:+.2f}",
+            "—" if add.get("p99") is None else f"{add['p99']:+.2f}",
+            _us(c.get("event_loop")), _us(c.get("rategate_loops")), _us(c.get("redis")), f"{non2xx:,}"]
+
+
+def target13_rows(results: dict) -> list[list[str]]:
+    rows = []
+    for t in results.get("targets_13", []):
+        goal = f"{t['op']} {_num(t['target'], t['unit'])}".replace(">=", "≥").replace("<=", "≤")
+        measured = _num(t["value"], t["unit"]) if t["value"] is not None else f"— ({t['note']})"
+        rows.append([f"{t['name']}: {t['description']}", measured, goal, t["status"]])
+    return rows
+
+
+TARGET13_COLS = ["figure", "measured", "target", "result"]
 TARGET_COLS = ["#", "figure", "measured", "target", "result", "in the same run"]
 
 
@@ -244,13 +369,29 @@ def _rounds_text(o: dict, results: dict | None = None) -> str:
     return ", /health measured first and last (the better kept)" if len(h) > 1 else ""
 
 
+def _workers_text(o: dict) -> str:
+    ws = o.get("workers") or [1]
+    return " and ".join(f"{w} worker{'s' if w > 1 else ''}" for w in ws)
+
+
+def _group_title(w: int, results: dict) -> str:
+    cores = _get(results, "machine", "cores")
+    return f"{w} uvicorn worker{'s' if w > 1 else ''}" + (" (= cores)" if w == cores else "")
+
+
+def _fixed_text(o: dict) -> str:
+    return (f"open loop (bench/pace.py) at {o.get('load_fraction', 0.5):.0%} of /health's req/s "
+            f"with the same workers, {o.get('load_duration_s', 5):g} s after 0.5 s unmeasured; "
+            "+p50/+p99 are over /health's at the same load")
+
+
 def _machine_line(results: dict) -> str:
     m = results.get("machine", {})
     v = m.get("versions", {})
     o = results.get("options", {})
     return (f"{m.get('cores')} cores {m.get('cpu_model')}, Linux {m.get('kernel')}, Python {m.get('python')}, "
             f"FastAPI {v.get('fastapi')}, uvicorn {v.get('uvicorn')} ({o.get('uvicorn_loop')}, "
-            f"{o.get('uvicorn_http')}, 1 worker), redis-py {v.get('redis')}, "
+            f"{o.get('uvicorn_http')}, {_workers_text(o)}), redis-py {v.get('redis')}, "
             f"{(m.get('redis_server') or '').split(' sha=')[0]}, {m.get('wrk', '').split(' [')[0]}; "
             f"load {m.get('loadavg_start', [0])[0]:.2f} at start; commit {_short(m.get('git_commit'))}"
             + (" (dirty)" if m.get("git_dirty") else ""))
@@ -259,17 +400,29 @@ def _machine_line(results: dict) -> str:
 def terminal(results: dict) -> str:
     o = results.get("options", {})
     parts = []
-    if results.get("http"):
-        parts.append(f"\nHTTP: wrk {o.get('connections')} connections, {o.get('duration_s'):g} s per case "
-                     f"after {o.get('warmup_s'):g} s warm-up, GET /ping" + _rounds_text(o, results))
-        parts.append(_text_table(HTTP_COLS, http_rows(results), right=set(range(1, 10))))
-    parts.append("\nTargets (issue 5)")
+    for w, group in groups(results):
+        parts.append(f"\n=== {_group_title(w, results)}: wrk {o.get('connections')} connections, "
+                     f"{o.get('duration_s'):g} s per case after {o.get('warmup_s'):g} s warm-up, GET /ping"
+                     + _rounds_text(o, results))
+        parts.append(_text_table(HTTP_COLS, http_rows(group), right=set(range(1, 10))))
+        parts.append("\nCPU µs per request by place, and Redis commands, over the same wrk window")
+        parts.append(_text_table(CPU_COLS, cpu_rows(group), right=set(range(1, 12))))
+        fr = fixed_rows(group)
+        if fr:
+            parts.append("\nAt a fixed load: " + _fixed_text(o))
+            parts.append(_text_table(FIXED_COLS, fr, right=set(range(1, 12))))
+    if results.get("targets_13") and groups(results):
+        parts.append("\nTargets (issue 13)")
+        parts.append(_text_table(TARGET13_COLS, target13_rows(results), right={1}))
+    parts.append("\nTargets (issue 5, one worker)")
     parts.append(_text_table(TARGET_COLS, target_rows(results), right={2}))
     extra = micro_summary(results)
     if extra:
         parts.append("\nDetails")
         parts.extend("  " + x for x in extra)
     parts.append("\nmachine: " + _machine_line(results))
+    if results.get("elapsed_s") is not None:
+        parts.append(f"the run took {results['elapsed_s'] // 60:.0f} min {results['elapsed_s'] % 60:.0f} s")
     for n in results.get("notes", []):
         parts.append("note: " + n)
     return "\n".join(parts)
@@ -278,14 +431,16 @@ def terminal(results: dict) -> str:
 def micro_summary(results: dict) -> list[str]:
     micro = results.get("micro", {})
     out = []
-    for name, r in results.get("http", {}).items():
-        st = r.get("limiter_stats")
-        if not isinstance(st, dict) or "checks" not in st:
-            continue
-        errs = {k: v for k, v in (st.get("errors") or {}).items() if v}
-        out.append(f"{name}: the limiter made {st['checks']:,} checks ({st.get('allowed', 0):,} allowed, "
-                   f"{st.get('denied', 0):,} denied, {st.get('cached_denials', 0):,} of them from the local "
-                   f"cache" + (f"; errors {errs}" if errs else "") + ")")
+    for w, group in groups(results):
+        for name, r in group.items():
+            st = r.get("limiter_stats")
+            if not isinstance(st, dict) or "checks" not in st:
+                continue
+            errs = {k: v for k, v in (st.get("errors") or {}).items() if v}
+            out.append(f"{name}, {w} worker{'s' if w > 1 else ''}: in the wrk window the limiter made "
+                       f"{st['checks']:,} checks ({st.get('allowed', 0):,} allowed, {st.get('denied', 0):,} denied, "
+                       f"{st.get('cached_denials', 0):,} of them from the local cache"
+                       + (f"; errors {errs}" if errs else "") + ")")
     for impl, c in micro.get("cpu", {}).items():
         s = f"CPU per check, {impl}: hit {c['hit']['raw_us']:.2f} µs raw, {c['hit']['net_us']:.2f} µs net"
         if "submit" in c:
@@ -333,14 +488,30 @@ def markdown(results: dict) -> str:
 
     lines = [f"Command: `{results.get('command')}` · {results.get('started')}  ",
              f"Machine: {_machine_line(results)}", ""]
-    if results.get("http"):
-        lines.append(f"HTTP: one uvicorn worker per case, wrk {o.get('connections')} connections, "
-                     f"{o.get('duration_s'):g} s per case after {o.get('warmup_s'):g} s warm-up, GET /ping"
-                     f"{_rounds_text(o, results)}; "
-                     "the ratio is to `health` in this run; loop lag is how late `asyncio.sleep(0.001)` wakes up "
-                     "in a task inside the app; CPU µs/req is the server process's CPU per request.")
+    if groups(results):
+        lines.append(f"HTTP: wrk {o.get('connections')} connections, {o.get('duration_s'):g} s per case after "
+                     f"{o.get('warmup_s'):g} s warm-up, GET /ping{_rounds_text(o, results)}; the ratio is to "
+                     "`health` with the same workers in this run; loop lag is how late `asyncio.sleep(0.001)` "
+                     "wakes up in a task inside the app (every worker's samples); CPU µs/req is the server's "
+                     "CPU per request (every worker process). CPU by place: read from /proc per thread over the "
+                     "wrk window (event loop = the workers' main threads; rategate loops = threads named "
+                     "rategate-loop-N; other = the rest of the workers and uvicorn's supervisor); Redis from "
+                     "INFO commandstats over the same window (scripts = EVALSHA + EVAL; checks = the checks that "
+                     "reached Redis, one per request for the other limiters). Fixed load: " + _fixed_text(o) + ".")
         lines.append("")
-        lines.append(md_table(HTTP_COLS, http_rows(results), set(range(1, 10))))
+    for w, group in groups(results):
+        lines.append(f"**{_group_title(w, results)}**")
+        lines.append("")
+        lines.append(md_table(HTTP_COLS, http_rows(group), set(range(1, 10))))
+        lines.append("")
+        lines.append(md_table(CPU_COLS, cpu_rows(group), set(range(1, 12))))
+        lines.append("")
+        fr = fixed_rows(group)
+        if fr:
+            lines.append(md_table(FIXED_COLS, fr, set(range(1, 12))))
+            lines.append("")
+    if results.get("targets_13") and groups(results):
+        lines.append(md_table(TARGET13_COLS, target13_rows(results), {1}))
         lines.append("")
     lines.append(md_table(TARGET_COLS, target_rows(results), {2}))
     extra = micro_summary(results)
@@ -356,91 +527,140 @@ def markdown(results: dict) -> str:
 # the chart
 
 
+CPU_PARTS = [("event_loop", "event loop", "#4a78b5"), ("rategate_loops", "rategate loops", "#2e8b57"),
+             ("other", "other server threads", "#9ecae1"), ("redis", "redis-server", "#d62728"),
+             ("load_generator", "wrk", "#bbbbbb")]
+
+
 def chart(results: dict, path: Path) -> bool:
-    """Draw the PNG; False (and no file) when the run has no HTTP figures."""
+    """Draw the PNG; False (and no file) when the run has no HTTP figures.
+
+    Four panels, each case a row and each worker count a bar of its own:
+    throughput ÷ /health; CPU µs per request by place (stacked); latency at
+    saturation (wrk); latency at the fixed offered load."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    http = [(n, r) for n, r in results.get("http", {}).items() if "rps" in r]
-    if not http:
+    gs = [(w, g) for w, g in groups(results) if any("rps" in r for r in g.values())]
+    if not gs:
         return False
-    names = [n for n, _ in http][::-1]  # top to bottom in run order
-    rs = [r for _, r in http][::-1]
+    names: list[str] = []
+    for _, g in gs:
+        names += [n for n, r in g.items() if "rps" in r and n not in names]
+    names = names[::-1]  # top to bottom in run order
+    nw = len(gs)
+    h = 0.8 / nw
+    offs = {w: (i - (nw - 1) / 2) * h for i, (w, _) in enumerate(gs)}  # first group on top
     y = list(range(len(names)))
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 0.55 * len(names) + 2.6),
-                                   gridspec_kw={"width_ratios": [1.1, 1]})
+    fig, axes = plt.subplots(2, 2, figsize=(15, 2 * (0.5 * len(names) * max(1, nw * 0.6) + 1.6)))
+    (ax1, ax2), (ax3, ax4) = axes
+    shades = ["#2e8b57", "#8fd19e", "#c7e9c0"]
 
-    def color(n):
+    def color(n, i):
         if n == "health":
-            return "#8a8a8a"
+            return ["#555555", "#9a9a9a", "#cccccc"][i % 3]
         if n.startswith("rategate") or n == "redis-down":
-            return "#2e8b57"
-        return "#4a78b5"
+            return shades[i % 3]
+        return ["#2b5d9b", "#7fa6d6", "#c6dbef"][i % 3]
 
-    ratios = [r.get("ratio_to_health") or 0 for r in rs]
-    bars = ax1.barh(y, ratios, color=[color(n) for n in names], height=0.65)
-    for b, r in zip(bars, rs):
-        if r.get("non_2xx"):
-            b.set_hatch("///")
-            b.set_edgecolor("white")
-    ax1.axvline(1.0, color="black", lw=1, ls="--", label="/health = 1.0")
-    xmax = max(ratios + [1.4]) * 1.45
-    ax1.set_xlim(0, xmax)
-    goals = {"rategate": 0.95, "rategate-flood": 1.30}
-    has_goal = False
+    def rows(g):
+        for i, n in enumerate(names):
+            r = g.get(n)
+            if r is not None and "rps" in r:
+                yield i, n, r
+
+    # 1: throughput
+    xmax = 1.4
+    for gi, (w, g) in enumerate(gs):
+        for i, n, r in rows(g):
+            ratio = r.get("ratio_to_health") or 0
+            xmax = max(xmax, ratio)
+            b = ax1.barh(i - offs[w], ratio, height=h * 0.9, color=color(n, gi),
+                         hatch="///" if r.get("non_2xx") else None, edgecolor="white")
+            label = f"{ratio:.2f}×  {r['rps']:,.0f}/s  ({w}w)"
+            ax1.text(max(ratio, 0) + 0.02, i - offs[w], label, va="center", fontsize=7)
+            del b
+    goals = {"rategate": {1: 0.95}, "rategate-flood": {1: 1.30}}
+    cores = _get(results, "machine", "cores")
+    if cores and cores > 1:
+        goals["rategate"][cores] = 0.90
     for i, n in enumerate(names):
-        r = rs[i]
-        label = f"{r['ratio_to_health']:.2f}×  {r['rps']:,.0f} req/s"
-        if r.get("non_2xx"):
-            share = r["non_2xx"] / max(1, r["requests"])
-            label += f"  ({share:.0%} 429)"
-        at = max(ratios[i], goals.get(n, 0), 1.0 if abs(ratios[i] - 1.0) < 0.25 else 0)
-        ax1.text(at + xmax * 0.012, i, label, va="center", fontsize=9,
-                 bbox=dict(facecolor="white", edgecolor="none", pad=1.0), zorder=5)
-        if n in goals:
-            has_goal = True
-            ax1.plot([goals[n]] * 2, [i - 0.42, i + 0.42], color="#d62728", lw=2.5)
-    if has_goal:
-        ax1.plot([], [], color="#d62728", lw=2.5, label="target (issue 5)")
-    ax1.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=2, fontsize=8, frameon=False,
-               borderaxespad=0.2)
-    ax1.set_yticks(y, names)
-    ax1.set_ylim(-0.6, len(names) - 0.4)
-    ax1.set_xlabel("req/s ÷ req/s of /health in this run  (hatched: the responses were 429s)", fontsize=9)
-    ax1.set_title("Throughput ÷ no-op /health", fontsize=11, loc="left")
+        for w, goal in goals.get(n, {}).items():
+            if w in offs:
+                ax1.plot([goal] * 2, [i - offs[w] - h / 2, i - offs[w] + h / 2], color="#d62728", lw=2)
+    ax1.plot([], [], color="#d62728", lw=2, label="target")
+    ax1.axvline(1.0, color="black", lw=1, ls="--", label="/health = 1.0")
+    ax1.set_xlim(0, xmax * 1.55)
+    ax1.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=2, fontsize=8, frameon=False)
+    ax1.set_xlabel("req/s ÷ /health's with the same workers (hatched: 429s)", fontsize=9)
+    ax1.set_title("Throughput (wrk, saturation)", fontsize=11, loc="left")
 
+    # 2: CPU per request by place, stacked
+    cmax = 0.0
+    for gi, (w, g) in enumerate(gs):
+        for i, n, r in rows(g):
+            c = r.get("cpu_us_per_req") or {}
+            left = 0.0
+            for key, label, col in CPU_PARTS:
+                v = c.get(key) or 0.0
+                ax2.barh(i - offs[w], v, left=left, height=h * 0.9, color=col,
+                         label=label if gi == 0 and i == len(names) - 1 else None)
+                left += v
+            cmax = max(cmax, left)
+            ax2.text(left + 2, i - offs[w], f"{left:.0f} ({w}w)", va="center", fontsize=7)
+    ax2.set_xlim(0, cmax * 1.45 + 1)
+    ax2.legend(loc="upper right", ncol=1, fontsize=7, framealpha=0.9)
+    ax2.set_xlabel("CPU µs per request, by place (/proc per thread over the wrk window)", fontsize=9)
+    ax2.set_title("Where the CPU goes", fontsize=11, loc="left")
+
+    # 3 and 4: latency, at saturation and at the fixed load
     marks = [("p50", "p50", "o", "#9ecae1"), ("p99", "p99", "s", "#3182bd"), ("p99.9", "p99_9", "^", "#08306b")]
-    for i, r in enumerate(rs):
-        lat = r["latency_ms"]
-        ax2.plot([lat["p50"], lat["p99_9"]], [i, i], color="#bbbbbb", lw=3, zorder=1)
-        for lab, key, mk, col in marks:
-            ax2.scatter([lat[key]], [i], marker=mk, s=60, color=col, zorder=2, label=lab if i == 0 else None)
-        ax2.text(lat["p50"], i + 0.22, _ms(lat["p50"]), ha="center", fontsize=7, color="#555555")
-        ax2.text(lat["p99_9"], i + 0.22, _ms(lat["p99_9"]), ha="center", fontsize=7, color="#08306b")
-    ax2.set_xscale("log")
-    ax2.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    ax2.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    ax2.xaxis.set_minor_formatter(NullFormatter())
-    ax2.set_yticks(y, names)
-    ax2.set_ylim(-0.6, len(names) - 0.4)
-    lo = min(r["latency_ms"]["p50"] for r in rs)
-    hi = max(r["latency_ms"]["p99_9"] for r in rs)
-    ax2.set_xlim(lo / 1.6, hi * 1.6)
-    ax2.set_xlabel("latency, ms (log scale)", fontsize=9)
-    ax2.set_title("Latency", fontsize=11, loc="left")
-    ax2.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=3, fontsize=8, frameon=False,
-               borderaxespad=0.2)
-    ax2.grid(axis="x", which="both", alpha=0.25)
-    m = results.get("machine", {})
+
+    def latency(ax, get, title, xlabel):
+        vals: list[float] = []
+        labelled: set[str] = set()
+        for gi, (w, g) in enumerate(gs):
+            for i, n, r in rows(g):
+                lat = get(r)
+                if not lat or lat.get("p50") is None:
+                    continue
+                yy = i - offs[w]
+                ax.plot([lat["p50"], lat["p99_9"]], [yy, yy], color="#bbbbbb", lw=2, zorder=1)
+                for lab, key, mk, col in marks:
+                    ax.scatter([max(lat[key], 1e-3)], [yy], marker=mk, s=30, color=col, zorder=2,
+                               label=lab if lab not in labelled else None)
+                    labelled.add(lab)
+                    vals.append(max(lat[key], 1e-3))
+                ax.text(lat["p99_9"] * 1.15, yy, f"{_ms(lat['p99'])} ms p99 ({w}w)", va="center", fontsize=7)
+        if vals:
+            ax.set_xscale("log")
+            wide = max(vals) / min(vals) > 2000
+            ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0,) if wide else (1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.set_xlim(min(vals) / 1.6, max(vals) * 6)
+            ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=3, fontsize=8, frameon=False)
+        ax.grid(axis="x", which="both", alpha=0.25)
+        ax.set_xlabel(xlabel, fontsize=9)
+        ax.set_title(title, fontsize=11, loc="left")
+
     o = results.get("options", {})
-    fig.suptitle(f"rategate benchmark · FastAPI, uvicorn 1 worker ({o.get('uvicorn_loop')}/{o.get('uvicorn_http')}), "
-                 f"wrk {o.get('connections')} conns × {o.get('duration_s'):g} s · {m.get('cores')} cores "
-                 f"{m.get('cpu_model')} · {results.get('started', '')[:10]}", fontsize=10)
+    latency(ax3, lambda r: r.get("latency_ms"), "Latency at saturation (wrk)", "ms (log scale)")
+    rates = ", ".join(f"{w}w {_get(g, 'health', 'fixed_load', 'rate') or 0:,.0f}/s" for w, g in gs)
+    latency(ax4, lambda r: (r.get("fixed_load") or {}).get("latency_ms"), "Latency at a fixed load",
+            f"ms (log scale); open loop at {o.get('load_fraction', 0.5):.0%} of /health's req/s: {rates}")
+    for ax in (ax1, ax2, ax3, ax4):
+        ax.set_yticks(y, names)
+        ax.set_ylim(-0.6, len(names) - 0.4)
+    m = results.get("machine", {})
+    fig.suptitle(f"rategate benchmark · FastAPI, uvicorn {_workers_text(o)} ({o.get('uvicorn_loop')}/"
+                 f"{o.get('uvicorn_http')}), wrk {o.get('connections')} conns × {o.get('duration_s'):g} s · "
+                 f"{m.get('cores')} cores {m.get('cpu_model')} · {results.get('started', '')[:10]}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
 

@@ -1,16 +1,20 @@
 """The rategate benchmark: one command, one machine, one run.
 
-    python -m bench.run                 # every case, 10 s each, 2 rounds (about 5 minutes)
-    python -m bench.run --quick         # 3 s each, one round, shorter micro-benchmarks (under 2 minutes)
-    python -m bench.run --cases health,rategate,rategate-flood --duration 20
+    python -m bench.run                 # every case at workers = cores and at 1 worker, 2 rounds
+    python -m bench.run --quick         # 3 s each, one round, shorter micro-benchmarks (about 3 minutes)
+    python -m bench.run --cases health,rategate,rategate-flood --workers 2 --duration 20
 
 It starts its own redis-server on a free 127.0.0.1 port (or uses
-RATEGATE_REDIS_URL), runs each HTTP case's app under one uvicorn worker on a
-free port, warms it up, measures it with wrk (same duration and connections for
-every case), then runs the measurements without HTTP (bench/micro.py) and
-redis-benchmark.  It prints a table and the six speed targets with PASS/MISS,
-and writes bench/results/latest.{json,md,png}.  Every process it starts is in
-its own process group and is stopped when it ends, fails or is interrupted.
+RATEGATE_REDIS_URL), runs each HTTP case's app under uvicorn on a free port at
+each worker count of --workers, warms it up, measures it with wrk (same
+duration and connections for every case) while reading every thread's CPU from
+/proc and Redis's INFO commandstats, then offers it a fixed open-loop load
+(bench/pace.py, half of /health's req/s at the same worker count) for the
+latency a user feels at normal load.  Then come the measurements without HTTP
+(bench/micro.py) and redis-benchmark.  It prints the tables and the targets
+with PASS/MISS, and writes bench/results/latest.{json,md,png}.  Every process
+it starts is in its own process group and is stopped when it ends, fails or is
+interrupted.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):  # python bench/run.py
     sys.path.insert(0, str(ROOT))
 
-from bench import procs, report  # noqa: E402
+from bench import measure, procs, report  # noqa: E402
 
 BENCH = ROOT / "bench"
 PY = sys.executable
@@ -52,21 +56,25 @@ WRK = shutil.which("wrk") or "/usr/bin/wrk"
 
 @dataclass
 class HttpCase:
+    """One row of the HTTP table.  A new case is one entry below: the app
+    (bench/apps/), the limit mode, the Redis it runs against (a key of
+    REDIS_KINDS), and any environment its app reads (``env``)."""
     name: str
     app: str
-    mode: str = "allowed"            # allowed | flood
+    mode: str = "allowed"            # allowed | flood (BENCH_MODE)
     expect_denied: bool = False      # the case must show 429s (else: none)
     needs: tuple[str, ...] = ()      # modules that must import, else the case is skipped
-    kill_redis: bool = False         # redis-down: a private Redis, killed after the warm-up
+    redis: str = "shared"            # which Redis: a key of REDIS_KINDS
+    env: dict[str, str] = field(default_factory=dict)  # extra environment for the app
     what: str = ""
 
 
+RG = ("rategate", "rategate.middleware")
 HTTP_CASES = [
     HttpCase("health", "bench.apps.health:app", what="FastAPI no-op GET, no middleware: the baseline"),
-    HttpCase("rategate", "bench.apps.rategate_app:app", needs=("rategate", "rategate.middleware"),
+    HttpCase("rategate", "bench.apps.rategate_app:app", needs=RG,
              what="RateLimitMiddleware, a Redis check per request, all allowed, headers on"),
-    HttpCase("rategate-flood", "bench.apps.rategate_app:app", mode="flood", expect_denied=True,
-             needs=("rategate", "rategate.middleware"),
+    HttpCase("rategate-flood", "bench.apps.rategate_app:app", mode="flood", expect_denied=True, needs=RG,
              what="limit 5/minute for the one client: all but the first 5 get 429"),
     HttpCase("python-redis", "bench.apps.python_redis:app", needs=("redis",),
              what="pure-ASGI middleware by hand, redis.asyncio + the same GCRA script (EVALSHA)"),
@@ -77,12 +85,19 @@ HTTP_CASES = [
     HttpCase("fastapi-limiter", "bench.apps.fastapi_limiter_app:app",
              needs=("fastapi_limiter", "pyrate_limiter", "redis"),
              what="fastapi-limiter per its docs, pyrate-limiter RedisBucket (redis.asyncio), all allowed"),
-    HttpCase("redis-down", "bench.apps.rategate_app:app", expect_denied=True, kill_redis=True,
-             needs=("rategate", "rategate.middleware"),
+    HttpCase("redis-down", "bench.apps.rategate_app:app", expect_denied=True, redis="down", needs=RG,
              what="rategate, Redis killed after the warm-up: fail-closed 429s"),
+    # Cases other issues add, each one entry here:
+    #   HttpCase("rategate-tls", "bench.apps.rategate_app:app", needs=RG, redis="tls", what=...)
+    #     with a "tls" entry in REDIS_KINDS (a private redis-server --tls-port with a throwaway CA,
+    #     as tests/redisserver.py starts one, returning a rediss:// URL);
+    #   HttpCase("hot-key", "bench.apps.rategate_app:app", needs=RG, env={"BENCH_KEY": "global"}, what=...)
+    #     and its leasing twin with env={"BENCH_KEY": "global", "BENCH_LEASE": "1"}, the app reading them.
 ]
 HTTP_BY_NAME = {c.name: c for c in HTTP_CASES}
 
+# A figure without HTTP is one name here and one branch in run_micro_step (a Cluster
+# checks/s figure: "throughput-cluster", bench.micro throughput against a private Cluster).
 MICRO_STEPS = ["cpu-rategate", "cpu-python-redis", "ffi", "throughput-rategate",
                "throughput-python-redis", "redis-benchmark", "rss"]
 GROUPS = {"http": [c.name for c in HTTP_CASES], "micro": MICRO_STEPS,
@@ -274,12 +289,67 @@ class Ctx:
     progress: Progress
     redis_url: str = ""
     redis_conf: dict = field(default_factory=dict)
+    redis_pid: int | None = None
     owns_redis: bool = False
+    pace_rate: dict[int, float] = field(default_factory=dict)  # workers -> the fixed offered load
     loop: str = "asyncio"
     http_impl: str = "h11"
     rategate_error: str | None = None
     middleware_error: str | None = None
     notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CaseRedis:
+    """The Redis one case runs against."""
+    url: str
+    conf: dict | None                        # for INFO commandstats; None: not readable
+    pid: int | None                          # redis-server's pid on this machine, for its CPU
+    server: procs.RedisServer | None = None  # private to the case: stopped after it
+    kill_after_warmup: bool = False
+
+
+def redis_shared(ctx: Ctx, case: HttpCase) -> CaseRedis:
+    if ctx.owns_redis:
+        redis_cmd(ctx.redis_conf, "FLUSHALL")
+    return CaseRedis(ctx.redis_url, ctx.redis_conf, ctx.redis_pid)
+
+
+def redis_down(ctx: Ctx, case: HttpCase) -> CaseRedis:
+    if not os.path.exists(REDIS_SERVER):  # no redis-server here: a port nobody listens on
+        return CaseRedis(f"redis://127.0.0.1:{procs.free_port()}/0", None, None)
+    server = procs.RedisServer(REDIS_SERVER, ctx.tmp, case.name).start()
+    return CaseRedis(server.url, parse_redis_url(server.url), server.proc.pid if server.proc else None,
+                     server=server, kill_after_warmup=True)
+
+
+# case.redis -> how to get it.  A TLS case adds "tls": a private redis-server with
+# --tls-port and a throwaway CA, its rediss:// URL for the app, and a conf for a
+# plain --port of the same server so that INFO commandstats is still read.
+REDIS_KINDS = {"shared": redis_shared, "down": redis_down}
+
+
+def local_redis_pid(conf: dict) -> int | None:
+    """redis-server's pid when it runs on this machine (INFO server's process_id), else None."""
+    if conf.get("host") not in (None, "127.0.0.1", "localhost", "::1"):
+        return None
+    try:
+        info = redis_cmd(conf, "INFO", "server")
+        info = info.decode() if isinstance(info, bytes) else str(info)
+        pid = int(next(x for x in info.splitlines() if x.startswith("process_id:")).split(":")[1])
+        with open(f"/proc/{pid}/comm") as f:
+            return pid if f.read().startswith("redis") else None
+    except (OSError, StopIteration, ValueError, RuntimeError):
+        return None
+
+
+def commandstats(conf: dict | None) -> dict | None:
+    if conf is None:
+        return None
+    try:
+        return measure.parse_commandstats(redis_cmd(conf, "INFO", "commandstats"))
+    except (OSError, RuntimeError, ValueError):
+        return None  # killed (redis-down), or not ours to read
 
 
 def run_wrk(ctx: Ctx, port: int, seconds: float, label: str, measured: bool, name: str) -> dict | None:
@@ -301,15 +371,115 @@ def run_wrk(ctx: Ctx, port: int, seconds: float, label: str, measured: bool, nam
     return data
 
 
-def run_http_case(ctx: Ctx, case: HttpCase) -> dict:
+def run_pace(ctx: Ctx, port: int, rate: float, name: str) -> dict:
+    """The fixed offered load (bench/pace.py): open loop at ``rate`` req/s."""
+    a = ctx.args
+    cmd = [PY, "-m", "bench.pace", "--port", str(port), "--rate", f"{rate:.1f}", "--seconds", f"{a.load_duration:g}",
+           "--warmup", "0.5", "--drain", "2"]
+    p = procs.spawn(cmd, capture=True, log=ctx.tmp / f"{name}.pace.err", cwd=ROOT)
+    out = wait_proc(p, a.load_duration + 40, ctx.progress, f"fixed load {rate:,.0f}/s", a.load_duration + 0.5)
+    data = marker_json(out, "PACE_JSON")
+    if data is None:
+        raise RuntimeError(f"bench.pace failed (exit {p.returncode}): {procs.tail(ctx.tmp / f'{name}.pace.err', 5)}")
+    return data
+
+
+def connect_controls(cdir: Path, workers: int, server: subprocess.Popen, log: Path,
+                     timeout: float = 30) -> list[tuple[int, ControlClient]]:
+    """Every worker's control client, found by the port files they write (bench/apps/common.py)."""
+    t0 = time.monotonic()
+    while True:
+        files = sorted(cdir.glob("*.port"))
+        if len(files) >= workers:
+            break
+        if server.poll() is not None:
+            raise RuntimeError(f"uvicorn exited with {server.returncode}:\n{procs.tail(log)}")
+        if time.monotonic() - t0 > timeout:
+            raise RuntimeError(f"{len(files)} of {workers} workers started their control port in {timeout:.0f}s")
+        time.sleep(0.05)
+    return [(int(f.stem), ControlClient(int(f.read_text()))) for f in files]
+
+
+def sum_stats(parts: list):
+    """The workers' limiter counters added up (nested dicts too); other values from the first."""
+    first = parts[0]
+    if isinstance(first, dict):
+        keys = {k for p in parts if isinstance(p, dict) for k in p}
+        return {k: sum_stats([p.get(k) for p in parts if isinstance(p, dict) and k in p]) for k in keys}
+    if all(isinstance(p, int) and not isinstance(p, bool) for p in parts):
+        return sum(parts)
+    if all(isinstance(p, bool) for p in parts):
+        return all(parts)
+    return first
+
+
+def merged_lag(stats: list[dict]) -> dict:
+    """The event-loop lag over every worker: their samples merged."""
+    samples = sorted(x for st in stats for x in st.get("lag", {}).get("samples_us", []))
+    n = len(samples)
+    if not n:
+        return {"count": 0}
+
+    def q(p: float) -> float:
+        return round(samples[min(n - 1, int(p * n))] / 1e3, 4)
+
+    return {"count": n, "p50_ms": q(0.50), "p90_ms": q(0.90), "p99_ms": q(0.99), "max_ms": round(samples[-1] / 1e3, 4),
+            "mean_ms": round(sum(samples) / n / 1e3, 4), "workers": len(stats)}
+
+
+def redis_checks(limiter: dict | None) -> int | None:
+    """Checks that reached Redis in the window: decided ones less the local cache's and the failures."""
+    if not isinstance(limiter, dict) or "allowed" not in limiter:
+        return None
+    errors = sum(v for v in (limiter.get("errors") or {}).values() if isinstance(v, int))
+    return max(0, limiter["allowed"] + limiter["denied"] - limiter.get("cached_denials", 0) - errors)
+
+
+@dataclass
+class Server:
+    """A running app: its processes, control clients and Redis, for measure_window."""
+    controls: list[tuple[int, ControlClient]]
+    other_pids: list[int]
+    redis: CaseRedis
+
+
+def measure_window(srv: Server, load) -> tuple[dict, dict]:
+    """Run ``load()`` (wrk or the pacer) and measure around it: CPU by thread,
+    Redis commands, the limiter's counters and the event loop's lag.
+    Returns (what load returned, the window's figures in totals)."""
+    for _, c in srv.controls:
+        c("reset")
+    worker_pids = [pid for pid, _ in srv.controls]
+    cs0 = commandstats(srv.redis.conf)
+    snap0 = measure.snapshot(worker_pids, srv.other_pids, srv.redis.pid)
+    out = load()
+    snap1 = measure.snapshot(worker_pids, srv.other_pids, srv.redis.pid)
+    cs1 = commandstats(srv.redis.conf)
+    stats = [c("stats") for _, c in srv.controls]
+    limiter = sum_stats([st["limiter"] for st in stats]) if all("limiter" in st for st in stats) else None
+    return out, {"cpu_s": measure.cpu_split(snap0, snap1), "commandstats": (cs0, cs1), "limiter": limiter,
+                 "lag": merged_lag(stats), "rss_kb": sum(st.get("rss_kb", 0) for st in stats)}
+
+
+def window_figures(win: dict, requests: int) -> dict:
+    """Per-request figures of a window measured by measure_window."""
+    checks = redis_checks(win["limiter"])
+    return {
+        "cpu_us_per_req": measure.per_request(win["cpu_s"], requests),
+        "redis": measure.redis_split(*win["commandstats"], checks, requests),
+        "lag_ms": win["lag"],
+    }
+
+
+def run_http_case(ctx: Ctx, case: HttpCase, workers: int) -> dict:
     a = ctx.args
     res: dict = {"case": case.name, "what": case.what, "mode": case.mode, "expect_denied": case.expect_denied,
-                 "loadavg": round(os.getloadavg()[0], 2)}
+                 "workers": workers, "loadavg": round(os.getloadavg()[0], 2)}
     if not os.path.exists(WRK):
         res["skipped"] = f"wrk is not installed ({WRK}; Debian: apt-get install wrk)"
         return res
     missing = [m for m in case.needs if not available(m)]
-    if case.name.startswith("rategate") or case.name == "redis-down":
+    if "rategate" in case.needs:
         err = ctx.rategate_error or ctx.middleware_error
         if err:
             res["skipped"] = err
@@ -323,28 +493,24 @@ def run_http_case(ctx: Ctx, case: HttpCase) -> dict:
             res["skipped"] = f"import failed: {err}"
             return res
 
-    private_redis: procs.RedisServer | None = None
-    redis_url = ctx.redis_url
-    if case.kill_redis:
-        if os.path.exists(REDIS_SERVER):
-            private_redis = procs.RedisServer(REDIS_SERVER, ctx.tmp, "redis-down").start()
-            redis_url = private_redis.url
-        else:  # no redis-server here: a port nobody listens on
-            redis_url = f"redis://127.0.0.1:{procs.free_port()}/0"
-    elif ctx.owns_redis:
-        redis_cmd(ctx.redis_conf, "FLUSHALL")
-
-    port, cport = procs.free_port(), procs.free_port()
-    env = dict(os.environ, BENCH_REDIS_URL=redis_url, BENCH_MODE=case.mode, BENCH_CONTROL_PORT=str(cport),
-               PYTHONDONTWRITEBYTECODE="1")
-    log = ctx.tmp / f"{case.name}.log"
+    redis = REDIS_KINDS[case.redis](ctx, case)
+    tag = f"{case.name}-w{workers}"
+    port = procs.free_port()
+    cdir = ctx.tmp / f"control-{tag}"
+    cdir.mkdir(exist_ok=True)
+    for old in cdir.iterdir():
+        old.unlink()
+    env = dict(os.environ, BENCH_REDIS_URL=redis.url, BENCH_MODE=case.mode, BENCH_CONTROL_DIR=str(cdir),
+               PYTHONDONTWRITEBYTECODE="1", **case.env)
+    log = ctx.tmp / f"{tag}.log"
     log.write_text("")
-    cmd = [PY, "-m", "uvicorn", case.app, "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+    cmd = [PY, "-m", "uvicorn", case.app, "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
            "--no-access-log", "--log-level", "warning", "--loop", ctx.loop, "--http", ctx.http_impl,
            "--lifespan", "on", "--backlog", "4096"]
-    res["server"] = {"cmd": " ".join(cmd[1:]), "loop": ctx.loop, "http": ctx.http_impl}
+    res["server"] = {"cmd": " ".join(cmd[1:]), "loop": ctx.loop, "http": ctx.http_impl, "env": case.env}
     server = procs.spawn(cmd, log=log, cwd=ROOT, env=env)
-    control = None
+    srv: Server | None = None
+    fixed: dict | None = None
     try:
         ctx.progress.update("starting uvicorn")
         t0 = time.monotonic()
@@ -360,29 +526,39 @@ def run_http_case(ctx: Ctx, case: HttpCase) -> dict:
         if status is None:
             raise RuntimeError(f"uvicorn did not answer in 30s:\n{procs.tail(log)}")
         res["first_status"] = status
-        control = ControlClient(cport)
+        controls = connect_controls(cdir, workers, server, log)
+        # one worker: uvicorn serves in its own process; more: a supervisor process too
+        srv = Server(controls, [server.pid] if all(pid != server.pid for pid, _ in controls) else [], redis)
         # the loop's lag with nothing to do: the floor of the measurement
-        control("reset")
         ctx.progress.update("idle lag")
+        for _, c in controls:
+            c("reset")
         time.sleep(0.5)
-        res["idle"] = control("stats")
+        idle_lag = merged_lag([c("stats") for _, c in controls])
         if a.warmup > 0:
-            run_wrk(ctx, port, a.warmup, "warm-up", False, case.name)
-        if private_redis is not None:
+            run_wrk(ctx, port, a.warmup, "warm-up", False, tag)
+        if redis.kill_after_warmup and redis.server is not None:
             ctx.progress.update("killing redis")
-            private_redis.kill()
+            redis.server.kill()
+            redis.pid = None
             time.sleep(0.2)
-        control("reset")
-        w = run_wrk(ctx, port, a.duration, "wrk", True, case.name)
-        stats = control("stats")
+        w, win = measure_window(srv, lambda: run_wrk(ctx, port, a.duration, "wrk", True, tag))
+        if case.name == "health" and workers not in ctx.pace_rate and a.load_fraction > 0 and w["duration_us"]:
+            # the fixed load of this worker count, for every case and round: a share of
+            # /health's capacity at the same worker count, measured first in this run
+            ctx.pace_rate[workers] = round(w["requests"] / (w["duration_us"] / 1e6) * a.load_fraction, 1)
+        rate = ctx.pace_rate.get(workers)
+        if rate:
+            pace, pwin = measure_window(srv, lambda: run_pace(ctx, port, rate, tag))
+            fixed = dict(pace, **window_figures(pwin, pace["answered_total"]))
         if server.poll() is not None:
             raise RuntimeError(f"uvicorn died during the run:\n{procs.tail(log)}")
     finally:
-        if control is not None:
-            control.close()
+        for _, c in (srv.controls if srv is not None else []):
+            c.close()
         procs.stop(server, timeout=8)
-        if private_redis is not None:
-            private_redis.stop()
+        if redis.server is not None:
+            redis.server.stop()
     secs = w["duration_us"] / 1e6
     n = w["requests"]
     e = w["errors"]
@@ -394,14 +570,13 @@ def run_http_case(ctx: Ctx, case: HttpCase) -> dict:
         "ok_2xx": n - e["status"],
         "socket_errors": {k: e[k] for k in ("connect", "read", "write", "timeout")},
         "latency_ms": {k: round(v / 1000, 3) for k, v in w["latency_us"].items()},
-        "lag_ms": stats.get("lag", {}),
-        "idle_lag_ms": res["idle"].get("lag", {}),
-        "server_cpu_us_per_req": round(stats["cpu_process_s"] / n * 1e6, 2) if n else None,
-        "loop_thread_cpu_us_per_req": round(stats["cpu_loop_thread_s"] / n * 1e6, 2) if n else None,
-        "server_rss_kb": stats.get("rss_kb"),
-        "limiter_stats": stats.get("limiter"),
+        "idle_lag_ms": idle_lag,
+        **window_figures(win, n),
+        "server_rss_kb": win["rss_kb"],
+        "limiter_stats": win["limiter"],
+        "fixed_load": fixed,
     })
-    res.pop("idle")
+    res["server_cpu_us_per_req"] = res["cpu_us_per_req"]["server"]
     denied = res["non_2xx"] > 0
     res["as_expected"] = denied == case.expect_denied and sum(res["socket_errors"].values()) == 0
     if not res["as_expected"]:
@@ -552,6 +727,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                                               "(default 2, quick 1)")
     p.add_argument("--wrk-threads", type=int, default=1,
                    help="wrk threads (default 1: leaves the cores to the server and Redis)")
+    p.add_argument("--workers", default=None,
+                   help="uvicorn worker counts, comma-separated; every HTTP case runs at each "
+                        f"(default: the core count, then 1: {os.cpu_count() or 1},1)")
+    p.add_argument("--load-fraction", type=float, default=0.5,
+                   help="the fixed offered load, as a share of /health's req/s at the same worker count "
+                        "(default 0.5; 0 = no fixed-load run)")
+    p.add_argument("--load-duration", type=float,
+                   help="seconds of the fixed-load run per case, after 0.5 s unmeasured (default 5, quick 1.5)")
     p.add_argument("--cases", default="all", help="comma-separated cases or groups (default all)")
     p.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto",
                    help="uvicorn event loop (auto: uvloop if installed)")
@@ -563,6 +746,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.duration = a.duration if a.duration is not None else (3.0 if a.quick else 10.0)
     a.warmup = a.warmup if a.warmup is not None else (1.0 if a.quick else 3.0)
     a.rounds = a.rounds if a.rounds is not None else (1 if a.quick else 2)
+    a.load_duration = a.load_duration if a.load_duration is not None else (1.5 if a.quick else 5.0)
+    try:
+        ws = [int(x) for x in (a.workers or f"{os.cpu_count() or 1},1").split(",") if x.strip()]
+    except ValueError:
+        ws = []
+    if not ws or min(ws) < 1:
+        p.error(f"--workers takes worker counts >= 1, comma-separated, like 2,1; got {a.workers!r}")
+    a.workers = list(dict.fromkeys(ws))  # the first is the headline table
+    if not 0 <= a.load_fraction <= 1 or a.load_duration <= 0:
+        p.error("--load-fraction must be in [0, 1] and --load-duration > 0")
     # wrk takes whole seconds
     a.duration = float(math.ceil(a.duration)) if a.duration > 0 else a.duration
     a.warmup = float(math.ceil(a.warmup)) if a.warmup > 0 else 0.0
@@ -601,10 +794,12 @@ def main(argv=None) -> int:
         if old.is_file():
             old.unlink()
     n_http = sum(1 for n in a.selected if n in HTTP_BY_NAME)
-    progress = Progress(1 + n_http * a.rounds + (a.rounds == 1 and n_http > 1) + len(a.selected) - n_http)
+    nw = len(a.workers)
+    progress = Progress(1 + nw * (n_http * a.rounds + (a.rounds == 1 and n_http > 1 and not a.quick))
+                        + len(a.selected) - n_http)
     ctx = Ctx(args=a, tmp=tmp, progress=progress)
     started = _dt.datetime.now(_dt.timezone.utc)
-    results: dict = {"version": 1, "started": started.isoformat(timespec="seconds"),
+    results: dict = {"version": 2, "started": started.isoformat(timespec="seconds"),
                      "command": "python -m bench.run " + " ".join(sys.argv[1:] if argv is None else argv),
                      "http": {}, "micro": {}, "notes": ctx.notes}
     for tool in (WRK, REDIS_SERVER, REDIS_BENCHMARK):
@@ -636,6 +831,9 @@ def main(argv=None) -> int:
         if env_url:
             ctx.redis_url = env_url
             ctx.redis_conf = parse_redis_url(env_url)
+            ctx.redis_pid = local_redis_pid(ctx.redis_conf)
+            if ctx.redis_pid is None:
+                ctx.notes.append("RATEGATE_REDIS_URL: its redis-server is not a local process; no redis-server CPU")
             ctx.notes.append("RATEGATE_REDIS_URL set: using that Redis (not flushed between cases)")
         else:
             if not os.path.exists(REDIS_SERVER):
@@ -645,11 +843,13 @@ def main(argv=None) -> int:
             server = procs.RedisServer(REDIS_SERVER, tmp, "redis").start()
             ctx.redis_url, ctx.owns_redis = server.url, True
             ctx.redis_conf = parse_redis_url(server.url)
+            ctx.redis_pid = server.proc.pid if server.proc else None
         redis_cmd(ctx.redis_conf, "PING")
         results["machine"] = machine_info(ctx)
         results["options"] = {"duration_s": a.duration, "warmup_s": a.warmup, "connections": a.connections,
                               "wrk_threads": a.wrk_threads, "rounds": a.rounds, "cases": a.selected, "quick": a.quick,
-                              "uvicorn_loop": ctx.loop, "uvicorn_http": ctx.http_impl, "workers": 1,
+                              "uvicorn_loop": ctx.loop, "uvicorn_http": ctx.http_impl, "workers": a.workers,
+                              "load_fraction": a.load_fraction, "load_duration_s": a.load_duration,
                               "route": "GET /ping -> {\"ok\": true}"}
         if results["machine"]["loadavg_start"][0] > 0.5 * (os.cpu_count() or 1):
             ctx.notes.append(f"the machine was busy at the start (load {results['machine']['loadavg_start'][0]:.2f}): "
@@ -657,28 +857,31 @@ def main(argv=None) -> int:
 
         http_names = [n for n in a.selected if n in HTTP_BY_NAME]
         micro_names = [n for n in a.selected if n not in HTTP_BY_NAME]
-        # HTTP cases in rounds; each case keeps its best round (other load on the
-        # machine only ever lowers a figure, so the best is the least disturbed)
-        # With one round, /health is measured again after the other cases: the
-        # baseline is then the better of a measurement at each end of the run.
-        plan = [(rnd, name) for rnd in range(1, a.rounds + 1) for name in http_names]
-        if a.rounds == 1 and len(http_names) > 1:
-            plan.append((2, "health"))
-        for rnd, name in plan:
-            prev = results["http"].get(name)
+        # HTTP cases in rounds, each round every worker count, each worker count every
+        # case: a case keeps its best round (other load on the machine only ever
+        # lowers a figure, so the best is the least disturbed).  With one round
+        # (not --quick, which is kept short), /health is measured again after the
+        # other cases: the baseline is then the better of a measurement at each end.
+        plan = [(rnd, w, name) for rnd in range(1, a.rounds + 1) for w in a.workers for name in http_names]
+        if a.rounds == 1 and len(http_names) > 1 and not a.quick:
+            plan += [(2, w, "health") for w in a.workers]
+        for rnd, w, name in plan:
+            group = results["http"].setdefault(str(w), {})
+            prev = group.get(name)
             if prev is not None and "skipped" in prev:
                 continue
-            progress.next(name + (f" (round {rnd})" if a.rounds > 1 or rnd > 1 else ""))
+            progress.next(f"{name}, {w} worker{'s' if w > 1 else ''}"
+                          + (f" (round {rnd})" if a.rounds > 1 or rnd > 1 else ""))
             try:
-                r = run_http_case(ctx, HTTP_BY_NAME[name])
+                r = run_http_case(ctx, HTTP_BY_NAME[name], w)
             except (KeyboardInterrupt, SystemExit):
                 raise
             except Exception as e:  # a failing case is reported, and the run goes on
                 err = f"{type(e).__name__}: {e}"
-                (tmp / f"{name}.traceback.txt").write_text(traceback.format_exc())
-                r = {"case": name, "error": err}
-            results["http"][name] = pick_best(prev, r)
-            progress.say(report.case_line(r, results["http"].get("health"))
+                (tmp / f"{name}-w{w}.traceback.txt").write_text(traceback.format_exc())
+                r = {"case": name, "workers": w, "error": err}
+            group[name] = pick_best(prev, r)
+            progress.say(report.case_line(r, group.get("health"))
                          + (f"   [round {rnd}]" if a.rounds > 1 or rnd > 1 else ""))
         for name in micro_names:
             progress.next(name)
@@ -707,7 +910,9 @@ def main(argv=None) -> int:
         procs.stop_all()
 
     results["machine"]["loadavg_end"] = list(os.getloadavg())
-    results["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    finished = _dt.datetime.now(_dt.timezone.utc)
+    results["finished"] = finished.isoformat(timespec="seconds")
+    results["elapsed_s"] = round((finished - started).total_seconds())
     report.compute(results)
     written = report.write_all(results, out_dir, png=not a.no_png)
     print(report.terminal(results))
@@ -719,7 +924,9 @@ def pick_best(prev: dict | None, new: dict) -> dict:
     """Keep the round with the most requests/s; remember every round's figure."""
     rounds = (prev or {}).get("rounds", [])
     if "rps" in new:
-        rounds = rounds + [{"rps": new["rps"], "p99_ms": new["latency_ms"]["p99"], "loadavg": new.get("loadavg")}]
+        fixed = new.get("fixed_load") or {}
+        rounds = rounds + [{"rps": new["rps"], "p99_ms": new["latency_ms"]["p99"], "loadavg": new.get("loadavg"),
+                            "fixed_load_p99_ms": (fixed.get("latency_ms") or {}).get("p99")}]
     else:
         rounds = rounds + [{"error": new.get("error") or new.get("skipped")}]
     best = new if prev is None or "rps" not in prev or ("rps" in new and new["rps"] > prev["rps"]) else prev

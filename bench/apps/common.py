@@ -7,12 +7,18 @@ would sit behind the rate limiter, and an outer ASGI wrapper would cost every
 request something).  It speaks one line per command:
 
     reset\n  -> {"ok": true}       start a new measurement window
-    stats\n  -> {...}              lag percentiles, CPU, limiter stats since reset
+    stats\n  -> {...}              lag percentiles and samples, pid, RSS, the limiter's
+                                   counters since reset (gauges as they are)
+
+CPU by thread is read by the runner from /proc (bench/measure.py), not here.
+Under `uvicorn --workers N` every worker is its own process with its own
+control server: each listens on a free port and writes it to
+``$BENCH_CONTROL_DIR/<pid>.port``, where the runner finds them all.
 
 Environment (set by bench/run.py):
     BENCH_REDIS_URL       Redis for the limiter
     BENCH_MODE            allowed | flood   (limit high enough for all / so low all but a few are denied)
-    BENCH_CONTROL_PORT    the control port; unset = no monitor, no control server
+    BENCH_CONTROL_DIR     where each worker writes its control port; unset = no monitor, no control server
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from typing import Any, Awaitable, Callable
 
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 MODE = os.environ.get("BENCH_MODE", "allowed")
-CONTROL_PORT = int(os.environ.get("BENCH_CONTROL_PORT", "0") or 0)
+CONTROL_DIR = os.environ.get("BENCH_CONTROL_DIR", "")
 
 # The limits of the two modes, the same for every limiter.
 ALLOWED_RATE = "1000000/second"  # never reached: every request is checked and allowed
@@ -37,6 +43,18 @@ FLOOD_LIMIT, FLOOD_PERIOD = 5, 60.0
 LIMIT, PERIOD = (FLOOD_LIMIT, FLOOD_PERIOD) if MODE == "flood" else (ALLOWED_LIMIT, ALLOWED_PERIOD)
 
 SLEEP = 0.001  # the monitor's asyncio.sleep
+GAUGES = ("in_flight", "connected", "threads", "last_error")  # limiter stats that are states, not counts
+
+
+def counters_since(now: Any, base: Any) -> Any:
+    """``now`` minus ``base`` for every count (nested dicts too); gauges and
+    anything not a number as they are now."""
+    if isinstance(now, dict):
+        b = base if isinstance(base, dict) else {}
+        return {k: v if k in GAUGES else counters_since(v, b.get(k)) for k, v in now.items()}
+    if isinstance(now, int) and not isinstance(now, bool) and isinstance(base, int):
+        return now - base
+    return now
 
 
 class LagMonitor:
@@ -68,7 +86,9 @@ class LagMonitor:
             return round(s[min(n - 1, int(p * n))] * 1e3, 4)
 
         return {"count": n, "p50_ms": q(0.50), "p90_ms": q(0.90), "p99_ms": q(0.99),
-                "max_ms": round(s[-1] * 1e3, 4), "mean_ms": round(sum(s) / n * 1e3, 4)}
+                "max_ms": round(s[-1] * 1e3, 4), "mean_ms": round(sum(s) / n * 1e3, 4),
+                # the samples themselves, so the runner can merge the workers'
+                "samples_us": [round(x * 1e6) for x in self.samples]}
 
 
 class Control:
@@ -76,19 +96,26 @@ class Control:
         self.monitor = LagMonitor()
         self.stats_hook = stats_hook
         self.server: asyncio.AbstractServer | None = None
+        self.port_file = ""
+        self.limiter_base: Any = None
         self._mark()
 
     def _mark(self) -> None:
         self.t_wall = time.perf_counter()
-        self.t_proc = time.process_time()
-        self.t_thread = time.thread_time()  # called on the loop thread: the Python thread's CPU
+        self.limiter_base = self._limiter_stats()
+
+    def _limiter_stats(self) -> Any:
+        if self.stats_hook is None:
+            return None
+        try:
+            return self.stats_hook()
+        except Exception as e:  # a stats hook must never break the run
+            return {"error": repr(e)}
 
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "lag": self.monitor.summary(),
             "wall_s": time.perf_counter() - self.t_wall,
-            "cpu_process_s": time.process_time() - self.t_proc,
-            "cpu_loop_thread_s": time.thread_time() - self.t_thread,
             "pid": os.getpid(),
         }
         try:
@@ -99,10 +126,7 @@ class Control:
         except OSError:
             pass
         if self.stats_hook is not None:
-            try:
-                out["limiter"] = self.stats_hook()
-            except Exception as e:  # a stats hook must never break the run
-                out["limiter"] = {"error": repr(e)}
+            out["limiter"] = counters_since(self._limiter_stats(), self.limiter_base)
         return out
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -124,11 +148,20 @@ class Control:
 
     async def start(self) -> None:
         self.monitor.task = asyncio.create_task(self.monitor.run())
-        self.server = await asyncio.start_server(self.handle, "127.0.0.1", CONTROL_PORT)
+        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        self.port_file = os.path.join(CONTROL_DIR, f"{os.getpid()}.port")
+        tmp = self.port_file + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(str(port))
+        os.replace(tmp, self.port_file)  # the runner never reads half a file
 
     async def stop(self) -> None:
         if self.server is not None:
             self.server.close()
+        if self.port_file:
+            with contextlib.suppress(OSError):
+                os.unlink(self.port_file)
         if self.monitor.task is not None:
             self.monitor.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -147,7 +180,7 @@ def bench_lifespan(
     async def lifespan(app):
         if startup is not None:
             await startup()
-        control = Control(stats_hook) if CONTROL_PORT else None
+        control = Control(stats_hook) if CONTROL_DIR else None
         if control is not None:
             await control.start()
         try:
