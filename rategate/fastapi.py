@@ -124,7 +124,7 @@ class RateLimit:
         self._fixed: tuple[Any, ...] | None = None
         if name is not None:
             self._fixed = self._make_prefixes(name)
-        self._failures = FailureLog()
+        self._failures = FailureLog(cause=getattr(limiter, "stats", None))
         self._shadow_log = ShadowLog()
 
     def __repr__(self) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
 from collections.abc import AsyncIterator
 from typing import Any
@@ -179,3 +181,22 @@ def test_config_errors(kwargs: dict[str, Any], error: type, words: str) -> None:
     kwargs.setdefault("limiter", "memory://")
     with pytest.raises(error, match=re.escape(words)):
         RateLimit(**kwargs)
+
+
+async def test_incident_line_names_the_cause(own_redis: Any, caplog: pytest.LogCaptureFixture) -> None:
+    # Issue 8 #13 for the dependency as for the middleware: the opening line
+    # of an outage says why (the limiter's last error), not only the kind.
+    lim = rategate.Limiter(own_redis.url, timeout=0.2)
+    caplog.set_level(logging.WARNING, logger="rategate")
+    try:
+        async with client(make_app(RateLimit("100/minute", limiter=lim))) as c:
+            assert (await c.get("/items/1")).status_code == 200
+            own_redis.stop()
+            for _ in range(50):
+                if (await c.get("/items/1")).status_code == 429:
+                    break
+                await asyncio.sleep(0.02)
+        lines = [r.getMessage() for r in caplog.records if "failed (" in r.getMessage()]
+        assert lines and f"127.0.0.1:{own_redis.port}" in lines[0], lines
+    finally:
+        await lim.aclose()
