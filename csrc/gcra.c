@@ -1,5 +1,5 @@
 /*
- * gcra.c: see gcra.h.  Mirrored line for line by the Lua script in redis.c.
+ * gcra.c: see gcra.h.  Mirrored line for line by the Lua script in script.c.
  */
 #include "gcra.h"
 

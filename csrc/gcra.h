@@ -8,7 +8,7 @@
  * time `now` is allowed when  max(TAT, now) + cost*T - now <= tau + RG_SLACK(T).
  *
  * The same arithmetic runs in C (the in-memory store, unit tests) and in Lua
- * inside Redis (redis.c holds the script); keep the two in step.  Times are
+ * inside Redis (script.c holds the script); keep the two in step.  Times are
  * doubles of microseconds: exact for integers below 2^53, i.e. for centuries.
  */
 #ifndef RG_GCRA_H

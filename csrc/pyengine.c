@@ -1016,7 +1016,7 @@ static PyType_Slot engine_slots[] = {
     {Py_tp_clear, engine_clear},
     {Py_tp_methods, engine_methods},
     {Py_tp_members, engine_members},
-    {Py_tp_doc, "A Redis engine: loop threads owning hiredis connections."},
+    {Py_tp_doc, "A Redis engine: loop threads owning the Redis connections."},
     {0, NULL},
 };
 
