@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 _children: list[subprocess.Popen] = []
 _PR_SET_PDEATHSIG = 1
@@ -157,11 +157,15 @@ def tail(path: Path, n: int = 15) -> str:
 class RedisServer:
     """A throwaway redis-server on a private loopback port (no persistence)."""
 
-    def __init__(self, binary: str, workdir: Path, name: str = "redis") -> None:
+    def __init__(self, binary: str, workdir: Path, name: str = "redis", certs: Any = None) -> None:
         self.binary = binary
         self.workdir = workdir
         self.name = name
         self.port = 0
+        self.tls_port = 0
+        # tests/tlscerts.py's Certs: serve TLS on tls_port with its server
+        # certificate too (the plain port stays, for INFO from the runner).
+        self.certs = certs
         self.proc: subprocess.Popen | None = None
         self.log = workdir / f"{name}.log"
 
@@ -169,10 +173,21 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    @property
+    def tls_url(self) -> str:
+        """rediss:// on the TLS port, verified against the throwaway CA."""
+        return f"rediss://127.0.0.1:{self.tls_port}/0?ssl_ca_certs={self.certs.ca}"
+
     def start(self, timeout: float = 10.0) -> "RedisServer":
         self.workdir.mkdir(parents=True, exist_ok=True)
         for _ in range(3):  # the free port may be taken between probe and bind
             self.port = free_port()
+            tls: list[str] = []
+            if self.certs is not None:
+                self.tls_port = free_port()
+                tls = ["--tls-port", str(self.tls_port), "--tls-cert-file", self.certs.server_cert,
+                       "--tls-key-file", self.certs.server_key, "--tls-ca-cert-file", self.certs.ca,
+                       "--tls-auth-clients", "no"]
             self.proc = spawn(
                 [
                     self.binary,
@@ -184,10 +199,12 @@ class RedisServer:
                     "--dir", str(self.workdir),
                     "--logfile", "",
                     "--maxclients", "10000",
+                    *tls,
                 ],
                 log=self.log,
             )
-            if wait_tcp(self.port, timeout, self.proc):
+            if wait_tcp(self.port, timeout, self.proc) and (
+                    not tls or wait_tcp(self.tls_port, timeout, self.proc)):
                 return self
             stop(self.proc)
         raise RuntimeError(f"redis-server did not start; log:\n{tail(self.log)}")

@@ -87,10 +87,9 @@ HTTP_CASES = [
              what="fastapi-limiter per its docs, pyrate-limiter RedisBucket (redis.asyncio), all allowed"),
     HttpCase("redis-down", "bench.apps.rategate_app:app", expect_denied=True, redis="down", needs=RG,
              what="rategate, Redis killed after the warm-up: fail-closed 429s"),
+    HttpCase("rategate-tls", "bench.apps.rategate_app:app", needs=RG, redis="tls",
+             what="rategate as in 'rategate', over rediss:// (verified TLS, a private redis-server)"),
     # Cases other issues add, each one entry here:
-    #   HttpCase("rategate-tls", "bench.apps.rategate_app:app", needs=RG, redis="tls", what=...)
-    #     with a "tls" entry in REDIS_KINDS (a private redis-server --tls-port with a throwaway CA,
-    #     as tests/redisserver.py starts one, returning a rediss:// URL);
     #   HttpCase("hot-key", "bench.apps.rategate_app:app", needs=RG, env={"BENCH_KEY": "global"}, what=...)
     #     and its leasing twin with env={"BENCH_KEY": "global", "BENCH_LEASE": "1"}, the app reading them.
 ]
@@ -323,10 +322,21 @@ def redis_down(ctx: Ctx, case: HttpCase) -> CaseRedis:
                      server=server, kill_after_warmup=True)
 
 
-# case.redis -> how to get it.  A TLS case adds "tls": a private redis-server with
-# --tls-port and a throwaway CA, its rediss:// URL for the app, and a conf for a
-# plain --port of the same server so that INFO commandstats is still read.
-REDIS_KINDS = {"shared": redis_shared, "down": redis_down}
+def redis_tls(ctx: Ctx, case: HttpCase) -> CaseRedis:
+    """A private redis-server serving TLS with a throwaway CA (tests/tlscerts.py), the app
+    on its rediss:// port, INFO read on its plain port."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tlscerts import make_certs  # the suite's own CA maker: one place that makes certificates
+
+    d = ctx.tmp / "tls-certs"
+    d.mkdir(parents=True, exist_ok=True)
+    server = procs.RedisServer(REDIS_SERVER, ctx.tmp, case.name, certs=make_certs(str(d))).start()
+    return CaseRedis(server.tls_url, parse_redis_url(server.url), server.proc.pid if server.proc else None,
+                     server=server)
+
+
+# case.redis -> how to get it.
+REDIS_KINDS = {"shared": redis_shared, "down": redis_down, "tls": redis_tls}
 
 
 def local_redis_pid(conf: dict) -> int | None:

@@ -147,3 +147,27 @@ async def test_pacer_counts_every_request() -> None:
     assert sum(out["status"].values()) == 200 and set(out["status"]) == {"200", "429"}
     assert out["errors"] == 0 and out["unanswered"] == 0
     assert out["latency_ms"]["p50"] is not None and out["latency_ms"]["p50"] <= out["latency_ms"]["max"]
+
+
+async def test_the_tls_case_serves_rategate_over_verified_tls(tmp_path: Any) -> None:
+    # The benchmark's rategate-tls case: its Redis kind starts a private
+    # redis-server with a throwaway CA, and its URL is verified TLS that a
+    # Limiter uses; INFO (for commandstats) is read on the plain port.
+    from bench.run import REDIS_SERVER, Ctx, HTTP_BY_NAME, REDIS_KINDS, redis_cmd
+
+    case = HTTP_BY_NAME["rategate-tls"]
+    ctx = Ctx(args=None, tmp=tmp_path, progress=None)  # type: ignore[arg-type]
+    r = REDIS_KINDS[case.redis](ctx, case)
+    assert r.server is not None and REDIS_SERVER
+    try:
+        assert r.url.startswith("rediss://127.0.0.1:") and "ssl_ca_certs=" in r.url
+        lim = rategate.Limiter(r.url, timeout=2.0)
+        try:
+            d = await lim.hit("k", "2/minute")
+            assert d.allowed and d.error is None and d.remaining == 1
+        finally:
+            await lim.aclose()
+        info = redis_cmd(r.conf, "INFO", "commandstats")
+        assert "cmdstat_evalsha" in (info.decode() if isinstance(info, bytes) else str(info))
+    finally:
+        r.server.stop()
