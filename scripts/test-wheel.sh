@@ -6,7 +6,8 @@
 #   1. build the wheel for this Python (python3, or $PYTHON) from the sdist,
 #      repaired by auditwheel (scripts/wheel.sh), into build/wheel/test-dist;
 #   2. install it with its [test] extra into a fresh venv outside the checkout;
-#   3. copy tests/ and examples/ (the uvicorn tests run the examples) to a
+#   3. copy tests/, examples/ and bench/ (the uvicorn tests run the examples,
+#      the benchmark's measurement tests import bench) to a
 #      directory of their own, with a pytest.ini made from pyproject.toml's
 #      options less `pythonpath` (which would put a checkout on sys.path);
 #   4. in the hidden namespace: `import rategate` must come from the venv
@@ -81,7 +82,7 @@ echo "test-wheel: fresh venv in $WORK with $(basename "$WHEEL")[test]"
 "$WORK/venv/bin/python" -m pip show -q rategate >/dev/null
 
 mkdir "$WORK/run"
-cp -r tests examples "$WORK/run/"
+cp -r tests examples bench "$WORK/run/"
 find "$WORK/run" -name __pycache__ -prune -exec rm -rf {} +
 "$PY" - "$WORK/run/pytest.ini" <<'PYEOF'
 import sys, tomllib
