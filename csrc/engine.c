@@ -17,6 +17,7 @@
 
 #include "port.h"
 #include "script.h"
+#include "topology.h"
 
 /* ---- lists ------------------------------------------------------------ */
 
@@ -197,6 +198,7 @@ batch_send(rg_shard *s, rg_dest *d, rg_batch *b)
 /* ---- the destination's connection ----------------------------------------------- */
 
 static void dest_connect(rg_dest *d);
+static void dest_move(rg_dest *d);
 
 /* A ready connection that lived this long counts as healthy when it drops. */
 #define RG_HEALTHY_NS 1000000000ull
@@ -220,6 +222,7 @@ dest_down(rg_dest *d)
 
     d->state = RG_DOWN;
     d->again = 0;
+    d->have_addr = 0; /* behind Sentinel: ask again where the master is */
     atomic_store(&s->connected, 0);
     if (s->closing)
         return;
@@ -233,14 +236,15 @@ dest_down(rg_dest *d)
 
 static void send_waiting(rg_shard *s);
 
-static void
-on_ready(void *owner, rg_conn *c, const char *sha)
-{
-    rg_dest *d = owner;
-    rg_shard *s = d->shard;
-    (void)c;
+/* The priv of a ROLE command (never a batch). */
+static char role_priv;
 
-    memcpy(d->sha, sha, sizeof(d->sha));
+/* The connection is ready and (behind Sentinel) its server a master. */
+static void
+dest_ready(rg_dest *d)
+{
+    rg_shard *s = d->shard;
+
     d->state = RG_READY;
     d->again = 0;
     d->answered = 0;
@@ -255,6 +259,52 @@ on_ready(void *owner, rg_conn *c, const char *sha)
 }
 
 static void
+on_ready(void *owner, rg_conn *c, const char *sha)
+{
+    rg_dest *d = owner;
+    rg_buf b = {0};
+
+    memcpy(d->sha, sha, sizeof(d->sha));
+    if (d->disc == NULL) {
+        dest_ready(d);
+        return;
+    }
+    /* Sentinel's answer may be stale (a failover under way, a demoted
+     * master back up): ask the server itself before sending checks. */
+    if (rg_role_cmd(&b) == 0 && rg_conn_send(c, &b, &role_priv) == 0)
+        return;
+    rg_buf_free(&b);
+    set_error(d->shard, "out of memory asking ROLE", NULL);
+    d->conn = NULL;
+    rg_conn_close(c);
+    dest_down(d);
+}
+
+/* The reply to ROLE: ready if the server is a master; otherwise ask the
+ * Sentinels again after the backoff. */
+static void
+role_reply(rg_dest *d, rg_conn *c, struct redisReply *r)
+{
+    char why[400];
+
+    char role[48];
+
+    if (r == NULL || c != d->conn)
+        return; /* lost (on_lost decides) or already let go */
+    if (rg_role_master(r, role, sizeof(role))) {
+        dest_ready(d);
+        return;
+    }
+    snprintf(why, sizeof(why),
+             "Sentinel named %s:%d as the master of '%s', but it answers ROLE as %s",
+             d->host, d->ccfg.port, d->shard->eng->cfg.service, role);
+    set_error(d->shard, why, NULL);
+    d->conn = NULL;
+    rg_conn_close(c);
+    dest_down(d);
+}
+
+static void
 on_lost(void *owner, rg_conn *c, int was_ready, const char *why)
 {
     rg_dest *d = owner;
@@ -262,12 +312,16 @@ on_lost(void *owner, rg_conn *c, int was_ready, const char *why)
     (void)c;
 
     d->conn = NULL;
+    d->have_addr = 0; /* behind Sentinel: the master may have moved */
     set_error(s, why, NULL);
     if (s->closing) {
         d->state = RG_DOWN;
         return;
     }
-    if (was_ready && (d->answered || rg_now_ns() - d->ready_ns >= RG_HEALTHY_NS)) {
+    /* (Behind Sentinel, a connection lost before its ROLE answered was
+     * never ready for us: a failed attempt.) */
+    if (was_ready && d->state == RG_READY &&
+        (d->answered || rg_now_ns() - d->ready_ns >= RG_HEALTHY_NS)) {
         /* Healthy until now (an idle timeout, CLIENT KILL, a proxy's reset):
          * connect again at once, no backoff, not `down`.  Checks keep
          * waiting for it within their deadlines.  A connection dropped
@@ -308,8 +362,11 @@ on_reply(void *owner, rg_conn *c, void *priv, struct redisReply *r)
     rg_batch *b = priv;
     char why[sizeof(s->eng->last_error)];
     int i;
-    (void)c;
 
+    if (priv == &role_priv) {
+        role_reply(d, c, r);
+        return;
+    }
     if (r == NULL) {
         for (i = 0; i < b->n; i++)
             if (b->checks[i] != NULL && !s->closing)
@@ -328,6 +385,18 @@ on_reply(void *owner, rg_conn *c, void *priv, struct redisReply *r)
         batch_send(s, d, b);
         return;
     case RG_BATCH_FAILED:
+        if (d->disc != NULL && strncmp(why, "READONLY", 8) == 0 && c == d->conn) {
+            /* The master became a replica under us (a failover): nothing
+             * was written; resend to the master Sentinel names next. */
+            set_error(s, "the master became a replica, asking Sentinel again", why);
+            d->have_addr = 0;
+            dest_move(d);
+            for (i = 0; i < b->n; i++)
+                if (b->checks[i] != NULL)
+                    requeue(s, b->checks[i]);
+            batch_fail(s, b, RG_ERR_UNAVAILABLE);
+            break;
+        }
         set_error(s, "script error", why);
         batch_fail(s, b, RG_ERR_REDIS);
         break;
@@ -357,7 +426,7 @@ on_settle(void *owner)
     rearm(d->shard);
 }
 
-static const rg_conn_ops dest_ops = {on_ready, on_reply, on_lost, on_settle};
+static const rg_conn_ops dest_ops = {on_ready, on_reply, on_lost, on_settle, NULL};
 
 static void
 dest_connect(rg_dest *d)
@@ -369,12 +438,86 @@ dest_connect(rg_dest *d)
         return;
     if (d->state != RG_CONNECTING)
         d->state = RG_CONNECTING;
-    d->conn = rg_conn_open(&s->loop, &s->eng->conn, &dest_ops, d, err, sizeof(err));
+    if (d->disc != NULL && !d->have_addr) {
+        rg_disc_find(d->disc); /* then disc_found connects, or disc_failed */
+        return;
+    }
+    d->conn = rg_conn_open(&s->loop, d->disc != NULL ? &d->ccfg : &s->eng->conn, &dest_ops, d,
+                           err, sizeof(err));
     if (d->conn == NULL) {
         set_error(s, "connect failed", err);
         dest_down(d);
     }
 }
+
+/* Behind Sentinel, the master moved (or stopped being one): let the
+ * connection go and connect anew, at once.  Its owed calls come back
+ * through reply(NULL) while the state is CONNECTING, so their checks wait
+ * for the new master within their deadlines (requeue). */
+static void
+dest_move(rg_dest *d)
+{
+    rg_conn *c = d->conn;
+
+    d->state = RG_CONNECTING;
+    d->again = 1;
+    d->conn = NULL;
+    atomic_store(&d->shard->connected, 0);
+    uv_timer_stop(&d->retry_timer);
+    if (c != NULL)
+        rg_conn_close(c);
+    dest_connect(d);
+}
+
+static void
+disc_found(void *owner, const char *host, int port)
+{
+    rg_dest *d = owner;
+
+    if (d->shard->closing || d->conn != NULL)
+        return; /* a +switch-master got there first */
+    snprintf(d->host, sizeof(d->host), "%s", host);
+    d->ccfg.port = port;
+    d->have_addr = 1;
+    dest_connect(d);
+}
+
+static void
+disc_failed(void *owner, const char *why)
+{
+    rg_dest *d = owner;
+
+    set_error(d->shard, "no Sentinel named the master", why);
+    if (!d->shard->closing && d->conn == NULL)
+        dest_down(d);
+}
+
+/* Sentinel announced a new master: go there now, whatever the state (in
+ * the backoff of a dead master, most likely). */
+static void
+disc_switched(void *owner, const char *host, int port)
+{
+    rg_dest *d = owner;
+
+    if (d->shard->closing ||
+        (d->have_addr && d->ccfg.port == port && strcmp(d->host, host) == 0 && d->conn != NULL))
+        return;
+    snprintf(d->host, sizeof(d->host), "%s", host);
+    d->ccfg.port = port;
+    d->have_addr = 1;
+    d->backoff_ms = 10;
+    dest_move(d);
+}
+
+static void
+disc_settle(void *owner)
+{
+    rg_dest *d = owner;
+    flush(d->shard);
+    rearm(d->shard);
+}
+
+static const rg_disc_ops disc_ops = {disc_found, disc_failed, disc_switched, disc_settle};
 
 /* Give up the connection as stuck: its calls fail, and it counts as a
  * failed attempt (Redis answers nothing: no point in waiting for it). */
@@ -537,6 +680,9 @@ shutdown_shard(rg_shard *s, rg_check *queued)
         queued = next;
     }
     fail_list(s, &s->waiting, RG_ERR_CLOSED);
+    if (s->dest.disc != NULL)
+        rg_disc_free(s->dest.disc); /* closes the Sentinel connections */
+    s->dest.disc = NULL;
     s->dest.conn = NULL;
     if (c != NULL)
         rg_conn_close(c); /* answers every sent check */
@@ -672,6 +818,8 @@ loop_fds(uv_loop_t *loop, int own)
             (own ? rg_fd_own : rg_fd_disown)(fds[i]);
 }
 
+static void shard_discard(rg_shard *s);
+
 static int
 shard_init(rg_engine *e, rg_shard *s, int i, char *errbuf, size_t errlen)
 {
@@ -713,6 +861,18 @@ shard_init(rg_engine *e, rg_shard *s, int i, char *errbuf, size_t errlen)
     s->wake.data = s;
     s->deadline_timer.data = s;
     s->dest.retry_timer.data = &s->dest;
+    if (e->cfg.nsentinels > 0) {
+        s->dest.ccfg = e->conn;
+        s->dest.ccfg.host = s->dest.host;
+        s->dest.ccfg.path = NULL;
+        s->dest.disc = rg_disc_new(&s->loop, e->sentinel_conn, e->cfg.nsentinels, e->cfg.service,
+                                   &disc_ops, &s->dest);
+        if (s->dest.disc == NULL) {
+            snprintf(errbuf, errlen, "out of memory");
+            shard_discard(s);
+            return -1;
+        }
+    }
     /* The first connect runs on the loop thread as soon as it starts;
      * until it completes (or fails) checks wait for it, within deadline. */
     s->dest.state = RG_CONNECTING;
@@ -733,6 +893,9 @@ loop_close(rg_shard *s)
 static void
 shard_discard(rg_shard *s)
 {
+    if (s->dest.disc != NULL)
+        rg_disc_free(s->dest.disc); /* never asked anything: no connection */
+    s->dest.disc = NULL;
     uv_close((uv_handle_t *)&s->wake, close_noop);
     uv_close((uv_handle_t *)&s->deadline_timer, close_noop);
     uv_close((uv_handle_t *)&s->dest.retry_timer, close_noop);
@@ -747,6 +910,7 @@ conn_cfg(rg_engine *e)
     const rg_engine_cfg *cfg = &e->cfg;
     rg_conn_cfg *cc = &e->conn;
     const char *delay = getenv("RATEGATE_TEST_RESOLVE_DELAY_MS");
+    int i;
 
     memset(cc, 0, sizeof(*cc));
     cc->host = cfg->host;
@@ -766,6 +930,22 @@ conn_cfg(rg_engine *e)
      * this long, deterministically (see tests/test_tls.py). */
     if (delay != NULL)
         cc->resolve_delay_ms = (unsigned)strtoul(delay, NULL, 10);
+    /* The Sentinels: their own address and credentials, no database, no
+     * script (the handshake is a PING), the same TLS. */
+    for (i = 0; i < cfg->nsentinels; i++) {
+        rg_conn_cfg *sc = &e->sentinel_conn[i];
+        *sc = *cc;
+        sc->host = cfg->sentinel_hosts[i];
+        sc->port = cfg->sentinel_ports[i];
+        sc->path = NULL;
+        sc->username = cfg->sentinel_username;
+        sc->username_len = cfg->sentinel_username_len;
+        sc->password = cfg->sentinel_password;
+        sc->password_len = cfg->sentinel_password_len;
+        sc->db = 0;
+        sc->script = NULL;
+        sc->script_len = 0;
+    }
 }
 
 int
@@ -900,6 +1080,15 @@ rg_engine_free_cfg(rg_engine_cfg *cfg)
     free(cfg->path);
     free(cfg->password);
     free(cfg->username);
+    for (int i = 0; i < cfg->nsentinels; i++) {
+        free(cfg->sentinel_hosts[i]);
+        cfg->sentinel_hosts[i] = NULL;
+    }
+    cfg->nsentinels = 0;
+    free(cfg->service);
+    free(cfg->sentinel_username);
+    free(cfg->sentinel_password);
+    cfg->service = cfg->sentinel_username = cfg->sentinel_password = NULL;
     if (cfg->tls != NULL)
         rg_tls_ctx_free(cfg->tls);
     cfg->tls = NULL;

@@ -23,6 +23,9 @@
 #include "conn.h"
 
 struct ssl_ctx_st;
+struct rg_disc;
+
+#define RG_MAX_SENTINELS 16
 
 typedef struct rg_engine_cfg {
     char *host;       /* TCP host, or NULL */
@@ -41,6 +44,16 @@ typedef struct rg_engine_cfg {
     int nshards;
     struct ssl_ctx_st *tls;      /* rediss://: made by rg_tls_ctx_new, freed with the cfg */
     int tls_check_hostname;
+    /* redis+sentinel://: nsentinels > 0, and host/port/path are unused (the
+     * Sentinels name the master).  The Sentinels' own credentials. */
+    int nsentinels;
+    char *sentinel_hosts[RG_MAX_SENTINELS];
+    int sentinel_ports[RG_MAX_SENTINELS];
+    char *service;               /* the master's name */
+    char *sentinel_username;     /* or NULL */
+    size_t sentinel_username_len;
+    char *sentinel_password;     /* or NULL */
+    size_t sentinel_password_len;
 } rg_engine_cfg;
 
 /* Doubly linked list with a sentinel, of checks (loop thread only), kept in
@@ -73,6 +86,14 @@ typedef struct rg_dest {
     uv_timer_t retry_timer;    /* reconnect after the backoff */
     char sha[41];
     rg_batch bsentinel;        /* unreplied script calls, oldest first */
+    /* Behind Sentinel (disc != NULL): where the master is, asked of the
+     * discovery when not known (have_addr 0), confirmed with ROLE before
+     * the destination is ready; ccfg is the engine's connection
+     * configuration with this address. */
+    struct rg_disc *disc;
+    rg_conn_cfg ccfg;
+    char host[256];
+    int have_addr;
 } rg_dest;
 
 typedef struct rg_shard {
@@ -108,6 +129,7 @@ typedef struct rg_engine {
     atomic_long outstanding; /* queued + waiting + sent-and-unreplied */
     atomic_long reconnects;
     rg_conn_cfg conn;        /* from cfg, for every connection (set at start) */
+    rg_conn_cfg sentinel_conn[RG_MAX_SENTINELS]; /* one per Sentinel (set at start) */
     pthread_mutex_t err_mu;
     char last_error[256];    /* last Redis error text, for stats (under err_mu) */
 } rg_engine;

@@ -126,6 +126,86 @@ def _db(url: str, text: str) -> int:
     return db
 
 
+SENTINEL_OPTIONS = ("sentinel_username", "sentinel_password")
+_MAX_SENTINELS = 16  # csrc/engine.h RG_MAX_SENTINELS
+
+
+def _host_port(url: str, text: str, default: int, what: str) -> Tuple[str, int]:
+    """``host[:port]`` or ``[v6]:port`` of a multi-host URL; ValueError naming it."""
+    host, port_text = text, ""
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError(f"bad storage URL {url!r}: {what} {text!r} has no closing ']'")
+        host, rest = text[1:end], text[end + 1:]
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"bad storage URL {url!r}: {what} {text!r}: write [address]:port")
+        port_text = rest[1:]
+    elif ":" in text:
+        host, _, port_text = text.rpartition(":")
+    if not host:
+        raise ValueError(f"bad storage URL {url!r}: {what} {text!r} has no host")
+    if not port_text:
+        return host, default
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(
+            f"bad storage URL {url!r}: {what} {text!r}: the port must be a number from 1 to 65535"
+        )
+    return host, int(port_text)
+
+
+def _parse_sentinel_url(url: str, u: Any, scheme: str, ssl: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """redis+sentinel://[user:pass@]s1:26379,s2:26379/name[/db][?sentinel_password=...]."""
+    netloc = u.netloc
+    userinfo, at, hosts = netloc.rpartition("@")
+    user: Optional[str] = None
+    password: Optional[str] = None
+    if at:
+        name, colon, pw = userinfo.partition(":")
+        user = unquote(name) or None
+        password = unquote(pw) if colon else None
+    if not hosts:
+        raise ValueError(
+            f"bad storage URL {url!r}: no Sentinel; write it like "
+            "redis+sentinel://127.0.0.1:26379,127.0.0.1:26380/mymaster/0"
+        )
+    sentinels = [_host_port(url, h, 26379, "the Sentinel") for h in hosts.split(",")]
+    if len(sentinels) > _MAX_SENTINELS:
+        raise ValueError(f"bad storage URL {url!r}: {len(sentinels)} Sentinels, at most {_MAX_SENTINELS}")
+    parts = u.path.split("/")[1:] if u.path else []
+    if parts and parts[-1] == "":
+        parts.pop()
+    if not parts or not parts[0]:
+        raise ValueError(
+            f"bad storage URL {url!r}: no master name; the path names the service Sentinel "
+            "monitors: redis+sentinel://host:26379/mymaster/0"
+        )
+    if len(parts) > 2:
+        raise ValueError(f"bad storage URL {url!r}: the path is /<master name>[/<db>], got {u.path!r}")
+    service = unquote(parts[0])
+    db = 0
+    if len(parts) == 2:
+        if not parts[1].isdigit():
+            raise ValueError(f"bad storage URL {url!r}: the database {parts[1]!r} must be a number, like /0")
+        db = _db(url, parts[1])
+    query = {k: v[-1] for k, v in parse_qs(u.query, keep_blank_values=True).items()}
+    allowed = SENTINEL_OPTIONS + (SSL_OPTIONS if scheme == "rediss+sentinel" else ())
+    unknown = set(query) - set(allowed)
+    if unknown:
+        bad = sorted(unknown)[0]
+        hint = "; TLS options need rediss+sentinel://" if bad in SSL_OPTIONS else ""
+        raise ValueError(
+            f"bad storage URL {url!r}: unknown option {bad!r}; {scheme}:// takes {', '.join(allowed)}{hint}"
+        )
+    tls: Dict[str, Any] = {"tls": False}
+    if scheme == "rediss+sentinel":
+        tls = tls_options({k: v for k, v in query.items() if k in SSL_OPTIONS}, ssl or {}, url)
+    return {"kind": "redis", "host": None, "port": 0, "path": None, "username": user,
+            "password": password, "db": db, "sentinels": sentinels, "service": service,
+            "sentinel_username": query.get("sentinel_username") or None,
+            "sentinel_password": query.get("sentinel_password"), **tls}
+
+
 def parse_storage_url(url: str, ssl: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Split a storage URL into engine arguments; ValueError names the bad part.
 
@@ -141,9 +221,9 @@ def parse_storage_url(url: str, ssl: Optional[Dict[str, Any]] = None) -> Dict[st
     except ValueError as e:
         raise ValueError(f"bad storage URL {url!r}: {e}") from None
     scheme = u.scheme.lower()
-    if ssl and any(v is not None for v in ssl.values()) and scheme != "rediss":
+    if ssl and any(v is not None for v in ssl.values()) and scheme not in ("rediss", "rediss+sentinel"):
         given = sorted(k for k, v in ssl.items() if v is not None)[0]
-        raise ValueError(f"{given} is a TLS option: it needs a rediss:// storage URL, got {url!r}")
+        raise ValueError(f"{given} is a TLS option: it needs a rediss:// (or rediss+sentinel://) storage URL, got {url!r}")
     if scheme == "memory":
         if u.netloc or u.path or u.query:
             raise ValueError(f"bad storage URL {url!r}: memory:// takes nothing after it")
@@ -211,10 +291,17 @@ def parse_storage_url(url: str, ssl: Optional[Dict[str, Any]] = None) -> Dict[st
             raise ValueError(f"bad storage URL {url!r}: the socket path is longer than 107 bytes")
         return {"kind": "redis", "host": None, "port": 0, "path": u.path,
                 "username": user or None, "password": password, "db": db, "tls": False}
+    if scheme in ("redis+sentinel", "rediss+sentinel"):
+        return _parse_sentinel_url(url, u, scheme, ssl)
+    if scheme in ("redis+cluster", "rediss+cluster"):
+        raise ValueError(
+            f"bad storage URL {url!r}: Redis Cluster (redis+cluster://) is not supported yet; "
+            "use redis://, rediss:// or redis+sentinel://"
+        )
     if scheme == "redis+tls":
         raise ValueError(f"bad storage URL {url!r}: for TLS write rediss://")
     raise ValueError(
-        f"bad storage URL {url!r}: unknown scheme {u.scheme!r}; use redis://, rediss://, unix:// or memory://"
+        f"bad storage URL {url!r}: unknown scheme {u.scheme!r}; use redis://, rediss://, redis+sentinel://, rediss+sentinel://, unix:// or memory://"
     )
 
 
@@ -312,7 +399,8 @@ class Limiter:
                 timeout, failure_mode == "open", threads, max_pending, deny_cache,
                 connect_timeout, stall_timeout, spin, deny_cache_ttl,
                 **{k: cfg[k] for k in ("tls", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile",
-                                       "ssl_verify", "ssl_check_hostname") if k in cfg},
+                                       "ssl_verify", "ssl_check_hostname", "sentinels", "service",
+                                       "sentinel_username", "sentinel_password") if k in cfg},
             )
         self._closed = False
         # The hot path: bound once, called per request.
