@@ -24,6 +24,7 @@ rg_batch_new(rg_check **checks, int n)
     b->n = n;
     b->total = n;
     b->evaled = 0;
+    b->asked = 0;
     for (i = 0; i < n; i++) {
         b->checks[i] = checks[i];
         checks[i]->batch = b;
@@ -92,6 +93,42 @@ write_key(rg_buf *b, const rg_check *c, int j, const char *tag, size_t taglen)
     b->len = (size_t)(p - b->p);
 }
 
+/* The hash tag of a check's keys (see write_key): the key itself, or "~"
+ * and 16 hex digits. */
+static size_t
+key_tag(const rg_check *c, char tag[24])
+{
+    if (c->keylen == 0 || memchr(c->key, '}', c->keylen) != NULL)
+        return (size_t)snprintf(tag, 24, "%016llx", (unsigned long long)fnv1a(c->key, c->keylen));
+    return 0;
+}
+
+/* CRC-16/XMODEM (poly 0x1021, init 0), Redis Cluster's key hash. */
+static uint16_t
+crc16(uint16_t crc, const char *p, size_t n)
+{
+    size_t i;
+    int k;
+
+    for (i = 0; i < n; i++) {
+        crc ^= (uint16_t)((unsigned char)p[i] << 8);
+        for (k = 0; k < 8; k++)
+            crc = (uint16_t)(crc & 0x8000 ? (crc << 1) ^ 0x1021 : crc << 1);
+    }
+    return crc;
+}
+
+int
+rg_check_slot(const rg_check *c)
+{
+    char tag[24];
+    size_t taglen = key_tag(c, tag);
+
+    if (taglen == 0)
+        return crc16(0, c->key, c->keylen) & 16383;
+    return crc16(crc16(0, "~", 1), tag, taglen) & 16383;
+}
+
 int
 rg_batch_write(rg_batch *b, const char *sha, rg_buf *out)
 {
@@ -128,10 +165,7 @@ rg_batch_write(rg_batch *b, const char *sha, rg_buf *out)
     for (i = 0; i < n; i++) {
         rg_check *c = b->checks[i];
         char tag[24];
-        size_t taglen = 0;
-        if (c->keylen == 0 || memchr(c->key, '}', c->keylen) != NULL)
-            taglen = (size_t)snprintf(tag, sizeof(tag), "%016llx",
-                                      (unsigned long long)fnv1a(c->key, c->keylen));
+        size_t taglen = key_tag(c, tag);
         for (j = 0; j < c->spec->n; j++)
             write_key(out, c, j, tag, taglen);
     }

@@ -57,6 +57,7 @@ typedef struct rg_check {
     rg_spec *spec;         /* owns a reference */
     struct rg_batch *batch; /* while sent: the batch and our index in it */
     uint32_t bidx;
+    int cslot;             /* Cluster: the hash slot (loop thread, at dispatch) */
     uint32_t slot;         /* the port's future slot, meaningful to Python only */
     uint64_t hash;         /* rg_hash(key), for the over-limit cache */
     uint64_t submit_ns;    /* CLOCK_MONOTONIC */

@@ -25,7 +25,8 @@
 struct ssl_ctx_st;
 struct rg_disc;
 
-#define RG_MAX_SENTINELS 16
+#define RG_MAX_SEEDS 16   /* Sentinels, or cluster nodes, in a URL */
+#define RG_MAX_NODES 64   /* cluster masters a shard talks to */
 
 typedef struct rg_engine_cfg {
     char *host;       /* TCP host, or NULL */
@@ -44,12 +45,14 @@ typedef struct rg_engine_cfg {
     int nshards;
     struct ssl_ctx_st *tls;      /* rediss://: made by rg_tls_ctx_new, freed with the cfg */
     int tls_check_hostname;
-    /* redis+sentinel://: nsentinels > 0, and host/port/path are unused (the
-     * Sentinels name the master).  The Sentinels' own credentials. */
-    int nsentinels;
-    char *sentinel_hosts[RG_MAX_SENTINELS];
-    int sentinel_ports[RG_MAX_SENTINELS];
-    char *service;               /* the master's name */
+    /* redis+sentinel:// (service set) or redis+cluster:// (cluster set):
+     * nseeds > 0, and host/port/path are unused: the seeds are the
+     * Sentinels, or the cluster nodes to ask for the slot map. */
+    int nseeds;
+    char *seed_hosts[RG_MAX_SEEDS];
+    int seed_ports[RG_MAX_SEEDS];
+    int cluster;
+    char *service;               /* the master's name (Sentinel) */
     char *sentinel_username;     /* or NULL */
     size_t sentinel_username_len;
     char *sentinel_password;     /* or NULL */
@@ -94,6 +97,10 @@ typedef struct rg_dest {
     rg_conn_cfg ccfg;
     char host[256];
     int have_addr;
+    int index;                 /* in the shard's node[] */
+    int in_map;                /* Cluster: the slot map names it */
+    rg_check *pend[RG_BATCH_MAX]; /* checks for the next script call (dispatch) */
+    int npend;
 } rg_dest;
 
 typedef struct rg_shard {
@@ -117,6 +124,18 @@ typedef struct rg_shard {
     int closing;
     unsigned int rand_state;
     rg_dest dest;
+    /* The destinations: &dest alone, or (Cluster) one per master node,
+     * allocated as the slot map names them and freed at shutdown. */
+    rg_dest *node[RG_MAX_NODES];
+    int nnodes;
+    /* Cluster: slot -> node index + 1 (0: unknown); the question for the
+     * map; its timer (periodic refresh, and retries after TRYAGAIN). */
+    uint8_t slot_node[16384];
+    struct rg_ask *slots_ask;
+    uv_timer_t map_timer;
+    int have_map;
+    int map_failed;            /* no node answered: checks fail at once */
+    uint64_t map_backoff_ms;
     rg_list waiting;           /* queued while connecting */
     rg_list sent;              /* in a batch, awaiting the reply */
     rg_check *done_head, *done_tail; /* finished, pushed to ports at flush */
@@ -129,7 +148,7 @@ typedef struct rg_engine {
     atomic_long outstanding; /* queued + waiting + sent-and-unreplied */
     atomic_long reconnects;
     rg_conn_cfg conn;        /* from cfg, for every connection (set at start) */
-    rg_conn_cfg sentinel_conn[RG_MAX_SENTINELS]; /* one per Sentinel (set at start) */
+    rg_conn_cfg seed_conn[RG_MAX_SEEDS]; /* one per seed (set at start) */
     pthread_mutex_t err_mu;
     char last_error[256];    /* last Redis error text, for stats (under err_mu) */
 } rg_engine;

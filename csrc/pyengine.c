@@ -442,11 +442,12 @@ dup_arg(PyObject *o, size_t *len, const char *what)
     return out;
 }
 
-/* The Sentinels' addresses and credentials into the engine's cfg (a list
- * of 1..RG_MAX_SENTINELS (host, port) pairs, checked by the caller).  0, or
- * -1 with an error; what was copied is freed with the cfg. */
+/* The seeds (Sentinels, or cluster nodes) into the engine's cfg (a list
+ * of 1..RG_MAX_SEEDS (host, port) pairs, checked by the caller), and the
+ * Sentinel's service and credentials (None for a cluster).  0, or -1 with
+ * an error; what was copied is freed with the cfg. */
 static int
-engine_sentinels(EngineObject *self, PyObject *list, PyObject *service, PyObject *user,
+engine_seeds(EngineObject *self, PyObject *list, PyObject *service, PyObject *user,
                  PyObject *pass)
 {
     rg_engine_cfg *cfg = &self->eng.cfg;
@@ -459,20 +460,22 @@ engine_sentinels(EngineObject *self, PyObject *list, PyObject *service, PyObject
         if (!PyTuple_Check(item) || !PyArg_ParseTuple(item, "Ui", &h, &p)) {
             if (!PyErr_Occurred() || PyErr_ExceptionMatches(PyExc_TypeError)) {
                 PyErr_Clear();
-                PyErr_SetString(PyExc_TypeError, "each Sentinel must be a (host, port) tuple");
+                PyErr_SetString(PyExc_TypeError, "each seed must be a (host, port) tuple");
             }
             return -1;
         }
         if (p < 1 || p > 65535) {
-            PyErr_Format(PyExc_ValueError, "a Sentinel's port must be 1..65535, got %d", p);
+            PyErr_Format(PyExc_ValueError, "a seed's port must be 1..65535, got %d", p);
             return -1;
         }
-        cfg->sentinel_hosts[i] = dup_arg(h, NULL, "a Sentinel's host");
-        if (cfg->sentinel_hosts[i] == NULL)
+        cfg->seed_hosts[i] = dup_arg(h, NULL, "a seed's host");
+        if (cfg->seed_hosts[i] == NULL)
             return -1;
-        cfg->sentinel_ports[i] = p;
-        cfg->nsentinels = (int)i + 1;
+        cfg->seed_ports[i] = p;
+        cfg->nseeds = (int)i + 1;
     }
+    if (cfg->cluster)
+        return 0;
     cfg->service = dup_arg(service, NULL, "service");
     if (cfg->service == NULL)
         return -1;
@@ -511,10 +514,12 @@ engine_tp_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
                              "timeout", "failure_open", "threads", "max_pending",
                              "cache_size", "connect_timeout", "stall_timeout", "spin",
                              "deny_cache_ttl", "tls", "ssl_ca_certs", "ssl_certfile",
-                             "ssl_keyfile", "ssl_verify", "ssl_check_hostname", "sentinels",
-                             "service", "sentinel_username", "sentinel_password", NULL};
+                             "ssl_keyfile", "ssl_verify", "ssl_check_hostname", "seeds",
+                             "service", "sentinel_username", "sentinel_password", "cluster",
+                             NULL};
     PyObject *host, *path, *user, *pass;
-    PyObject *sentinels = Py_None, *service = Py_None, *s_user = Py_None, *s_pass = Py_None;
+    PyObject *seeds = Py_None, *service = Py_None, *s_user = Py_None, *s_pass = Py_None;
+    int cluster = 0;
     const char *ca = NULL, *certfile = NULL, *keyfile = NULL;
     int port, db, failure_open, threads, tls = 0, verify = 1, check_hostname = 1;
     long max_pending;
@@ -525,12 +530,12 @@ engine_tp_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
 
     if (st == NULL)
         return NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OiOOOidpilndd|ddpzzzppOOOO:Engine", kwlist,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OiOOOidpilndd|ddpzzzppOOOOp:Engine", kwlist,
                                      &host, &port, &path, &user, &pass, &db, &timeout,
                                      &failure_open, &threads, &max_pending, &cache_size,
                                      &connect_timeout, &stall_timeout, &spin, &ttl, &tls, &ca,
-                                     &certfile, &keyfile, &verify, &check_hostname, &sentinels,
-                                     &service, &s_user, &s_pass)) {
+                                     &certfile, &keyfile, &verify, &check_hostname, &seeds,
+                                     &service, &s_user, &s_pass, &cluster)) {
         if (PyErr_ExceptionMatches(PyExc_OverflowError)) {
             PyErr_Clear();
             PyErr_SetString(PyExc_ValueError,
@@ -551,14 +556,14 @@ engine_tp_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
                                           "cache_size >= 0, db >= 0, port 0..65535");
         return NULL;
     }
-    if (sentinels != Py_None) {
-        if (!PyList_Check(sentinels) || PyList_GET_SIZE(sentinels) < 1 ||
-            PyList_GET_SIZE(sentinels) > RG_MAX_SENTINELS || service == Py_None ||
-            host != Py_None || path != Py_None) {
+    if (seeds != Py_None) {
+        if (!PyList_Check(seeds) || PyList_GET_SIZE(seeds) < 1 ||
+            PyList_GET_SIZE(seeds) > RG_MAX_SEEDS || (service != Py_None) == !!cluster ||
+            host != Py_None || path != Py_None || (cluster && db != 0)) {
             PyErr_Format(PyExc_ValueError,
-                         "sentinels must be a list of 1 to %d (host, port) pairs, with service "
-                         "and without host or path",
-                         RG_MAX_SENTINELS);
+                         "seeds must be a list of 1 to %d (host, port) pairs, with either "
+                         "service (Sentinel) or cluster=True (db 0), and without host or path",
+                         RG_MAX_SEEDS);
             return NULL;
         }
     } else if ((host == Py_None) == (path == Py_None)) {
@@ -603,7 +608,8 @@ engine_tp_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
     self->eng.cfg.password = dup_arg(pass, &self->eng.cfg.password_len, "password");
     if (PyErr_Occurred())
         goto error;
-    if (sentinels != Py_None && engine_sentinels(self, sentinels, service, s_user, s_pass) < 0)
+    self->eng.cfg.cluster = cluster;
+    if (seeds != Py_None && engine_seeds(self, seeds, service, s_user, s_pass) < 0)
         goto error;
     if (tls) {
         /* Made here, on the Python thread, so a bad file is a ValueError

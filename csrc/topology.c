@@ -8,6 +8,182 @@
 #include <string.h>
 #include <hiredis/hiredis.h>
 
+/* ---- asking the first of several servers that answers ------------------------- */
+
+struct rg_ask {
+    uv_loop_t *loop;
+    const rg_ask_ops *ops;
+    void *owner;
+    const rg_conn_cfg *cfgs[RG_ASK_MAX];
+    int n;
+    int cur;          /* the server being asked */
+    int tried;        /* servers tried in this round */
+    rg_conn *q;       /* the connection asking, or NULL */
+    rg_buf cmd;       /* the question (RESP), kept for each server in turn */
+    char why[300];    /* the last failure, for failed() */
+};
+
+static void ask_next(rg_ask *a);
+
+static void
+ask_why(rg_ask *a, const char *what)
+{
+    const rg_conn_cfg *c = a->cfgs[a->cur];
+    snprintf(a->why, sizeof(a->why), "%s:%d: %s", c->host, c->port, what);
+}
+
+/* The server could not answer: move on to the next. */
+static void
+ask_skip(rg_ask *a)
+{
+    a->cur = (a->cur + 1) % a->n;
+    ask_next(a);
+}
+
+static void
+ask_ready(void *owner, rg_conn *c, const char *sha)
+{
+    rg_ask *a = owner;
+    rg_buf b = {0};
+    (void)sha;
+
+    if (rg_buf_reserve(&b, a->cmd.len) == 0) {
+        memcpy(b.p, a->cmd.p, a->cmd.len);
+        b.len = a->cmd.len;
+        if (rg_conn_send(c, &b, a) == 0)
+            return;
+    }
+    rg_buf_free(&b);
+    ask_why(a, "out of memory");
+    a->q = NULL;
+    rg_conn_close(c);
+    ask_skip(a);
+}
+
+static void
+ask_reply(void *owner, rg_conn *c, void *priv, redisReply *r)
+{
+    rg_ask *a = owner;
+    char why[256];
+    (void)priv;
+
+    if (r == NULL || c != a->q)
+        return; /* closed by us, or lost: ask_lost moves on */
+    a->q = NULL;
+    rg_conn_close(c);
+    why[0] = '\0';
+    if (r->type == REDIS_REPLY_ERROR) {
+        snprintf(why, sizeof(why), "%.*s", (int)(r->len > 200 ? 200 : r->len), r->str);
+    } else {
+        /* The round is over while answer() runs (it may look at
+         * rg_ask_busy); back on if the answer is no use. */
+        int n = a->n;
+        a->n = 0;
+        if (a->ops->answer(a->owner, a->cur, r, why, sizeof(why)))
+            return;
+        a->n = n;
+    }
+    ask_why(a, why[0] ? why : "an answer that is no use");
+    ask_skip(a);
+}
+
+static void
+ask_lost(void *owner, rg_conn *c, int was_ready, const char *why)
+{
+    rg_ask *a = owner;
+    (void)c;
+    (void)was_ready;
+
+    snprintf(a->why, sizeof(a->why), "%s", why);
+    a->q = NULL;
+    ask_skip(a);
+}
+
+static void
+ask_settle(void *owner)
+{
+    rg_ask *a = owner;
+    a->ops->settle(a->owner);
+}
+
+static const rg_conn_ops ask_ops = {ask_ready, ask_reply, ask_lost, ask_settle, NULL};
+
+/* Ask the next server not yet tried in this round; failed() once each was. */
+static void
+ask_next(rg_ask *a)
+{
+    char err[200];
+
+    while (a->tried < a->n) {
+        a->tried++;
+        a->q = rg_conn_open(a->loop, a->cfgs[a->cur], &ask_ops, a, err, sizeof(err));
+        if (a->q != NULL)
+            return;
+        ask_why(a, err);
+        a->cur = (a->cur + 1) % a->n;
+    }
+    a->n = 0; /* not asking */
+    a->ops->failed(a->owner, a->why);
+}
+
+rg_ask *
+rg_ask_new(uv_loop_t *loop, const rg_ask_ops *ops, void *owner)
+{
+    rg_ask *a = calloc(1, sizeof(*a));
+
+    if (a == NULL)
+        return NULL;
+    a->loop = loop;
+    a->ops = ops;
+    a->owner = owner;
+    return a;
+}
+
+int
+rg_ask_busy(const rg_ask *a)
+{
+    return a->n > 0;
+}
+
+int
+rg_ask_start(rg_ask *a, const rg_conn_cfg *const *cfgs, int n, const rg_buf *cmd)
+{
+    int i;
+
+    if (a->n > 0)
+        return 0;
+    if (n > RG_ASK_MAX)
+        n = RG_ASK_MAX;
+    a->cmd.len = 0;
+    if (n < 1 || rg_buf_reserve(&a->cmd, cmd->len) != 0)
+        return -1;
+    memcpy(a->cmd.p, cmd->p, cmd->len);
+    a->cmd.len = cmd->len;
+    for (i = 0; i < n; i++)
+        a->cfgs[i] = cfgs[i];
+    /* Start where the last round ended well (the last server that answered). */
+    if (a->cur >= n)
+        a->cur = 0;
+    a->n = n;
+    a->tried = 0;
+    ask_next(a);
+    return 0;
+}
+
+void
+rg_ask_free(rg_ask *a)
+{
+    rg_conn *q = a->q;
+
+    a->q = NULL; /* its close answers reply(NULL), which must not find it */
+    if (q != NULL)
+        rg_conn_close(q);
+    rg_buf_free(&a->cmd);
+    free(a);
+}
+
+/* ---- Sentinel ------------------------------------------------------------------ */
+
 struct rg_disc {
     uv_loop_t *loop;
     const rg_conn_cfg *cfgs;
@@ -16,48 +192,10 @@ struct rg_disc {
     size_t name_len;
     const rg_disc_ops *ops;
     void *owner;
-    rg_conn *q;       /* the question being asked, or NULL */
-    int finding;      /* a find is out: found() or failed() is owed */
-    int cur;          /* the Sentinel to ask next (the last that answered first) */
-    int tried;        /* Sentinels tried in this find */
+    rg_ask *ask;      /* SENTINEL get-master-addr-by-name */
     rg_conn *sub;     /* SUBSCRIBEd to +switch-master, or NULL */
     int sub_idx;
-    char why[300];    /* the last failure, for failed() */
 };
-
-static void
-why_set(rg_disc *d, int idx, const char *what)
-{
-    snprintf(d->why, sizeof(d->why), "Sentinel %s:%d: %s", d->cfgs[idx].host, d->cfgs[idx].port,
-             what);
-}
-
-/* ---- the question: SENTINEL get-master-addr-by-name ------------------------ */
-
-static void try_next(rg_disc *d);
-
-static void
-q_ready(void *owner, rg_conn *c, const char *sha)
-{
-    rg_disc *d = owner;
-    rg_buf b = {0};
-    (void)sha;
-
-    if (rg_buf_reserve(&b, 96 + RG_RESP_BULK_MAX(d->name_len)) == 0) {
-        rg_resp_array(&b, 3);
-        rg_resp_bulk(&b, "SENTINEL", 8);
-        rg_resp_bulk(&b, "get-master-addr-by-name", 23);
-        rg_resp_bulk(&b, d->name, d->name_len);
-        if (rg_conn_send(c, &b, d) == 0)
-            return;
-    }
-    rg_buf_free(&b);
-    why_set(d, d->cur, "out of memory asking for the master");
-    d->q = NULL;
-    rg_conn_close(c);
-    d->cur = (d->cur + 1) % d->n;
-    try_next(d);
-}
 
 static void sub_open(rg_disc *d, int idx);
 
@@ -69,6 +207,8 @@ parse_port(const redisReply *r)
     long v;
     char *end;
 
+    if (r->type == REDIS_REPLY_INTEGER)
+        return r->integer >= 1 && r->integer <= 65535 ? (int)r->integer : 0;
     if (r->type != REDIS_REPLY_STRING || r->len == 0 || r->len >= sizeof(buf))
         return 0;
     memcpy(buf, r->str, r->len);
@@ -77,53 +217,45 @@ parse_port(const redisReply *r)
     return *end == '\0' && v >= 1 && v <= 65535 ? (int)v : 0;
 }
 
-static void
-q_reply(void *owner, rg_conn *c, void *priv, redisReply *r)
+/* A host name in a bulk string into host (hostlen > 0); 0 if it is not one. */
+static int
+parse_host(const redisReply *r, char *host, size_t hostlen)
+{
+    if (r->type != REDIS_REPLY_STRING || r->len >= hostlen || memchr(r->str, '\0', r->len))
+        return 0;
+    memcpy(host, r->str, r->len);
+    host[r->len] = '\0';
+    return 1;
+}
+
+static int
+disc_answer(void *owner, int idx, const redisReply *r, char *why, size_t whylen)
 {
     rg_disc *d = owner;
     char host[256];
-    int port = 0, idx = d->cur;
-    (void)priv;
+    int port = 0;
 
-    if (r == NULL || c != d->q)
-        return; /* closed by us, or lost: q_lost moves on */
     if (r->type == REDIS_REPLY_ARRAY && r->elements == 2 &&
-        r->element[0]->type == REDIS_REPLY_STRING && r->element[0]->len > 0 &&
-        r->element[0]->len < sizeof(host))
+        parse_host(r->element[0], host, sizeof(host)) && host[0] != '\0')
         port = parse_port(r->element[1]);
-    d->q = NULL;
-    rg_conn_close(c);
     if (port == 0) {
-        if (r->type == REDIS_REPLY_ERROR) {
-            char what[256];
-            snprintf(what, sizeof(what), "%.*s", (int)(r->len > 200 ? 200 : r->len), r->str);
-            why_set(d, idx, what);
-        } else {
-            why_set(d, idx, "does not know the master name (check the name in the URL's path)");
-        }
-        d->cur = (d->cur + 1) % d->n;
-        try_next(d);
-        return;
+        snprintf(why, whylen, "does not know the master name (check the name in the URL's path)");
+        return 0;
     }
-    memcpy(host, r->element[0]->str, r->element[0]->len);
-    host[r->element[0]->len] = '\0';
-    d->finding = 0;
     if (d->sub == NULL)
         sub_open(d, idx);
     d->ops->found(d->owner, host, port);
+    return 1;
 }
 
 static void
-q_lost(void *owner, rg_conn *c, int was_ready, const char *why)
+disc_failed(void *owner, const char *why)
 {
     rg_disc *d = owner;
-    (void)c;
-    (void)was_ready;
+    char msg[400];
 
-    snprintf(d->why, sizeof(d->why), "%s", why);
-    d->q = NULL;
-    d->cur = (d->cur + 1) % d->n;
-    try_next(d);
+    snprintf(msg, sizeof(msg), "Sentinel %s", why);
+    d->ops->failed(d->owner, msg);
 }
 
 static void
@@ -133,35 +265,31 @@ disc_settle(void *owner)
     d->ops->settle(d->owner);
 }
 
-static const rg_conn_ops q_ops = {q_ready, q_reply, q_lost, disc_settle, NULL};
-
-/* Ask the next Sentinel not yet tried in this find; failed() once each was. */
-static void
-try_next(rg_disc *d)
-{
-    char err[200];
-
-    while (d->tried < d->n) {
-        int idx = d->cur;
-        d->tried++;
-        d->q = rg_conn_open(d->loop, &d->cfgs[idx], &q_ops, d, err, sizeof(err));
-        if (d->q != NULL)
-            return;
-        why_set(d, idx, err);
-        d->cur = (d->cur + 1) % d->n;
-    }
-    d->finding = 0;
-    d->ops->failed(d->owner, d->why);
-}
+static const rg_ask_ops disc_ask_ops = {disc_answer, disc_failed, disc_settle};
 
 void
 rg_disc_find(rg_disc *d)
 {
-    if (d->finding)
+    const rg_conn_cfg *cfgs[RG_ASK_MAX];
+    rg_buf b = {0};
+    int i;
+
+    if (rg_ask_busy(d->ask))
         return;
-    d->finding = 1;
-    d->tried = 0;
-    try_next(d);
+    for (i = 0; i < d->n; i++)
+        cfgs[i] = &d->cfgs[i];
+    if (rg_buf_reserve(&b, 96 + RG_RESP_BULK_MAX(d->name_len)) == 0) {
+        rg_resp_array(&b, 3);
+        rg_resp_bulk(&b, "SENTINEL", 8);
+        rg_resp_bulk(&b, "get-master-addr-by-name", 23);
+        rg_resp_bulk(&b, d->name, d->name_len);
+        if (rg_ask_start(d->ask, cfgs, d->n, &b) == 0) {
+            rg_buf_free(&b);
+            return;
+        }
+    }
+    rg_buf_free(&b);
+    d->ops->failed(d->owner, "out of memory asking the Sentinels");
 }
 
 /* ---- the subscription: +switch-master --------------------------------------- */
@@ -258,9 +386,14 @@ rg_disc_new(uv_loop_t *loop, const rg_conn_cfg *cfgs, int n, const char *name,
 
     if (d == NULL)
         return NULL;
+    d->ask = rg_ask_new(loop, &disc_ask_ops, d);
+    if (d->ask == NULL) {
+        free(d);
+        return NULL;
+    }
     d->loop = loop;
     d->cfgs = cfgs;
-    d->n = n;
+    d->n = n > RG_ASK_MAX ? RG_ASK_MAX : n;
     d->name = name;
     d->name_len = strlen(name);
     d->ops = ops;
@@ -271,15 +404,12 @@ rg_disc_new(uv_loop_t *loop, const rg_conn_cfg *cfgs, int n, const char *name,
 void
 rg_disc_free(rg_disc *d)
 {
-    rg_conn *q = d->q, *sub = d->sub;
+    rg_conn *sub = d->sub;
 
-    /* Forget them first: their close answers reply(NULL), which must not
-     * find them (nor move on to another Sentinel). */
-    d->q = d->sub = NULL;
-    if (q != NULL)
-        rg_conn_close(q);
+    d->sub = NULL; /* its close answers reply(NULL), which must not find it */
     if (sub != NULL)
         rg_conn_close(sub);
+    rg_ask_free(d->ask);
     free(d);
 }
 
@@ -310,4 +440,85 @@ rg_role_master(const redisReply *r, char *role, size_t rolelen)
         return 1;
     snprintf(role, rolelen, "%.*s", (int)(e->len > 40 ? 40 : e->len), e->str);
     return 0;
+}
+
+/* ---- Cluster ----------------------------------------------------------------------- */
+
+/* One range of CLUSTER SLOTS: [first, last, [host, port, id, ...], replicas...]. */
+static int
+slot_range(const redisReply *e, const char *asked, int *first, int *last, char *host,
+           size_t hostlen, int *port)
+{
+    const redisReply *m;
+
+    if (e->type != REDIS_REPLY_ARRAY || e->elements < 3 ||
+        e->element[0]->type != REDIS_REPLY_INTEGER || e->element[1]->type != REDIS_REPLY_INTEGER)
+        return 0;
+    *first = (int)e->element[0]->integer;
+    *last = (int)e->element[1]->integer;
+    if (e->element[0]->integer < 0 || e->element[1]->integer > 16383 || *first > *last)
+        return 0;
+    m = e->element[2];
+    if (m->type != REDIS_REPLY_ARRAY || m->elements < 2 || !parse_host(m->element[0], host, hostlen))
+        return 0;
+    if (host[0] == '\0' || strcmp(host, "?") == 0)
+        snprintf(host, hostlen, "%s", asked);
+    return (*port = parse_port(m->element[1])) != 0;
+}
+
+int
+rg_cluster_slots(const redisReply *r, const char *asked,
+                 void (*fn)(void *arg, int first, int last, const char *host, int port), void *arg)
+{
+    char host[256];
+    int first, last, port;
+    size_t i;
+
+    if (r->type != REDIS_REPLY_ARRAY || r->elements == 0)
+        return -1;
+    for (i = 0; i < r->elements; i++)
+        if (!slot_range(r->element[i], asked, &first, &last, host, sizeof(host), &port))
+            return -1;
+    for (i = 0; i < r->elements; i++) {
+        slot_range(r->element[i], asked, &first, &last, host, sizeof(host), &port);
+        fn(arg, first, last, host, port);
+    }
+    return 0;
+}
+
+int
+rg_cluster_redirect(const char *err, int *slot, char *host, size_t hostlen, int *port)
+{
+    const char *p, *colon;
+    int kind;
+    char *end;
+    long v;
+    size_t n;
+
+    if (strncmp(err, "MOVED ", 6) == 0) {
+        kind = RG_REDIRECT_MOVED;
+        p = err + 6;
+    } else if (strncmp(err, "ASK ", 4) == 0) {
+        kind = RG_REDIRECT_ASK;
+        p = err + 4;
+    } else {
+        return RG_REDIRECT_NONE;
+    }
+    v = strtol(p, &end, 10);
+    if (end == p || *end != ' ' || v < 0 || v > 16383)
+        return RG_REDIRECT_NONE;
+    *slot = (int)v;
+    p = end + 1;
+    colon = strrchr(p, ':');
+    if (colon == NULL || (n = (size_t)(colon - p)) >= hostlen)
+        return RG_REDIRECT_NONE;
+    memcpy(host, p, n);
+    host[n] = '\0';
+    v = strtol(colon + 1, &end, 10);
+    if (end == colon + 1 || (*end != '\0' && *end != ' ') || v < 1 || v > 65535)
+        return RG_REDIRECT_NONE;
+    if (n == 0)
+        return RG_REDIRECT_NONE; /* "MOVED 1 :6380": the client's own address; not from Redis 7 */
+    *port = (int)v;
+    return kind;
 }

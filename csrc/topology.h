@@ -20,6 +20,35 @@
 
 struct redisReply;
 
+/*
+ * rg_ask: ask a question (one command) of the first of several servers that
+ * answers it usefully: each in turn, from the last that answered, on a
+ * fresh connection closed after the answer.  Behind both Sentinel (where
+ * is the master?) and Cluster (who owns which slots?).
+ *
+ * answer(owner, idx, r, why, whylen): a reply (not an error) from server
+ *     idx: 1 takes it (the round ends), 0 moves on to the next server, with
+ *     why saying what was wrong.  It must not start another round.
+ * failed(owner, why): no server answered usefully; why names the last cause.
+ */
+#define RG_ASK_MAX 80
+
+typedef struct rg_ask rg_ask;
+typedef struct rg_ask_ops {
+    int (*answer)(void *owner, int idx, const struct redisReply *r, char *why, size_t whylen);
+    void (*failed)(void *owner, const char *why);
+    void (*settle)(void *owner);
+} rg_ask_ops;
+
+rg_ask *rg_ask_new(uv_loop_t *loop, const rg_ask_ops *ops, void *owner);
+/* Start a round over cfgs[0..n) (at most RG_ASK_MAX; the cfgs must outlive
+ * the round) with cmd (copied).  A no-op while a round is out.  0, or -1
+ * (out of memory, or n < 1): then no callback follows. */
+int rg_ask_start(rg_ask *a, const rg_conn_cfg *const *cfgs, int n, const rg_buf *cmd);
+int rg_ask_busy(const rg_ask *a);
+/* Close its connection (no more callbacks) and free it. */
+void rg_ask_free(rg_ask *a);
+
 typedef struct rg_disc rg_disc;
 
 /*
@@ -57,5 +86,17 @@ int rg_role_cmd(rg_buf *b);
 /* Whether r, the reply to ROLE, says "master"; if not, what it says goes
  * into role (for a message). */
 int rg_role_master(const struct redisReply *r, char *role, size_t rolelen);
+
+/*
+ * Cluster: a reply to CLUSTER SLOTS, checked whole first (-1 if it is not
+ * one, nothing called), then fn(arg, first, last, host, port) for each
+ * range and its master.  An empty host means the server asked (`asked`).
+ */
+int rg_cluster_slots(const struct redisReply *r, const char *asked,
+                     void (*fn)(void *arg, int first, int last, const char *host, int port),
+                     void *arg);
+enum { RG_REDIRECT_NONE = 0, RG_REDIRECT_MOVED, RG_REDIRECT_ASK };
+/* An error "MOVED <slot> <host>:<port>" or "ASK ..." (RG_REDIRECT_*). */
+int rg_cluster_redirect(const char *err, int *slot, char *host, size_t hostlen, int *port);
 
 #endif

@@ -46,7 +46,7 @@ def tls_sentinels(tls_certs: Certs) -> Iterator[SentinelSet]:
 def test_url_forms() -> None:
     cfg = parse_storage_url("redis+sentinel://u:p%40ss@s1:26379,[::1]:26380,s3/mymaster/2"
                             "?sentinel_password=spw&sentinel_username=su")
-    assert cfg["sentinels"] == [("s1", 26379), ("::1", 26380), ("s3", 26379)]
+    assert cfg["seeds"] == [("s1", 26379), ("::1", 26380), ("s3", 26379)]
     assert (cfg["service"], cfg["db"], cfg["username"], cfg["password"]) == ("mymaster", 2, "u", "p@ss")
     assert (cfg["sentinel_username"], cfg["sentinel_password"], cfg["tls"]) == ("su", "spw", False)
     cfg = parse_storage_url("rediss+sentinel://s1:1/m?ssl_ca_certs=/ca.pem")
@@ -67,7 +67,9 @@ def test_url_forms() -> None:
     ("redis+sentinel://s1/m?bogus=1", "unknown option 'bogus'"),
     ("redis+sentinel://s1/m?ssl_ca_certs=/x", "need rediss+sentinel://"),
     ("rediss+sentinel://s1/m?ssl_cert_reqs=maybe", "ssl_cert_reqs"),
-    ("redis+cluster://n1:7000", "not supported yet"),
+    ("redis+cluster://n1:7000/1", "only database 0"),
+    ("redis+cluster://n1:7000?ssl_ca_certs=/x", "need rediss+cluster://"),
+    ("redis+cluster://", "no cluster node"),
 ])
 def test_malformed_urls(url: str, part: str) -> None:
     with pytest.raises(ValueError, match="bad storage URL") as e:
