@@ -21,6 +21,7 @@ import pytest
 import rategate
 from rategate.limiter import parse_storage_url
 from tlscerts import Certs
+from topo_checks import exact, traffic
 from topology import SentinelSet, wait_until
 
 # "Fast" and "recovered" with slack for a loaded 2-core machine: the targets
@@ -109,44 +110,17 @@ class SwitchWatch:
         self._ps.close()
 
 
-async def traffic(lim: rategate.Limiter, stop: asyncio.Event, log: list[tuple[Any, ...]],
-                  prefix: str) -> None:
-    """Steady checks, each on a fresh key: (start, end, allowed, error, key)."""
-    i = 0
-    while not stop.is_set():
-        key = f"{prefix}-{i}"
-        t0 = time.monotonic()
-        d = await lim.hit(key, "10/day")
-        log.append((t0, time.monotonic(), d.allowed, d.error, key))
-        i += 1
-        await asyncio.sleep(0.003)
-
-
-async def exact(url: str, nkeys: int, per_key: int, limit: int) -> None:
-    lim = rategate.Limiter(url, timeout=5.0, threads=2)
-    try:
-        keys = [f"exact-{time.monotonic_ns()}-{i}" for i in range(nkeys)]
-        res = await asyncio.gather(*[lim.hit(k, f"{limit}/minute") for k in keys for _ in range(per_key)])
-        assert not [d for d in res if d.error], lim.stats()["last_error"]
-        per: dict[int, int] = {}
-        for i, d in enumerate(res):
-            per[i // per_key] = per.get(i // per_key, 0) + d.allowed
-        assert set(per.values()) == {limit}
-    finally:
-        await lim.aclose()
-
-
 # -- behaviour ----------------------------------------------------------------
 
 def test_exact_through_sentinel(sentinels: SentinelSet) -> None:
-    asyncio.run(exact(sentinels.url(), 200, 20, 5))
+    asyncio.run(exact(sentinels.url(), [f"exact-{i}" for i in range(200)], 20, 5))
     # The buckets are on the master, and replicated.
     m = sentinels.current_master()
     assert m.client().dbsize() > 0
 
 
 def test_exact_through_sentinel_tls(tls_sentinels: SentinelSet) -> None:
-    asyncio.run(exact(tls_sentinels.url(), 200, 20, 5))
+    asyncio.run(exact(tls_sentinels.url(), [f"exact-{i}" for i in range(200)], 20, 5))
     assert tls_sentinels.current_master().client().dbsize() > 0
 
 
@@ -206,7 +180,8 @@ def run_failover(ss: SentinelSet, action: str) -> dict[str, Any]:
         try:
             d = await lim.hit("warm", "5/minute")
             assert d.error is None, lim.stats()["last_error"]
-            tasks = [asyncio.create_task(traffic(lim, stop, log, f"{action}{n}")) for n in range(4)]
+            tasks = [asyncio.create_task(traffic(lim, stop, log, lambda i, n=n: f"{action}{n}-{i}"))
+                     for n in range(4)]
             await asyncio.sleep(0.5)
             t_act = time.monotonic()
             if action == "kill":

@@ -330,8 +330,14 @@ class ClusterSet:
     """
 
     def __init__(self, *, masters: int = 3, replicas: int = 0, password: str | None = None,
-                 node_timeout_ms: int = 1000) -> None:
+                 node_timeout_ms: int = 1000, tls: tuple[str, str, str] | None = None,
+                 tls_client: tuple[str, str] | None = None) -> None:
+        """``tls=(cert, key, ca)``: every node serves TLS only, and the cluster
+        bus and replication run over TLS too.  The bus always asks for a
+        client certificate, so ``tls_client=(cert, key)`` (one made for
+        clientAuth) is what the nodes present to each other."""
         self.password = password
+        self.tls = tls
         self.nodes: list[RedisServer] = []
         try:
             for _ in range(masters * (1 + replicas)):
@@ -347,12 +353,18 @@ class ClusterSet:
                 ]
                 if password:
                     args += ["--masterauth", password]
-                self.nodes.append(RedisServer(password=password, extra_args=args))
+                if tls:
+                    args += ["--tls-cluster", "yes", "--tls-replication", "yes"]
+                if tls_client:
+                    args += ["--tls-client-cert-file", tls_client[0], "--tls-client-key-file", tls_client[1]]
+                self.nodes.append(RedisServer(password=password, extra_args=args, tls=tls))
             cmd = [REDIS_CLI, "--cluster", "create",
                    *[f"127.0.0.1:{n.port}" for n in self.nodes],
                    "--cluster-replicas", str(replicas), "--cluster-yes"]
             if password:
                 cmd[1:1] = ["-a", password, "--no-auth-warning"]
+            if tls:
+                cmd[1:1] = ["--tls", "--cacert", tls[2]]
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
             if out.returncode != 0:
                 raise RedisServerError(f"redis-cli --cluster create failed:\n{out.stdout}\n{out.stderr}")
@@ -361,9 +373,13 @@ class ClusterSet:
             self.close()
             raise
 
-    def url(self, *, scheme: str = "redis+cluster") -> str:
+    def url(self, *, scheme: str | None = None) -> str:
+        """``redis+cluster://[:password@]n1,n2,n3`` (the first three nodes), or
+        ``rediss+cluster://...?ssl_ca_certs=<ca>`` with TLS."""
+        scheme = scheme or ("rediss+cluster" if self.tls else "redis+cluster")
         auth = f":{self.password}@" if self.password else ""
-        return f"{scheme}://{auth}" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes[:3])
+        q = f"?ssl_ca_certs={self.tls[2]}" if self.tls else ""
+        return f"{scheme}://{auth}" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes[:3]) + q
 
     def _live(self) -> list[RedisServer]:
         return [n for n in self.nodes if n.running]
