@@ -201,7 +201,7 @@ static void dest_connect(rg_dest *d);
 static void dest_move(rg_dest *d);
 static void send_waiting(rg_shard *s);
 static void map_soon(rg_shard *s, uint64_t ms);
-static int cluster_error(rg_shard *s, rg_batch *b, const char *why);
+static int cluster_error(rg_shard *s, rg_dest *d, rg_batch *b, const char *why);
 
 /* A ready connection that lived this long counts as healthy when it drops. */
 #define RG_HEALTHY_NS 1000000000ull
@@ -434,7 +434,7 @@ on_reply(void *owner, rg_conn *c, void *priv, struct redisReply *r)
             break;
         }
         if (s->eng->cfg.cluster) {
-            int h = cluster_error(s, b, why);
+            int h = cluster_error(s, d, b, why);
             if (h == 2)
                 return;
             if (h == 1) {
@@ -985,10 +985,11 @@ map_cb(uv_timer_t *t)
  *   ASK:   the slot is being migrated: ASKING and the call on the target,
  *          once; if the target is not connected yet, route them again
  *          (they come back here and are ASKed then).
- *   TRYAGAIN, CLUSTERDOWN: again in 20 ms, within the checks' deadlines.
+ *   TRYAGAIN: each check alone, at once (see below); one check alone, and
+ *   CLUSTERDOWN: again in 20 ms, within the checks' deadlines.
  */
 static int
-cluster_error(rg_shard *s, rg_batch *b, const char *why)
+cluster_error(rg_shard *s, rg_dest *d, rg_batch *b, const char *why)
 {
     char host[256];
     int slot, port, kind = rg_cluster_redirect(why, &slot, host, sizeof(host), &port);
@@ -996,8 +997,31 @@ cluster_error(rg_shard *s, rg_batch *b, const char *why)
     rg_buf cmd = {0};
 
     if (kind == RG_REDIRECT_NONE) {
+        int i, live = 0;
         if (strncmp(why, "TRYAGAIN", 8) != 0 && strncmp(why, "CLUSTERDOWN", 11) != 0)
             return 0;
+        for (i = 0; i < b->n; i++)
+            live += b->checks[i] != NULL;
+        if (live > 1 && strncmp(why, "TRYAGAIN", 8) == 0) {
+            /* A slot half-migrated answers TRYAGAIN to a call on several
+             * keys some of which moved; one check alone (one key per rate)
+             * gets ASK instead, followed at once. */
+            for (i = 0; i < b->n; i++) {
+                rg_check *c = b->checks[i];
+                rg_batch *one;
+                if (c == NULL)
+                    continue;
+                batch_detach(c);
+                one = rg_batch_new(&c, 1);
+                if (one == NULL) {
+                    list_remove(c);
+                    complete(s, c, RG_ERR_OVERLOADED);
+                } else {
+                    batch_send(s, d, one);
+                }
+            }
+            return 1;
+        }
         requeue_batch(s, b);
         map_soon(s, 20);
         return 1;
