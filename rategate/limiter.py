@@ -331,7 +331,11 @@ def parse_storage_url(url: str, ssl: Optional[Dict[str, Any]] = None) -> Dict[st
 class Limiter:
     """Checks rate limits against a store.
 
-    ``Limiter("redis://127.0.0.1:6379/0", timeout=0.05, failure_mode="closed")``
+    ``Limiter("redis://127.0.0.1:6379/0", timeout=0.05, failure_mode="closed")``;
+    also ``rediss://`` (TLS), ``redis+sentinel://s1:26379,s2:26379/mymaster/0``
+    (the master Sentinel names, followed across failovers),
+    ``redis+cluster://n1:7000,n2:7001`` (Redis Cluster), ``rediss+sentinel://``
+    and ``rediss+cluster://``, ``unix:///path.sock`` and ``memory://``.
 
     * ``timeout``: the deadline of one check, in seconds; past it the
       failure mode decides (``error="timeout"``).
@@ -350,7 +354,7 @@ class Limiter:
       within it; a flood costs one Redis check per key per interval.
     * ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile``, ``ssl_cert_reqs``
       (``"required"`` or ``"none"``), ``ssl_check_hostname``: TLS, for a
-      ``rediss://`` URL (redis-py's names; they may also be given in the
+      ``rediss://`` (``rediss+sentinel://``, ``rediss+cluster://``) URL (redis-py's names; they may also be given in the
       URL's query).  By default the server is verified against the system
       CA store and its certificate must name the host.
     * ``spin``: while Redis owes replies, the loop thread polls (yielding
