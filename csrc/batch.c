@@ -25,6 +25,7 @@ rg_batch_new(rg_check **checks, int n)
     b->total = n;
     b->evaled = 0;
     b->asked = 0;
+    b->xslot = 0;
     for (i = 0; i < n; i++) {
         b->checks[i] = checks[i];
         checks[i]->batch = b;
@@ -132,7 +133,9 @@ rg_check_slot(const rg_check *c)
 int
 rg_batch_write(rg_batch *b, const char *sha, rg_buf *out)
 {
-    size_t argc = 4, bytes = 64 + RG_RESP_BULK_MAX(rg_script_len);
+    const char *script = b->xslot ? rg_script_xslot : rg_script;
+    size_t script_len = b->xslot ? rg_script_xslot_len : rg_script_len;
+    size_t argc = b->xslot ? 5 : 4, bytes = 96 + RG_RESP_BULK_MAX(script_len);
     int i, j, n = 0, nkeys = 0;
 
     for (i = 0; i < b->n; i++) {
@@ -156,11 +159,13 @@ rg_batch_write(rg_batch *b, const char *sha, rg_buf *out)
     rg_resp_array(out, argc);
     if (b->evaled) {
         rg_resp_bulk(out, "EVAL", 4);
-        rg_resp_bulk(out, rg_script, rg_script_len);
+        rg_resp_bulk(out, script, script_len);
     } else {
         rg_resp_bulk(out, "EVALSHA", 7);
         rg_resp_bulk(out, sha, 40);
     }
+    if (b->xslot) /* no declared key; their number leads ARGV */
+        rg_resp_bulk_int(out, 0);
     rg_resp_bulk_int(out, nkeys);
     for (i = 0; i < n; i++) {
         rg_check *c = b->checks[i];
@@ -238,6 +243,13 @@ rg_batch_decode(rg_batch *b, const redisReply *reply, char *why, size_t whylen)
         c->res.reset_us = int_at(reply, o + 3, &ok);
         c->res.retry_us = int_at(reply, o + 4, &ok);
         c->res.block_us = int_at(reply, o + 5, &ok);
+        if (ok && b->xslot && c->res.allowed == -2) {
+            /* Not this node's key: nothing was written; the engine sends
+             * the check again in a call of its own slot. */
+            c->declared = 1;
+            c->err = RG_ERR_NONE;
+            continue;
+        }
         if (c->res.rate < 0 || c->res.rate >= c->spec->n || c->res.allowed < 0 ||
             c->res.allowed > 1)
             ok = 0;

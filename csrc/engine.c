@@ -15,6 +15,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <openssl/sha.h>
+
 #include "port.h"
 #include "script.h"
 #include "topology.h"
@@ -179,7 +181,7 @@ static void
 batch_send(rg_shard *s, rg_dest *d, rg_batch *b)
 {
     rg_buf out = {0};
-    int r = d->conn != NULL ? rg_batch_write(b, d->sha, &out) : 1;
+    int r = d->conn != NULL ? rg_batch_write(b, b->xslot ? s->eng->xslot_sha : d->sha, &out) : 1;
 
     if (r == 0) {
         b->sent_ns = rg_now_ns();
@@ -395,7 +397,7 @@ on_reply(void *owner, rg_conn *c, void *priv, struct redisReply *r)
     rg_shard *s = d->shard;
     rg_batch *b = priv;
     char why[sizeof(s->eng->last_error)];
-    int i;
+    int i, moved = 0;
 
     if (priv == &role_priv) {
         role_reply(d, c, r);
@@ -433,6 +435,19 @@ on_reply(void *owner, rg_conn *c, void *priv, struct redisReply *r)
             batch_fail(s, b, RG_ERR_UNAVAILABLE);
             break;
         }
+        if (b->xslot && b->evaled && strncmp(why, "CLUSTERDOWN", 11) != 0) {
+            /* Redis < 7.0 cannot compile the script's flags: one call per
+             * slot from now on, these checks included. */
+            set_error(s, "no cross-slot script on this server, one call per slot", why);
+            s->no_xslot = 1;
+            for (i = 0; i < b->n; i++)
+                if (b->checks[i] != NULL)
+                    b->checks[i]->declared = 1;
+            requeue_batch(s, b);
+            batch_retire(s, b);
+            send_waiting(s);
+            return;
+        }
         if (s->eng->cfg.cluster) {
             int h = cluster_error(s, d, b, why);
             if (h == 2)
@@ -452,6 +467,12 @@ on_reply(void *owner, rg_conn *c, void *priv, struct redisReply *r)
             rg_check *ck = b->checks[i];
             if (ck == NULL)
                 continue; /* answered by its deadline: the late reply is ignored */
+            if (b->xslot && ck->declared) {
+                /* Not this node's key (see script.c): route it again. */
+                requeue_now(s, ck);
+                moved = 1;
+                continue;
+            }
             b->checks[i] = NULL;
             list_remove(ck);
             complete(s, ck, ck->err);
@@ -459,6 +480,10 @@ on_reply(void *owner, rg_conn *c, void *priv, struct redisReply *r)
         break;
     }
     batch_retire(s, b);
+    if (moved) {
+        map_soon(s, 0);
+        send_waiting(s);
+    }
 }
 
 static void rearm(rg_shard *s);
@@ -668,22 +693,29 @@ send_batch(rg_shard *s, rg_dest *d, rg_check **checks, int n)
     }
 }
 
+/* Cluster order: checks for the cross-slot call first, then by slot. */
 static int
 by_slot(const void *a, const void *b)
 {
-    int x = (*(rg_check *const *)a)->cslot, y = (*(rg_check *const *)b)->cslot;
-    return (x > y) - (x < y);
+    const rg_check *x = *(rg_check *const *)a, *y = *(rg_check *const *)b;
+    if (x->declared != y->declared)
+        return x->declared - y->declared;
+    return (x->cslot > y->cslot) - (x->cslot < y->cslot);
 }
 
-/* Send d's pending checks: one script call, or (Cluster) one per slot,
- * pipelined on the node's connection (they leave in one write at the end
- * of the loop's turn).  Redis refuses a script whose declared keys span
- * slots, even with the allow-cross-slot-keys flag (measured on 7.0.15;
- * see the README), hence one call per slot. */
+/*
+ * Send d's pending checks: one script call; on a cluster node, one call of
+ * rg_script_xslot for all of them (several slots, keys undeclared), and one
+ * call per slot with declared keys for those marked `declared` (a key the
+ * node did not serve, or Redis < 7.0 without script flags), so that Redis
+ * checks their slot first (MOVED, ASK).  The calls leave in one write at
+ * the end of the loop's turn.
+ */
 static void
 dest_flush(rg_shard *s, rg_dest *d)
 {
     int i, from = 0, n = d->npend;
+    rg_batch *b;
 
     if (n == 0)
         return;
@@ -692,8 +724,22 @@ dest_flush(rg_shard *s, rg_dest *d)
         send_batch(s, d, d->pend, n);
         return;
     }
+    if (s->no_xslot)
+        for (i = 0; i < n; i++)
+            d->pend[i]->declared = 1;
     qsort(d->pend, (size_t)n, sizeof(d->pend[0]), by_slot);
-    for (i = 1; i <= n; i++)
+    while (from < n && !d->pend[from]->declared)
+        from++;
+    if (from > 0) {
+        b = rg_batch_new(d->pend, from);
+        if (b == NULL) {
+            send_batch(s, d, d->pend, from); /* fails them */
+        } else {
+            b->xslot = 1;
+            batch_send(s, d, b);
+        }
+    }
+    for (i = from + 1; i <= n; i++)
         if (i == n || d->pend[i]->cslot != d->pend[from]->cslot) {
             send_batch(s, d, d->pend + from, i - from);
             from = i;
@@ -1330,7 +1376,14 @@ conn_cfg(rg_engine *e)
     const rg_engine_cfg *cfg = &e->cfg;
     rg_conn_cfg *cc = &e->conn;
     const char *delay = getenv("RATEGATE_TEST_RESOLVE_DELAY_MS");
+    unsigned char md[SHA_DIGEST_LENGTH];
     int i;
+
+    /* EVALSHA names the cross-slot script by this; a node that lacks it
+     * answers NOSCRIPT, and EVAL loads it. */
+    SHA1((const unsigned char *)rg_script_xslot, rg_script_xslot_len, md);
+    for (i = 0; i < SHA_DIGEST_LENGTH; i++)
+        snprintf(e->xslot_sha + 2 * i, 3, "%02x", md[i]);
 
     memset(cc, 0, sizeof(*cc));
     cc->host = cfg->host;

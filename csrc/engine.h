@@ -135,6 +135,7 @@ typedef struct rg_shard {
     uv_timer_t map_timer;
     int have_map;
     int map_failed;            /* no node answered: checks fail at once */
+    int no_xslot;              /* a node cannot run rg_script_xslot (Redis < 7.0) */
     uint64_t map_backoff_ms;
     rg_list waiting;           /* queued while connecting */
     rg_list sent;              /* in a batch, awaiting the reply */
@@ -149,6 +150,7 @@ typedef struct rg_engine {
     atomic_long reconnects;
     rg_conn_cfg conn;        /* from cfg, for every connection (set at start) */
     rg_conn_cfg seed_conn[RG_MAX_SEEDS]; /* one per seed (set at start) */
+    char xslot_sha[41];      /* SHA1 of rg_script_xslot, hex (set at start) */
     pthread_mutex_t err_mu;
     char last_error[256];    /* last Redis error text, for stats (under err_mu) */
 } rg_engine;

@@ -98,7 +98,12 @@ def test_slot_migrated_mid_run(cluster: ClusterSet) -> None:
             # Half the keys get buckets on the source first.
             for k in keys[:6]:
                 assert (await lim.hit(k, "5/minute")).error is None
-            tasks = [asyncio.create_task(traffic(lim, stop, log, lambda i, n=n: keys[(i * 3 + n) % 12],
+            # The other half only once the slot is half-moved: their first
+            # checks meet the ASK phase (a key the source does not have).
+            def key(i: int, n: int) -> str:
+                return keys[(i * 3 + n) % (12 if half.is_set() else 6)]
+
+            tasks = [asyncio.create_task(traffic(lim, stop, log, lambda i, n=n: key(i, n),
                                                  rate="5/minute", pause=0.002)) for n in range(3)]
             await asyncio.to_thread(cluster.migrate_slot, slot, dst,
                                     between=lambda: (half.set(), time.sleep(0.5)))
