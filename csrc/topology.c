@@ -170,14 +170,22 @@ rg_ask_start(rg_ask *a, const rg_conn_cfg *const *cfgs, int n, const rg_buf *cmd
     return 0;
 }
 
+/* Close *p's connection, forgotten first: its close answers reply(NULL),
+ * which must not find it. */
+static void
+let_go(rg_conn **p)
+{
+    rg_conn *c = *p;
+
+    *p = NULL;
+    if (c != NULL)
+        rg_conn_close(c);
+}
+
 void
 rg_ask_free(rg_ask *a)
 {
-    rg_conn *q = a->q;
-
-    a->q = NULL; /* its close answers reply(NULL), which must not find it */
-    if (q != NULL)
-        rg_conn_close(q);
+    let_go(&a->q);
     rg_buf_free(&a->cmd);
     free(a);
 }
@@ -404,11 +412,7 @@ rg_disc_new(uv_loop_t *loop, const rg_conn_cfg *cfgs, int n, const char *name,
 void
 rg_disc_free(rg_disc *d)
 {
-    rg_conn *sub = d->sub;
-
-    d->sub = NULL; /* its close answers reply(NULL), which must not find it */
-    if (sub != NULL)
-        rg_conn_close(sub);
+    let_go(&d->sub);
     rg_ask_free(d->ask);
     free(d);
 }

@@ -37,3 +37,19 @@ async def exact(url: str, keys: Sequence[str], per_key: int, limit: int) -> None
         assert set(per.values()) == {limit}
     finally:
         await lim.aclose()
+
+
+async def fails_fast(url: str, timeout: float, slack: float) -> str:
+    """Three checks against a storage with no usable server: each gets the
+    failure decision within its deadline (plus slack); the limiter's
+    last_error, for the caller to check it names the cause."""
+    lim = rategate.Limiter(url, timeout=timeout)
+    try:
+        for _ in range(3):
+            t0 = time.monotonic()
+            d = await lim.hit("nowhere", "5/minute")
+            assert not d.allowed and d.error is not None
+            assert time.monotonic() - t0 < timeout + slack
+        return str(lim.stats()["last_error"])
+    finally:
+        await lim.aclose()
