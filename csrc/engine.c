@@ -227,6 +227,7 @@ dest_down(rg_dest *d)
 
     d->state = RG_DOWN;
     d->again = 0;
+    d->failing = 1;   /* until a connect succeeds, its checks fail at once */
     d->have_addr = 0; /* behind Sentinel: ask again where the master is */
     if (s->eng->cfg.cluster) {
         /* One node: only its slots' checks fail (at once, from here: the
@@ -262,6 +263,7 @@ dest_ready(rg_dest *d)
 
     d->state = RG_READY;
     d->again = 0;
+    d->failing = 0;
     d->answered = 0;
     d->ready_ns = rg_now_ns();
     if (d->ever_ready)
@@ -795,7 +797,7 @@ dispatch_one(rg_shard *s, rg_check *c, uint64_t now)
         d->pend[d->npend++] = c;
         if (d->npend == RG_BATCH_MAX)
             dest_flush(s, d);
-    } else if (d->state == RG_CONNECTING && !atomic_load(&s->down)) {
+    } else if (d->state == RG_CONNECTING && !d->failing && !atomic_load(&s->down)) {
         list_insert(&s->waiting, c);
     } else {
         complete(s, c, RG_ERR_UNAVAILABLE);

@@ -84,6 +84,8 @@ typedef struct rg_dest {
     int ever_ready;
     int again;                 /* connecting at once after a ready connection dropped */
     int answered;              /* the connection answered a script call since ready */
+    int failing;               /* a connect failed, none succeeded since: answer at once
+                                * (the shard's `down` for one server; per node on a cluster) */
     uint64_t ready_ns;         /* when it became ready */
     uint64_t backoff_ms;
     uv_timer_t retry_timer;    /* reconnect after the backoff */
