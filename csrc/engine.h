@@ -69,13 +69,15 @@ enum rg_dest_state { RG_DOWN, RG_CONNECTING, RG_READY };
 
 /*
  * One destination of a shard: one Redis server, the connection to it and
- * the script calls it owes replies to.  (One per shard today; Sentinel and
- * Cluster give a shard several, chosen by a topology.)  Loop thread only.
+ * the script calls it owes replies to.  One per shard for one server or
+ * Sentinel (whose master it follows, see topology.h); one per master node
+ * on a Cluster (the shard's slot map picks it).  Loop thread only.
  *
  * A connection that was ready and drops is replaced at once: checks wait
  * for the new one within their deadline, and the checks of the calls lost
- * with it are sent again once (see dest_reply).  Only a connect attempt
- * that fails marks the shard `down` (answered at once) and backs off.
+ * with it are sent again once (see on_reply).  Only a connect attempt
+ * that fails marks it `failing` (and one server's shard `down`): its
+ * checks are answered at once, and it backs off.
  */
 typedef struct rg_dest {
     struct rg_shard *shard;
