@@ -24,6 +24,8 @@ rg_batch_new(rg_check **checks, int n)
     b->n = n;
     b->total = n;
     b->evaled = 0;
+    b->asked = 0;
+    b->xslot = 0;
     for (i = 0; i < n; i++) {
         b->checks[i] = checks[i];
         checks[i]->batch = b;
@@ -92,10 +94,48 @@ write_key(rg_buf *b, const rg_check *c, int j, const char *tag, size_t taglen)
     b->len = (size_t)(p - b->p);
 }
 
+/* The hash tag of a check's keys (see write_key): the key itself, or "~"
+ * and 16 hex digits. */
+static size_t
+key_tag(const rg_check *c, char tag[24])
+{
+    if (c->keylen == 0 || memchr(c->key, '}', c->keylen) != NULL)
+        return (size_t)snprintf(tag, 24, "%016llx", (unsigned long long)fnv1a(c->key, c->keylen));
+    return 0;
+}
+
+/* CRC-16/XMODEM (poly 0x1021, init 0), Redis Cluster's key hash. */
+static uint16_t
+crc16(uint16_t crc, const char *p, size_t n)
+{
+    size_t i;
+    int k;
+
+    for (i = 0; i < n; i++) {
+        crc ^= (uint16_t)((unsigned char)p[i] << 8);
+        for (k = 0; k < 8; k++)
+            crc = (uint16_t)(crc & 0x8000 ? (crc << 1) ^ 0x1021 : crc << 1);
+    }
+    return crc;
+}
+
+int
+rg_check_slot(const rg_check *c)
+{
+    char tag[24];
+    size_t taglen = key_tag(c, tag);
+
+    if (taglen == 0)
+        return crc16(0, c->key, c->keylen) & 16383;
+    return crc16(crc16(0, "~", 1), tag, taglen) & 16383;
+}
+
 int
 rg_batch_write(rg_batch *b, const char *sha, rg_buf *out)
 {
-    size_t argc = 4, bytes = 64 + RG_RESP_BULK_MAX(rg_script_len);
+    const char *script = b->xslot ? rg_script_xslot : rg_script;
+    size_t script_len = b->xslot ? rg_script_xslot_len : rg_script_len;
+    size_t argc = b->xslot ? 5 : 4, bytes = 96 + RG_RESP_BULK_MAX(script_len);
     int i, j, n = 0, nkeys = 0;
 
     for (i = 0; i < b->n; i++) {
@@ -119,19 +159,18 @@ rg_batch_write(rg_batch *b, const char *sha, rg_buf *out)
     rg_resp_array(out, argc);
     if (b->evaled) {
         rg_resp_bulk(out, "EVAL", 4);
-        rg_resp_bulk(out, rg_script, rg_script_len);
+        rg_resp_bulk(out, script, script_len);
     } else {
         rg_resp_bulk(out, "EVALSHA", 7);
         rg_resp_bulk(out, sha, 40);
     }
+    if (b->xslot) /* no declared key; their number leads ARGV */
+        rg_resp_bulk_int(out, 0);
     rg_resp_bulk_int(out, nkeys);
     for (i = 0; i < n; i++) {
         rg_check *c = b->checks[i];
         char tag[24];
-        size_t taglen = 0;
-        if (c->keylen == 0 || memchr(c->key, '}', c->keylen) != NULL)
-            taglen = (size_t)snprintf(tag, sizeof(tag), "%016llx",
-                                      (unsigned long long)fnv1a(c->key, c->keylen));
+        size_t taglen = key_tag(c, tag);
         for (j = 0; j < c->spec->n; j++)
             write_key(out, c, j, tag, taglen);
     }
@@ -204,6 +243,13 @@ rg_batch_decode(rg_batch *b, const redisReply *reply, char *why, size_t whylen)
         c->res.reset_us = int_at(reply, o + 3, &ok);
         c->res.retry_us = int_at(reply, o + 4, &ok);
         c->res.block_us = int_at(reply, o + 5, &ok);
+        if (ok && b->xslot && c->res.allowed == -2) {
+            /* Not this node's key: nothing was written; the engine sends
+             * the check again in a call of its own slot. */
+            c->declared = 1;
+            c->err = RG_ERR_NONE;
+            continue;
+        }
         if (c->res.rate < 0 || c->res.rate >= c->spec->n || c->res.allowed < 0 ||
             c->res.allowed > 1)
             ok = 0;

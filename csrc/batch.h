@@ -28,6 +28,8 @@ typedef struct rg_batch {
     int n;       /* slots in checks[] */
     int total;   /* checks this batch counts in the engine's `outstanding` */
     int evaled;  /* sent with EVAL (after NOSCRIPT) */
+    int asked;   /* Cluster: sent after ASKING (an ASK is followed once) */
+    int xslot;   /* Cluster: rg_script_xslot over several slots (see script.c) */
     rg_check *checks[];
 } rg_batch;
 
@@ -39,9 +41,12 @@ rg_batch *rg_batch_new(rg_check **checks, int n);
  * 0, 1 if no check is live (nothing written), -1 out of memory.
  */
 int rg_batch_write(rg_batch *b, const char *sha, rg_buf *out);
+/* The Redis Cluster hash slot of every key of c (they share one hash tag). */
+int rg_check_slot(const rg_check *c);
 
 enum rg_batch_outcome {
-    RG_BATCH_DECIDED,  /* each live check has res and err (NONE or REDIS) set */
+    RG_BATCH_DECIDED,  /* each live check has res and err (NONE or REDIS) set;
+                        * xslot: `declared` set on those the node does not serve */
     RG_BATCH_NOSCRIPT, /* Redis lost the script: write again with EVAL */
     RG_BATCH_FAILED,   /* the whole call failed: why says how */
 };

@@ -57,6 +57,8 @@ typedef struct rg_check {
     rg_spec *spec;         /* owns a reference */
     struct rg_batch *batch; /* while sent: the batch and our index in it */
     uint32_t bidx;
+    int cslot;             /* Cluster: the hash slot (loop thread, at dispatch) */
+    int declared;          /* Cluster: send in a call of its slot alone, keys declared */
     uint32_t slot;         /* the port's future slot, meaningful to Python only */
     uint64_t hash;         /* rg_hash(key), for the over-limit cache */
     uint64_t submit_ns;    /* CLOCK_MONOTONIC */

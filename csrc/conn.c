@@ -605,6 +605,8 @@ feed(rg_conn *c, const char *p, size_t n)
             return;
         if (c->hello_left > 0) {
             hello_reply(c, r);
+        } else if (c->fcount == 0 && c->ops->push != NULL) {
+            c->ops->push(c->owner, c, r);
         } else if (c->fcount == 0) {
             conn_losef(c, "protocol error from %s: %s", c->addr, "a reply nobody asked for");
         } else {

@@ -67,12 +67,17 @@ typedef struct rg_conn rg_conn;
  *     person ("connect failed: 127.0.0.1:6390: connection refused").
  * settle(owner): the end of an event that ran callbacks (one read may carry
  *     many replies): the place to flush finished work once.
+ * push(owner, c, r): optional (NULL: such a reply is a protocol error): a
+ *     reply that arrived with no command owed, i.e. a pub/sub message on a
+ *     subscribed connection.  r is freed when the callback returns; the
+ *     owner may call rg_conn_close from here.
  */
 typedef struct rg_conn_ops {
     void (*ready)(void *owner, rg_conn *c, const char *sha);
     void (*reply)(void *owner, rg_conn *c, void *priv, struct redisReply *r);
     void (*lost)(void *owner, rg_conn *c, int was_ready, const char *why);
     void (*settle)(void *owner);
+    void (*push)(void *owner, rg_conn *c, struct redisReply *r);
 } rg_conn_ops;
 
 /* A growable byte buffer (a command being written). */

@@ -15,8 +15,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <openssl/sha.h>
+
 #include "port.h"
 #include "script.h"
+#include "topology.h"
 
 /* ---- lists ------------------------------------------------------------ */
 
@@ -178,7 +181,7 @@ static void
 batch_send(rg_shard *s, rg_dest *d, rg_batch *b)
 {
     rg_buf out = {0};
-    int r = d->conn != NULL ? rg_batch_write(b, d->sha, &out) : 1;
+    int r = d->conn != NULL ? rg_batch_write(b, b->xslot ? s->eng->xslot_sha : d->sha, &out) : 1;
 
     if (r == 0) {
         b->sent_ns = rg_now_ns();
@@ -197,6 +200,10 @@ batch_send(rg_shard *s, rg_dest *d, rg_batch *b)
 /* ---- the destination's connection ----------------------------------------------- */
 
 static void dest_connect(rg_dest *d);
+static void dest_move(rg_dest *d);
+static void send_waiting(rg_shard *s);
+static void map_soon(rg_shard *s, uint64_t ms);
+static int cluster_error(rg_shard *s, rg_dest *d, rg_batch *b, const char *why);
 
 /* A ready connection that lived this long counts as healthy when it drops. */
 #define RG_HEALTHY_NS 1000000000ull
@@ -220,29 +227,43 @@ dest_down(rg_dest *d)
 
     d->state = RG_DOWN;
     d->again = 0;
-    atomic_store(&s->connected, 0);
-    if (s->closing)
-        return;
-    atomic_store(&s->down, 1);
-    fail_list(s, &s->waiting, RG_ERR_UNAVAILABLE);
+    d->failing = 1;   /* until a connect succeeds, its checks fail at once */
+    d->have_addr = 0; /* behind Sentinel: ask again where the master is */
+    if (s->eng->cfg.cluster) {
+        /* One node: only its slots' checks fail (at once, from here: the
+         * waiting ones are routed again), and the map is asked again (a
+         * replica may be promoted). */
+        if (s->closing)
+            return;
+        send_waiting(s);
+        map_soon(s, 0);
+        if (!d->in_map)
+            return; /* no slot of ours there any more: no reconnecting */
+    } else {
+        atomic_store(&s->connected, 0);
+        if (s->closing)
+            return;
+        atomic_store(&s->down, 1);
+        fail_list(s, &s->waiting, RG_ERR_UNAVAILABLE);
+    }
     /* Jitter (75% to 125%) keeps many app servers from reconnecting in step. */
     ms = d->backoff_ms * (75 + (uint64_t)(rand_r(&s->rand_state) % 51)) / 100;
     uv_timer_start(&d->retry_timer, retry_cb, ms, 0);
     d->backoff_ms = d->backoff_ms * 2 > 500 ? 500 : d->backoff_ms * 2;
 }
 
-static void send_waiting(rg_shard *s);
+/* The priv of a ROLE or an ASKING command (never a batch). */
+static char role_priv, asking_priv;
 
+/* The connection is ready and (behind Sentinel) its server a master. */
 static void
-on_ready(void *owner, rg_conn *c, const char *sha)
+dest_ready(rg_dest *d)
 {
-    rg_dest *d = owner;
     rg_shard *s = d->shard;
-    (void)c;
 
-    memcpy(d->sha, sha, sizeof(d->sha));
     d->state = RG_READY;
     d->again = 0;
+    d->failing = 0;
     d->answered = 0;
     d->ready_ns = rg_now_ns();
     if (d->ever_ready)
@@ -250,8 +271,55 @@ on_ready(void *owner, rg_conn *c, const char *sha)
     d->ever_ready = 1;
     d->backoff_ms = 10;
     atomic_store(&s->connected, 1);
-    atomic_store(&s->down, 0);
+    if (!s->eng->cfg.cluster)
+        atomic_store(&s->down, 0);
     send_waiting(s);
+}
+
+static void
+on_ready(void *owner, rg_conn *c, const char *sha)
+{
+    rg_dest *d = owner;
+    rg_buf b = {0};
+
+    memcpy(d->sha, sha, sizeof(d->sha));
+    if (d->disc == NULL) {
+        dest_ready(d);
+        return;
+    }
+    /* Sentinel's answer may be stale (a failover under way, a demoted
+     * master back up): ask the server itself before sending checks. */
+    if (rg_role_cmd(&b) == 0 && rg_conn_send(c, &b, &role_priv) == 0)
+        return;
+    rg_buf_free(&b);
+    set_error(d->shard, "out of memory asking ROLE", NULL);
+    d->conn = NULL;
+    rg_conn_close(c);
+    dest_down(d);
+}
+
+/* The reply to ROLE: ready if the server is a master; otherwise ask the
+ * Sentinels again after the backoff. */
+static void
+role_reply(rg_dest *d, rg_conn *c, struct redisReply *r)
+{
+    char why[400];
+
+    char role[48];
+
+    if (r == NULL || c != d->conn)
+        return; /* lost (on_lost decides) or already let go */
+    if (rg_role_master(r, role, sizeof(role))) {
+        dest_ready(d);
+        return;
+    }
+    snprintf(why, sizeof(why),
+             "Sentinel named %s:%d as the master of '%s', but it answers ROLE as %s",
+             d->host, d->ccfg.port, d->shard->eng->cfg.service, role);
+    set_error(d->shard, why, NULL);
+    d->conn = NULL;
+    rg_conn_close(c);
+    dest_down(d);
 }
 
 static void
@@ -262,12 +330,16 @@ on_lost(void *owner, rg_conn *c, int was_ready, const char *why)
     (void)c;
 
     d->conn = NULL;
+    d->have_addr = 0; /* behind Sentinel: the master may have moved */
     set_error(s, why, NULL);
     if (s->closing) {
         d->state = RG_DOWN;
         return;
     }
-    if (was_ready && (d->answered || rg_now_ns() - d->ready_ns >= RG_HEALTHY_NS)) {
+    /* (Behind Sentinel, a connection lost before its ROLE answered was
+     * never ready for us: a failed attempt.) */
+    if (was_ready && d->state == RG_READY &&
+        (d->answered || rg_now_ns() - d->ready_ns >= RG_HEALTHY_NS)) {
         /* Healthy until now (an idle timeout, CLIENT KILL, a proxy's reset):
          * connect again at once, no backoff, not `down`.  Checks keep
          * waiting for it within their deadlines.  A connection dropped
@@ -275,7 +347,10 @@ on_lost(void *owner, rg_conn *c, int was_ready, const char *why)
          * closes each one) counts as a failed attempt: no tight loop. */
         d->state = RG_CONNECTING;
         d->again = 1;
-        atomic_store(&s->connected, 0);
+        if (s->eng->cfg.cluster)
+            map_soon(s, 0); /* a failover, perhaps: who owns its slots now? */
+        else
+            atomic_store(&s->connected, 0);
         dest_connect(d);
         return;
     }
@@ -288,16 +363,33 @@ on_lost(void *owner, rg_conn *c, int was_ready, const char *why)
  * tokens twice; it never admits more than the limit (the second run sees
  * the first's consumption).  At most once, so a connection that keeps
  * dropping cannot hold a check. */
-static int
-requeue(rg_shard *s, rg_check *c)
+static void
+requeue_now(rg_shard *s, rg_check *c)
 {
-    if (s->dest.state != RG_CONNECTING || c->resent || c->deadline_ns <= rg_now_ns())
-        return 0;
-    c->resent = 1;
     batch_detach(c);
     list_remove(c); /* from sent */
     list_insert(&s->waiting, c);
+}
+
+static int
+requeue(rg_shard *s, rg_dest *d, rg_check *c)
+{
+    if (d->state != RG_CONNECTING || c->resent || c->deadline_ns <= rg_now_ns())
+        return 0;
+    c->resent = 1;
+    requeue_now(s, c);
     return 1;
+}
+
+/* Cluster: every live check of b back to the waiting list, to be routed
+ * again (a redirection or TRYAGAIN: Redis ran none of them). */
+static void
+requeue_batch(rg_shard *s, rg_batch *b)
+{
+    int i;
+    for (i = 0; i < b->n; i++)
+        if (b->checks[i] != NULL)
+            requeue_now(s, b->checks[i]);
 }
 
 static void
@@ -307,13 +399,18 @@ on_reply(void *owner, rg_conn *c, void *priv, struct redisReply *r)
     rg_shard *s = d->shard;
     rg_batch *b = priv;
     char why[sizeof(s->eng->last_error)];
-    int i;
-    (void)c;
+    int i, moved = 0;
 
+    if (priv == &role_priv) {
+        role_reply(d, c, r);
+        return;
+    }
+    if (priv == &asking_priv)
+        return; /* +OK (an error would show in the call that follows) */
     if (r == NULL) {
         for (i = 0; i < b->n; i++)
             if (b->checks[i] != NULL && !s->closing)
-                requeue(s, b->checks[i]);
+                requeue(s, d, b->checks[i]);
         batch_fail(s, b, s->closing ? RG_ERR_CLOSED : RG_ERR_UNAVAILABLE);
         batch_retire(s, b);
         return;
@@ -328,6 +425,40 @@ on_reply(void *owner, rg_conn *c, void *priv, struct redisReply *r)
         batch_send(s, d, b);
         return;
     case RG_BATCH_FAILED:
+        if (d->disc != NULL && strncmp(why, "READONLY", 8) == 0 && c == d->conn) {
+            /* The master became a replica under us (a failover): nothing
+             * was written; resend to the master Sentinel names next. */
+            set_error(s, "the master became a replica, asking Sentinel again", why);
+            d->have_addr = 0;
+            dest_move(d);
+            for (i = 0; i < b->n; i++)
+                if (b->checks[i] != NULL)
+                    requeue(s, d, b->checks[i]);
+            batch_fail(s, b, RG_ERR_UNAVAILABLE);
+            break;
+        }
+        if (b->xslot && b->evaled && strncmp(why, "CLUSTERDOWN", 11) != 0) {
+            /* Redis < 7.0 cannot compile the script's flags: one call per
+             * slot from now on, these checks included. */
+            set_error(s, "no cross-slot script on this server, one call per slot", why);
+            s->no_xslot = 1;
+            for (i = 0; i < b->n; i++)
+                if (b->checks[i] != NULL)
+                    b->checks[i]->declared = 1;
+            requeue_batch(s, b);
+            batch_retire(s, b);
+            send_waiting(s);
+            return;
+        }
+        if (s->eng->cfg.cluster) {
+            int h = cluster_error(s, d, b, why);
+            if (h == 2)
+                return;
+            if (h == 1) {
+                batch_retire(s, b);
+                return;
+            }
+        }
         set_error(s, "script error", why);
         batch_fail(s, b, RG_ERR_REDIS);
         break;
@@ -338,6 +469,12 @@ on_reply(void *owner, rg_conn *c, void *priv, struct redisReply *r)
             rg_check *ck = b->checks[i];
             if (ck == NULL)
                 continue; /* answered by its deadline: the late reply is ignored */
+            if (b->xslot && ck->declared) {
+                /* Not this node's key (see script.c): route it again. */
+                requeue_now(s, ck);
+                moved = 1;
+                continue;
+            }
             b->checks[i] = NULL;
             list_remove(ck);
             complete(s, ck, ck->err);
@@ -345,6 +482,10 @@ on_reply(void *owner, rg_conn *c, void *priv, struct redisReply *r)
         break;
     }
     batch_retire(s, b);
+    if (moved) {
+        map_soon(s, 0);
+        send_waiting(s);
+    }
 }
 
 static void rearm(rg_shard *s);
@@ -357,7 +498,7 @@ on_settle(void *owner)
     rearm(d->shard);
 }
 
-static const rg_conn_ops dest_ops = {on_ready, on_reply, on_lost, on_settle};
+static const rg_conn_ops dest_ops = {on_ready, on_reply, on_lost, on_settle, NULL};
 
 static void
 dest_connect(rg_dest *d)
@@ -369,12 +510,86 @@ dest_connect(rg_dest *d)
         return;
     if (d->state != RG_CONNECTING)
         d->state = RG_CONNECTING;
-    d->conn = rg_conn_open(&s->loop, &s->eng->conn, &dest_ops, d, err, sizeof(err));
+    if (d->disc != NULL && !d->have_addr) {
+        rg_disc_find(d->disc); /* then disc_found connects, or disc_failed */
+        return;
+    }
+    d->conn = rg_conn_open(&s->loop, d != &s->dest || d->disc != NULL ? &d->ccfg : &s->eng->conn,
+                           &dest_ops, d, err, sizeof(err));
     if (d->conn == NULL) {
         set_error(s, "connect failed", err);
         dest_down(d);
     }
 }
+
+/* Behind Sentinel, the master moved (or stopped being one): let the
+ * connection go and connect anew, at once.  Its owed calls come back
+ * through reply(NULL) while the state is CONNECTING, so their checks wait
+ * for the new master within their deadlines (requeue). */
+static void
+dest_move(rg_dest *d)
+{
+    rg_conn *c = d->conn;
+
+    d->state = RG_CONNECTING;
+    d->again = 1;
+    d->conn = NULL;
+    atomic_store(&d->shard->connected, 0);
+    uv_timer_stop(&d->retry_timer);
+    if (c != NULL)
+        rg_conn_close(c);
+    dest_connect(d);
+}
+
+static void
+disc_found(void *owner, const char *host, int port)
+{
+    rg_dest *d = owner;
+
+    if (d->shard->closing || d->conn != NULL)
+        return; /* a +switch-master got there first */
+    snprintf(d->host, sizeof(d->host), "%s", host);
+    d->ccfg.port = port;
+    d->have_addr = 1;
+    dest_connect(d);
+}
+
+static void
+disc_failed(void *owner, const char *why)
+{
+    rg_dest *d = owner;
+
+    set_error(d->shard, "no Sentinel named the master", why);
+    if (!d->shard->closing && d->conn == NULL)
+        dest_down(d);
+}
+
+/* Sentinel announced a new master: go there now, whatever the state (in
+ * the backoff of a dead master, most likely). */
+static void
+disc_switched(void *owner, const char *host, int port)
+{
+    rg_dest *d = owner;
+
+    if (d->shard->closing ||
+        (d->have_addr && d->ccfg.port == port && strcmp(d->host, host) == 0 && d->conn != NULL))
+        return;
+    snprintf(d->host, sizeof(d->host), "%s", host);
+    d->ccfg.port = port;
+    d->have_addr = 1;
+    d->backoff_ms = 10;
+    dest_move(d);
+}
+
+static void
+disc_settle(void *owner)
+{
+    rg_dest *d = owner;
+    flush(d->shard);
+    rearm(d->shard);
+}
+
+static const rg_disc_ops disc_ops = {disc_found, disc_failed, disc_switched, disc_settle};
 
 /* Give up the connection as stuck: its calls fail, and it counts as a
  * failed attempt (Redis answers nothing: no point in waiting for it). */
@@ -403,6 +618,7 @@ deadline_cb(uv_timer_t *t)
     uint64_t now = rg_now_ns();
     rg_check *c;
     rg_batch *b;
+    int i;
 
     while ((c = list_first(&s->waiting)) != NULL && c->deadline_ns <= now) {
         list_remove(c);
@@ -417,9 +633,12 @@ deadline_cb(uv_timer_t *t)
 
     /* Replies are owed and none came for stall_ns: the connection is dead
      * or Redis is stuck; drop it rather than let checks pile up behind it. */
-    b = s->dest.bsentinel.next;
-    if (b != &s->dest.bsentinel && now - b->sent_ns >= s->eng->cfg.stall_ns)
-        dest_drop(&s->dest, stall_msg);
+    for (i = 0; i < s->nnodes; i++) {
+        rg_dest *d = s->node[i];
+        b = d->bsentinel.next;
+        if (b != &d->bsentinel && now - b->sent_ns >= s->eng->cfg.stall_ns)
+            dest_drop(d, stall_msg);
+    }
     flush(s);
     rearm(s);
 }
@@ -430,6 +649,7 @@ rearm(rg_shard *s)
 {
     uint64_t next = UINT64_MAX, now;
     rg_check *c;
+    int i;
 
     if (s->closing)
         return;
@@ -437,10 +657,13 @@ rearm(rg_shard *s)
         next = c->deadline_ns;
     if ((c = list_first(&s->sent)) != NULL && c->deadline_ns < next)
         next = c->deadline_ns;
-    if (s->dest.bsentinel.next != &s->dest.bsentinel) {
-        uint64_t st = s->dest.bsentinel.next->sent_ns + s->eng->cfg.stall_ns;
-        if (st < next)
-            next = st;
+    for (i = 0; i < s->nnodes; i++) {
+        rg_dest *d = s->node[i];
+        if (d->bsentinel.next != &d->bsentinel) {
+            uint64_t st = d->bsentinel.next->sent_ns + s->eng->cfg.stall_ns;
+            if (st < next)
+                next = st;
+        }
     }
     if (next == UINT64_MAX) {
         uv_timer_stop(&s->deadline_timer);
@@ -455,65 +678,155 @@ rearm(rg_shard *s)
 
 /* ---- dispatch ------------------------------------------------------------ */
 
-typedef struct dispatch {
-    rg_check *b[RG_BATCH_MAX];
-    int n;
-} dispatch;
-
+/* A batch (one script call) of checks[0..n) on d, or their failure. */
 static void
-dispatch_flush(rg_shard *s, dispatch *d)
+send_batch(rg_shard *s, rg_dest *d, rg_check **checks, int n)
 {
-    rg_batch *b;
+    rg_batch *b = rg_batch_new(checks, n);
     int i;
 
-    if (d->n == 0)
+    if (b != NULL) {
+        batch_send(s, d, b);
         return;
-    b = rg_batch_new(d->b, d->n);
-    if (b == NULL) {
-        for (i = 0; i < d->n; i++) {
-            list_remove(d->b[i]);
-            complete(s, d->b[i], RG_ERR_OVERLOADED); /* never sent: batch is NULL */
-        }
-    } else {
-        batch_send(s, &s->dest, b);
     }
-    d->n = 0;
+    for (i = 0; i < n; i++) {
+        list_remove(checks[i]);
+        complete(s, checks[i], RG_ERR_OVERLOADED); /* never sent: batch is NULL */
+    }
+}
+
+/* Cluster order: checks for the cross-slot call first, then by slot. */
+static int
+by_slot(const void *a, const void *b)
+{
+    const rg_check *x = *(rg_check *const *)a, *y = *(rg_check *const *)b;
+    if (x->declared != y->declared)
+        return x->declared - y->declared;
+    return (x->cslot > y->cslot) - (x->cslot < y->cslot);
+}
+
+/*
+ * Send d's pending checks: one script call; on a cluster node, one call of
+ * rg_script_xslot for all of them (several slots, keys undeclared), and one
+ * call per slot with declared keys for those marked `declared` (a key the
+ * node did not serve, or Redis < 7.0 without script flags), so that Redis
+ * checks their slot first (MOVED, ASK).  The calls leave in one write at
+ * the end of the loop's turn.
+ */
+static void
+dest_flush(rg_shard *s, rg_dest *d)
+{
+    int i, from = 0, n = d->npend;
+    rg_batch *b;
+
+    if (n == 0)
+        return;
+    d->npend = 0;
+    if (!s->eng->cfg.cluster) {
+        send_batch(s, d, d->pend, n);
+        return;
+    }
+    if (s->no_xslot)
+        for (i = 0; i < n; i++)
+            d->pend[i]->declared = 1;
+    qsort(d->pend, (size_t)n, sizeof(d->pend[0]), by_slot);
+    while (from < n && !d->pend[from]->declared)
+        from++;
+    if (from > 0) {
+        b = rg_batch_new(d->pend, from);
+        if (b == NULL) {
+            send_batch(s, d, d->pend, from); /* fails them */
+        } else {
+            b->xslot = 1;
+            batch_send(s, d, b);
+        }
+    }
+    for (i = from + 1; i <= n; i++)
+        if (i == n || d->pend[i]->cslot != d->pend[from]->cslot) {
+            send_batch(s, d, d->pend + from, i - from);
+            from = i;
+        }
+}
+
+static void
+dispatch_flush(rg_shard *s)
+{
+    int i;
+    for (i = 0; i < s->nnodes; i++)
+        dest_flush(s, s->node[i]);
+}
+
+/* Where a check goes: the one destination, or the node that owns its
+ * slot; NULL: Cluster, and the slot's owner is not known (yet). */
+static rg_dest *
+route(rg_shard *s, rg_check *c)
+{
+    int n;
+
+    if (!s->eng->cfg.cluster)
+        return &s->dest;
+    if (c->cslot < 0)
+        c->cslot = rg_check_slot(c);
+    n = s->slot_node[c->cslot];
+    return n == 0 ? NULL : s->node[n - 1];
 }
 
 /* Route one check by connection state: into a batch, to the waiting list,
  * or answered at once. */
 static void
-dispatch_one(rg_shard *s, dispatch *d, rg_check *c, uint64_t now)
+dispatch_one(rg_shard *s, rg_check *c, uint64_t now)
 {
+    rg_dest *d;
+
     if (c->deadline_ns <= now) {
         /* Late already (the thread was starved): do not spend a token the
          * caller will never learn about. */
         complete(s, c, RG_ERR_TIMEOUT);
-    } else if (s->dest.state == RG_READY) {
+        return;
+    }
+    d = route(s, c);
+    if (d == NULL) {
+        /* Cluster: no map yet (wait for it), or no node answers for one
+         * (answer now). */
+        if (s->map_failed || s->have_map)
+            complete(s, c, RG_ERR_UNAVAILABLE);
+        else
+            list_insert(&s->waiting, c);
+    } else if (d->state == RG_READY) {
         list_insert(&s->sent, c);
-        d->b[d->n++] = c;
-        if (d->n == RG_BATCH_MAX)
-            dispatch_flush(s, d);
-    } else if (s->dest.state == RG_CONNECTING && !atomic_load(&s->down)) {
+        d->pend[d->npend++] = c;
+        if (d->npend == RG_BATCH_MAX)
+            dest_flush(s, d);
+    } else if (d->state == RG_CONNECTING && !d->failing && !atomic_load(&s->down)) {
         list_insert(&s->waiting, c);
     } else {
         complete(s, c, RG_ERR_UNAVAILABLE);
     }
 }
 
+/* Route every waiting check again (a destination became ready or went
+ * down, the map changed).  The list is taken whole first: a check may
+ * rejoin it. */
 static void
 send_waiting(rg_shard *s)
 {
-    dispatch d;
+    rg_list todo;
     rg_check *c;
     uint64_t now = rg_now_ns();
 
-    d.n = 0;
-    while ((c = list_first(&s->waiting)) != NULL) {
-        list_remove(c);
-        dispatch_one(s, &d, c, now);
+    list_init(&todo);
+    if (list_first(&s->waiting) != NULL) {
+        todo.head.next = s->waiting.head.next;
+        todo.head.prev = s->waiting.head.prev;
+        todo.head.next->prev = &todo.head;
+        todo.head.prev->next = &todo.head;
+        list_init(&s->waiting);
     }
-    dispatch_flush(s, &d);
+    while ((c = list_first(&todo)) != NULL) {
+        list_remove(c);
+        dispatch_one(s, c, now);
+    }
+    dispatch_flush(s);
 }
 
 static void
@@ -522,13 +835,282 @@ close_noop(uv_handle_t *h)
     (void)h; /* the handles live inside the shard, freed after the join */
 }
 
+/* A cluster node's last handle closed: its memory goes. */
+static void
+node_closed(uv_handle_t *h)
+{
+    free(h->data);
+}
+
+/* The shard's own handles. */
+static void
+shard_close_handles(rg_shard *s)
+{
+    uv_close((uv_handle_t *)&s->wake, close_noop);
+    uv_close((uv_handle_t *)&s->deadline_timer, close_noop);
+    uv_close((uv_handle_t *)&s->dest.retry_timer, close_noop);
+    uv_close((uv_handle_t *)&s->map_timer, close_noop);
+}
+
+/* ---- Cluster: the slot map ------------------------------------------------------ */
+
+/* A ready node's retry timer and the dest fields every destination needs. */
+static void
+dest_init(rg_shard *s, rg_dest *d)
+{
+    d->shard = s;
+    d->state = RG_DOWN;
+    d->backoff_ms = 10;
+    d->bsentinel.next = d->bsentinel.prev = &d->bsentinel;
+    uv_timer_init(&s->loop, &d->retry_timer);
+    d->retry_timer.data = d;
+}
+
+/* The node at host:port, added (and connecting) if new; NULL when there are
+ * RG_MAX_NODES already or no memory. */
+static rg_dest *
+node_get(rg_shard *s, const char *host, int port)
+{
+    rg_dest *d;
+    int i;
+
+    for (i = 0; i < s->nnodes; i++) {
+        d = s->node[i];
+        if (d->ccfg.port == port && strcmp(d->host, host) == 0)
+            goto found;
+    }
+    if (s->nnodes == RG_MAX_NODES || (d = calloc(1, sizeof(*d))) == NULL) {
+        set_error(s, "too many cluster nodes, or out of memory", NULL);
+        return NULL;
+    }
+    dest_init(s, d);
+    d->index = s->nnodes;
+    snprintf(d->host, sizeof(d->host), "%s", host);
+    d->ccfg = s->eng->conn;
+    d->ccfg.host = d->host;
+    d->ccfg.port = port;
+    d->ccfg.path = NULL;
+    d->have_addr = 1;
+    s->node[s->nnodes++] = d;
+found:
+    if (d->state == RG_DOWN && !uv_is_active((uv_handle_t *)&d->retry_timer))
+        dest_connect(d);
+    return d;
+}
+
+static void
+map_range(void *arg, int first, int last, const char *host, int port)
+{
+    rg_shard *s = arg;
+    rg_dest *d = node_get(s, host, port);
+    int i;
+
+    if (d == NULL)
+        return; /* its slots stay unknown: their checks fail */
+    d->in_map = 1;
+    for (i = first; i <= last; i++)
+        s->slot_node[i] = (uint8_t)(d->index + 1);
+}
+
+static void map_cb(uv_timer_t *t);
+
+/* Ask for the map again in ms (sooner than what is planned). */
+static void
+map_soon(rg_shard *s, uint64_t ms)
+{
+    if (s->closing)
+        return;
+    if (uv_is_active((uv_handle_t *)&s->map_timer) && uv_timer_get_due_in(&s->map_timer) <= ms)
+        return;
+    uv_timer_start(&s->map_timer, map_cb, ms, 0);
+}
+
+static int
+map_answer(void *owner, int idx, const struct redisReply *r, char *why, size_t whylen)
+{
+    rg_shard *s = owner;
+    const char *asked = idx < s->eng->cfg.nseeds ? s->eng->seed_conn[idx].host
+                                                 : s->node[idx - s->eng->cfg.nseeds]->host;
+    int i, settled = 1;
+
+    for (i = 0; i < s->nnodes; i++)
+        s->node[i]->in_map = 0;
+    memset(s->slot_node, 0, sizeof(s->slot_node));
+    if (rg_cluster_slots(r, asked, map_range, s) != 0) {
+        snprintf(why, whylen, "an unexpected reply to CLUSTER SLOTS");
+        return 0;
+    }
+    s->have_map = 1;
+    s->map_failed = 0;
+    s->map_backoff_ms = 10;
+    for (i = 0; i < s->nnodes; i++) {
+        rg_dest *d = s->node[i];
+        if (!d->in_map)
+            uv_timer_stop(&d->retry_timer); /* no slot there: stop calling it */
+        else if (d->state != RG_READY)
+            settled = 0;
+    }
+    /* Routine refresh every 5 s; every 100 ms while a node of the map is
+     * not ready (a failover under way: heal soon after it ends). */
+    uv_timer_start(&s->map_timer, map_cb, settled ? 5000 : 100, 0);
+    send_waiting(s);
+    return 1;
+}
+
+static void
+map_failed(void *owner, const char *why)
+{
+    rg_shard *s = owner;
+
+    set_error(s, "no cluster node answered CLUSTER SLOTS", why);
+    if (s->closing)
+        return;
+    if (!s->have_map) {
+        s->map_failed = 1; /* answer at once until a map comes */
+        fail_list(s, &s->waiting, RG_ERR_UNAVAILABLE);
+    }
+    uv_timer_start(&s->map_timer, map_cb, s->map_backoff_ms, 0);
+    s->map_backoff_ms = s->map_backoff_ms * 2 > 500 ? 500 : s->map_backoff_ms * 2;
+}
+
+static void
+map_settle(void *owner)
+{
+    rg_shard *s = owner;
+    flush(s);
+    rearm(s);
+}
+
+static const rg_ask_ops map_ops = {map_answer, map_failed, map_settle};
+
+/* Ask the seeds, then every node known, for CLUSTER SLOTS. */
+static void
+map_refresh(rg_shard *s)
+{
+    const rg_conn_cfg *cfgs[RG_ASK_MAX];
+    rg_buf b = {0};
+    int i, n = 0;
+
+    if (s->closing || rg_ask_busy(s->slots_ask))
+        return;
+    for (i = 0; i < s->eng->cfg.nseeds; i++)
+        cfgs[n++] = &s->eng->seed_conn[i];
+    for (i = 0; i < s->nnodes && n < RG_ASK_MAX; i++)
+        cfgs[n++] = &s->node[i]->ccfg;
+    if (rg_buf_reserve(&b, 64) == 0) {
+        rg_resp_array(&b, 2);
+        rg_resp_bulk(&b, "CLUSTER", 7);
+        rg_resp_bulk(&b, "SLOTS", 5);
+        if (rg_ask_start(s->slots_ask, cfgs, n, &b) == 0) {
+            rg_buf_free(&b);
+            return;
+        }
+    }
+    rg_buf_free(&b);
+    map_failed(s, "out of memory");
+}
+
+/* The map's timer: refresh it, and route again what waits (checks put
+ * back after TRYAGAIN or CLUSTERDOWN). */
+static void
+map_cb(uv_timer_t *t)
+{
+    rg_shard *s = t->data;
+
+    map_refresh(s);
+    send_waiting(s);
+    flush(s);
+    rearm(s);
+}
+
+/*
+ * A cluster error in reply to batch b (one slot's checks; Redis checked
+ * the keys' slot before running anything, so none was touched).  Returns 0
+ * for any other error, 1 if the checks were put back (b is to be retired),
+ * 2 if b was sent on (it is the target's now).
+ *   MOVED: the slot has a new owner: note it, ask for the whole map, route
+ *          the checks again.
+ *   ASK:   the slot is being migrated: ASKING and the call on the target,
+ *          once; if the target is not connected yet, route them again
+ *          (they come back here and are ASKed then).
+ *   TRYAGAIN: each check alone, at once (see below); one check alone, and
+ *   CLUSTERDOWN: again in 20 ms, within the checks' deadlines.
+ */
+static int
+cluster_error(rg_shard *s, rg_dest *d, rg_batch *b, const char *why)
+{
+    char host[256];
+    int slot, port, kind = rg_cluster_redirect(why, &slot, host, sizeof(host), &port);
+    rg_dest *t;
+    rg_buf cmd = {0};
+
+    if (kind == RG_REDIRECT_NONE) {
+        int i, live = 0;
+        if (strncmp(why, "TRYAGAIN", 8) != 0 && strncmp(why, "CLUSTERDOWN", 11) != 0)
+            return 0;
+        for (i = 0; i < b->n; i++)
+            live += b->checks[i] != NULL;
+        if (live > 1 && strncmp(why, "TRYAGAIN", 8) == 0) {
+            /* A slot half-migrated answers TRYAGAIN to a call on several
+             * keys some of which moved; one check alone (one key per rate)
+             * gets ASK instead, followed at once. */
+            for (i = 0; i < b->n; i++) {
+                rg_check *c = b->checks[i];
+                rg_batch *one;
+                if (c == NULL)
+                    continue;
+                batch_detach(c);
+                one = rg_batch_new(&c, 1);
+                if (one == NULL) {
+                    list_remove(c);
+                    complete(s, c, RG_ERR_OVERLOADED);
+                } else {
+                    batch_send(s, d, one);
+                }
+            }
+            return 1;
+        }
+        requeue_batch(s, b);
+        map_soon(s, 20);
+        return 1;
+    }
+    t = node_get(s, host, port);
+    if (t == NULL)
+        return 0;
+    if (kind == RG_REDIRECT_MOVED) {
+        t->in_map = 1;
+        s->slot_node[slot] = (uint8_t)(t->index + 1);
+        requeue_batch(s, b);
+        map_soon(s, 0);
+        send_waiting(s);
+        return 1;
+    }
+    if (t->state != RG_READY || b->asked || rg_buf_reserve(&cmd, 32) != 0) {
+        requeue_batch(s, b);
+        map_soon(s, 20);
+        return 1;
+    }
+    rg_resp_array(&cmd, 1);
+    rg_resp_bulk(&cmd, "ASKING", 6);
+    if (rg_conn_send(t->conn, &cmd, &asking_priv) != 0) {
+        requeue_batch(s, b);
+        map_soon(s, 20);
+        return 1;
+    }
+    /* The same call, now owed by the target. */
+    batch_unlink(b);
+    b->asked = 1;
+    batch_send(s, t, b);
+    return 2;
+}
+
 /* Stop: answer everything held with RG_ERR_CLOSED and close every handle;
  * uv_run then returns once their close callbacks have run (and any
  * resolution still running on the thread pool has returned). */
 static void
 shutdown_shard(rg_shard *s, rg_check *queued)
 {
-    rg_conn *c = s->dest.conn;
+    int i;
 
     s->closing = 1;
     while (queued != NULL) {
@@ -537,13 +1119,23 @@ shutdown_shard(rg_shard *s, rg_check *queued)
         queued = next;
     }
     fail_list(s, &s->waiting, RG_ERR_CLOSED);
-    s->dest.conn = NULL;
-    if (c != NULL)
-        rg_conn_close(c); /* answers every sent check */
+    if (s->dest.disc != NULL)
+        rg_disc_free(s->dest.disc); /* closes the Sentinel connections */
+    s->dest.disc = NULL;
+    if (s->slots_ask != NULL)
+        rg_ask_free(s->slots_ask); /* closes its connection */
+    s->slots_ask = NULL;
+    for (i = 0; i < s->nnodes; i++) {
+        rg_dest *d = s->node[i];
+        rg_conn *c = d->conn;
+        d->conn = NULL;
+        if (c != NULL)
+            rg_conn_close(c); /* answers every sent check */
+        if (d != &s->dest)
+            uv_close((uv_handle_t *)&d->retry_timer, node_closed);
+    }
     flush(s);
-    uv_close((uv_handle_t *)&s->wake, close_noop);
-    uv_close((uv_handle_t *)&s->deadline_timer, close_noop);
-    uv_close((uv_handle_t *)&s->dest.retry_timer, close_noop);
+    shard_close_handles(s);
 }
 
 static void
@@ -552,7 +1144,6 @@ wake_cb(uv_async_t *a)
     rg_shard *s = a->data;
     rg_check *c;
     int stopping;
-    dispatch d;
     uint64_t now;
 
     pthread_mutex_lock(&s->mu);
@@ -567,14 +1158,14 @@ wake_cb(uv_async_t *a)
         shutdown_shard(s, c);
         return;
     }
-    d.n = 0;
     now = rg_now_ns();
     while (c != NULL) {
         rg_check *next = c->next;
-        dispatch_one(s, &d, c, now);
+        c->cslot = -1;
+        dispatch_one(s, c, now);
         c = next;
     }
-    dispatch_flush(s, &d);
+    dispatch_flush(s);
     flush(s);
     rearm(s);
 }
@@ -588,6 +1179,17 @@ queue_pending(rg_shard *s)
     r = s->qhead != NULL || s->stopping;
     pthread_mutex_unlock(&s->mu);
     return r;
+}
+
+/* Whether any destination owes replies to script calls. */
+static int
+shard_owes(rg_shard *s)
+{
+    int i;
+    for (i = 0; i < s->nnodes; i++)
+        if (s->node[i]->bsentinel.next != &s->node[i]->bsentinel)
+            return 1;
+    return 0;
 }
 
 /*
@@ -612,7 +1214,7 @@ shard_main(void *arg)
     pthread_setname_np(pthread_self(), name);
 
     for (;;) {
-        if (spin != 0 && !s->closing && s->dest.bsentinel.next != &s->dest.bsentinel) {
+        if (spin != 0 && !s->closing && shard_owes(s)) {
             uint64_t until = rg_now_ns() + spin;
             atomic_store(&s->spinning, 1);
             while (!s->closing && rg_now_ns() < until) {
@@ -623,7 +1225,7 @@ shard_main(void *arg)
                     break;
                 /* Nothing owed: sleep.  Checks queued since `queued` was read
                  * are caught by the re-check after `spinning` is cleared. */
-                if (!queued && s->dest.bsentinel.next == &s->dest.bsentinel)
+                if (!queued && !shard_owes(s))
                     break;
                 sched_yield();
             }
@@ -672,6 +1274,8 @@ loop_fds(uv_loop_t *loop, int own)
             (own ? rg_fd_own : rg_fd_disown)(fds[i]);
 }
 
+static void shard_discard(rg_shard *s);
+
 static int
 shard_init(rg_engine *e, rg_shard *s, int i, char *errbuf, size_t errlen)
 {
@@ -681,10 +1285,6 @@ shard_init(rg_engine *e, rg_shard *s, int i, char *errbuf, size_t errlen)
     s->eng = e;
     s->index = i;
     s->rand_state = (unsigned int)(rg_now_ns() ^ (uint64_t)(uintptr_t)s);
-    s->dest.shard = s;
-    s->dest.state = RG_DOWN;
-    s->dest.backoff_ms = 10;
-    s->dest.bsentinel.next = s->dest.bsentinel.prev = &s->dest.bsentinel;
     list_init(&s->waiting);
     list_init(&s->sent);
     atomic_init(&s->down, 0);
@@ -709,10 +1309,37 @@ shard_init(rg_engine *e, rg_shard *s, int i, char *errbuf, size_t errlen)
     }
     loop_fds(&s->loop, 1);
     uv_timer_init(&s->loop, &s->deadline_timer);
-    uv_timer_init(&s->loop, &s->dest.retry_timer);
+    uv_timer_init(&s->loop, &s->map_timer);
+    dest_init(s, &s->dest);
     s->wake.data = s;
     s->deadline_timer.data = s;
-    s->dest.retry_timer.data = &s->dest;
+    s->map_timer.data = s;
+    s->map_backoff_ms = 10;
+    if (e->cfg.cluster) {
+        /* The nodes come from the slot map, asked for at once. */
+        s->slots_ask = rg_ask_new(&s->loop, &map_ops, s);
+        if (s->slots_ask == NULL) {
+            snprintf(errbuf, errlen, "out of memory");
+            shard_discard(s);
+            return -1;
+        }
+        uv_timer_start(&s->map_timer, map_cb, 0, 0);
+        return 0;
+    }
+    s->node[0] = &s->dest;
+    s->nnodes = 1;
+    if (e->cfg.nseeds > 0) {
+        s->dest.ccfg = e->conn;
+        s->dest.ccfg.host = s->dest.host;
+        s->dest.ccfg.path = NULL;
+        s->dest.disc = rg_disc_new(&s->loop, e->seed_conn, e->cfg.nseeds, e->cfg.service,
+                                   &disc_ops, &s->dest);
+        if (s->dest.disc == NULL) {
+            snprintf(errbuf, errlen, "out of memory");
+            shard_discard(s);
+            return -1;
+        }
+    }
     /* The first connect runs on the loop thread as soon as it starts;
      * until it completes (or fails) checks wait for it, within deadline. */
     s->dest.state = RG_CONNECTING;
@@ -733,9 +1360,13 @@ loop_close(rg_shard *s)
 static void
 shard_discard(rg_shard *s)
 {
-    uv_close((uv_handle_t *)&s->wake, close_noop);
-    uv_close((uv_handle_t *)&s->deadline_timer, close_noop);
-    uv_close((uv_handle_t *)&s->dest.retry_timer, close_noop);
+    if (s->dest.disc != NULL)
+        rg_disc_free(s->dest.disc); /* never asked anything: no connection */
+    s->dest.disc = NULL;
+    if (s->slots_ask != NULL)
+        rg_ask_free(s->slots_ask);
+    s->slots_ask = NULL;
+    shard_close_handles(s);
     uv_run(&s->loop, UV_RUN_DEFAULT);
     loop_close(s);
 }
@@ -747,6 +1378,14 @@ conn_cfg(rg_engine *e)
     const rg_engine_cfg *cfg = &e->cfg;
     rg_conn_cfg *cc = &e->conn;
     const char *delay = getenv("RATEGATE_TEST_RESOLVE_DELAY_MS");
+    unsigned char md[SHA_DIGEST_LENGTH];
+    int i;
+
+    /* EVALSHA names the cross-slot script by this; a node that lacks it
+     * answers NOSCRIPT, and EVAL loads it. */
+    SHA1((const unsigned char *)rg_script_xslot, rg_script_xslot_len, md);
+    for (i = 0; i < SHA_DIGEST_LENGTH; i++)
+        snprintf(e->xslot_sha + 2 * i, 3, "%02x", md[i]);
 
     memset(cc, 0, sizeof(*cc));
     cc->host = cfg->host;
@@ -766,6 +1405,24 @@ conn_cfg(rg_engine *e)
      * this long, deterministically (see tests/test_tls.py). */
     if (delay != NULL)
         cc->resolve_delay_ms = (unsigned)strtoul(delay, NULL, 10);
+    /* The seeds: their own address, no database, no script (the handshake
+     * is a PING), the same TLS; a Sentinel's own credentials. */
+    for (i = 0; i < cfg->nseeds; i++) {
+        rg_conn_cfg *sc = &e->seed_conn[i];
+        *sc = *cc;
+        sc->host = cfg->seed_hosts[i];
+        sc->port = cfg->seed_ports[i];
+        sc->path = NULL;
+        if (!cfg->cluster) {
+            sc->username = cfg->sentinel_username;
+            sc->username_len = cfg->sentinel_username_len;
+            sc->password = cfg->sentinel_password;
+            sc->password_len = cfg->sentinel_password_len;
+        }
+        sc->db = 0;
+        sc->script = NULL;
+        sc->script_len = 0;
+    }
 }
 
 int
@@ -900,6 +1557,15 @@ rg_engine_free_cfg(rg_engine_cfg *cfg)
     free(cfg->path);
     free(cfg->password);
     free(cfg->username);
+    for (int i = 0; i < cfg->nseeds; i++) {
+        free(cfg->seed_hosts[i]);
+        cfg->seed_hosts[i] = NULL;
+    }
+    cfg->nseeds = 0;
+    free(cfg->service);
+    free(cfg->sentinel_username);
+    free(cfg->sentinel_password);
+    cfg->service = cfg->sentinel_username = cfg->sentinel_password = NULL;
     if (cfg->tls != NULL)
         rg_tls_ctx_free(cfg->tls);
     cfg->tls = NULL;

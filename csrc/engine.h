@@ -23,6 +23,10 @@
 #include "conn.h"
 
 struct ssl_ctx_st;
+struct rg_disc;
+
+#define RG_MAX_SEEDS 16   /* Sentinels, or cluster nodes, in a URL */
+#define RG_MAX_NODES 64   /* cluster masters a shard talks to */
 
 typedef struct rg_engine_cfg {
     char *host;       /* TCP host, or NULL */
@@ -41,6 +45,18 @@ typedef struct rg_engine_cfg {
     int nshards;
     struct ssl_ctx_st *tls;      /* rediss://: made by rg_tls_ctx_new, freed with the cfg */
     int tls_check_hostname;
+    /* redis+sentinel:// (service set) or redis+cluster:// (cluster set):
+     * nseeds > 0, and host/port/path are unused: the seeds are the
+     * Sentinels, or the cluster nodes to ask for the slot map. */
+    int nseeds;
+    char *seed_hosts[RG_MAX_SEEDS];
+    int seed_ports[RG_MAX_SEEDS];
+    int cluster;
+    char *service;               /* the master's name (Sentinel) */
+    char *sentinel_username;     /* or NULL */
+    size_t sentinel_username_len;
+    char *sentinel_password;     /* or NULL */
+    size_t sentinel_password_len;
 } rg_engine_cfg;
 
 /* Doubly linked list with a sentinel, of checks (loop thread only), kept in
@@ -53,13 +69,15 @@ enum rg_dest_state { RG_DOWN, RG_CONNECTING, RG_READY };
 
 /*
  * One destination of a shard: one Redis server, the connection to it and
- * the script calls it owes replies to.  (One per shard today; Sentinel and
- * Cluster give a shard several, chosen by a topology.)  Loop thread only.
+ * the script calls it owes replies to.  One per shard for one server or
+ * Sentinel (whose master it follows, see topology.h); one per master node
+ * on a Cluster (the shard's slot map picks it).  Loop thread only.
  *
  * A connection that was ready and drops is replaced at once: checks wait
  * for the new one within their deadline, and the checks of the calls lost
- * with it are sent again once (see dest_reply).  Only a connect attempt
- * that fails marks the shard `down` (answered at once) and backs off.
+ * with it are sent again once (see on_reply).  Only a connect attempt
+ * that fails marks it `failing` (and one server's shard `down`): its
+ * checks are answered at once, and it backs off.
  */
 typedef struct rg_dest {
     struct rg_shard *shard;
@@ -68,11 +86,25 @@ typedef struct rg_dest {
     int ever_ready;
     int again;                 /* connecting at once after a ready connection dropped */
     int answered;              /* the connection answered a script call since ready */
+    int failing;               /* a connect failed, none succeeded since: answer at once
+                                * (the shard's `down` for one server; per node on a cluster) */
     uint64_t ready_ns;         /* when it became ready */
     uint64_t backoff_ms;
     uv_timer_t retry_timer;    /* reconnect after the backoff */
     char sha[41];
     rg_batch bsentinel;        /* unreplied script calls, oldest first */
+    /* Behind Sentinel (disc != NULL): where the master is, asked of the
+     * discovery when not known (have_addr 0), confirmed with ROLE before
+     * the destination is ready; ccfg is the engine's connection
+     * configuration with this address. */
+    struct rg_disc *disc;
+    rg_conn_cfg ccfg;
+    char host[256];
+    int have_addr;
+    int index;                 /* in the shard's node[] */
+    int in_map;                /* Cluster: the slot map names it */
+    rg_check *pend[RG_BATCH_MAX]; /* checks for the next script call (dispatch) */
+    int npend;
 } rg_dest;
 
 typedef struct rg_shard {
@@ -96,6 +128,19 @@ typedef struct rg_shard {
     int closing;
     unsigned int rand_state;
     rg_dest dest;
+    /* The destinations: &dest alone, or (Cluster) one per master node,
+     * allocated as the slot map names them and freed at shutdown. */
+    rg_dest *node[RG_MAX_NODES];
+    int nnodes;
+    /* Cluster: slot -> node index + 1 (0: unknown); the question for the
+     * map; its timer (periodic refresh, and retries after TRYAGAIN). */
+    uint8_t slot_node[16384];
+    struct rg_ask *slots_ask;
+    uv_timer_t map_timer;
+    int have_map;
+    int map_failed;            /* no node answered: checks fail at once */
+    int no_xslot;              /* a node cannot run rg_script_xslot (Redis < 7.0) */
+    uint64_t map_backoff_ms;
     rg_list waiting;           /* queued while connecting */
     rg_list sent;              /* in a batch, awaiting the reply */
     rg_check *done_head, *done_tail; /* finished, pushed to ports at flush */
@@ -108,6 +153,8 @@ typedef struct rg_engine {
     atomic_long outstanding; /* queued + waiting + sent-and-unreplied */
     atomic_long reconnects;
     rg_conn_cfg conn;        /* from cfg, for every connection (set at start) */
+    rg_conn_cfg seed_conn[RG_MAX_SEEDS]; /* one per seed (set at start) */
+    char xslot_sha[41];      /* SHA1 of rg_script_xslot, hex (set at start) */
     pthread_mutex_t err_mu;
     char last_error[256];    /* last Redis error text, for stats (under err_mu) */
 } rg_engine;

@@ -442,6 +442,52 @@ dup_arg(PyObject *o, size_t *len, const char *what)
     return out;
 }
 
+/* The seeds (Sentinels, or cluster nodes) into the engine's cfg (a list
+ * of 1..RG_MAX_SEEDS (host, port) pairs, checked by the caller), and the
+ * Sentinel's service and credentials (None for a cluster).  0, or -1 with
+ * an error; what was copied is freed with the cfg. */
+static int
+engine_seeds(EngineObject *self, PyObject *list, PyObject *service, PyObject *user,
+                 PyObject *pass)
+{
+    rg_engine_cfg *cfg = &self->eng.cfg;
+    Py_ssize_t i;
+
+    for (i = 0; i < PyList_GET_SIZE(list); i++) {
+        PyObject *item = PyList_GET_ITEM(list, i);
+        PyObject *h;
+        int p;
+        if (!PyTuple_Check(item) || !PyArg_ParseTuple(item, "Ui", &h, &p)) {
+            if (!PyErr_Occurred() || PyErr_ExceptionMatches(PyExc_TypeError)) {
+                PyErr_Clear();
+                PyErr_SetString(PyExc_TypeError, "each seed must be a (host, port) tuple");
+            }
+            return -1;
+        }
+        if (p < 1 || p > 65535) {
+            PyErr_Format(PyExc_ValueError, "a seed's port must be 1..65535, got %d", p);
+            return -1;
+        }
+        cfg->seed_hosts[i] = dup_arg(h, NULL, "a seed's host");
+        if (cfg->seed_hosts[i] == NULL)
+            return -1;
+        cfg->seed_ports[i] = p;
+        cfg->nseeds = (int)i + 1;
+    }
+    if (cfg->cluster)
+        return 0;
+    cfg->service = dup_arg(service, NULL, "service");
+    if (cfg->service == NULL)
+        return -1;
+    cfg->sentinel_username = dup_arg(user, &cfg->sentinel_username_len, "sentinel_username");
+    if (PyErr_Occurred())
+        return -1;
+    cfg->sentinel_password = dup_arg(pass, &cfg->sentinel_password_len, "sentinel_password");
+    if (PyErr_Occurred())
+        return -1;
+    return 0;
+}
+
 /* A duration option: a finite number of seconds within [lo, hi], so that
  * it fits uint64 nanoseconds and a libuv timer with room to add it to the
  * clock.  0, or -1 with a ValueError naming the option and its range. */
@@ -468,8 +514,12 @@ engine_tp_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
                              "timeout", "failure_open", "threads", "max_pending",
                              "cache_size", "connect_timeout", "stall_timeout", "spin",
                              "deny_cache_ttl", "tls", "ssl_ca_certs", "ssl_certfile",
-                             "ssl_keyfile", "ssl_verify", "ssl_check_hostname", NULL};
+                             "ssl_keyfile", "ssl_verify", "ssl_check_hostname", "seeds",
+                             "service", "sentinel_username", "sentinel_password", "cluster",
+                             NULL};
     PyObject *host, *path, *user, *pass;
+    PyObject *seeds = Py_None, *service = Py_None, *s_user = Py_None, *s_pass = Py_None;
+    int cluster = 0;
     const char *ca = NULL, *certfile = NULL, *keyfile = NULL;
     int port, db, failure_open, threads, tls = 0, verify = 1, check_hostname = 1;
     long max_pending;
@@ -480,11 +530,12 @@ engine_tp_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
 
     if (st == NULL)
         return NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OiOOOidpilndd|ddpzzzpp:Engine", kwlist, &host,
-                                     &port, &path, &user, &pass, &db, &timeout, &failure_open,
-                                     &threads, &max_pending, &cache_size, &connect_timeout,
-                                     &stall_timeout, &spin, &ttl, &tls, &ca, &certfile, &keyfile,
-                                     &verify, &check_hostname)) {
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OiOOOidpilndd|ddpzzzppOOOOp:Engine", kwlist,
+                                     &host, &port, &path, &user, &pass, &db, &timeout,
+                                     &failure_open, &threads, &max_pending, &cache_size,
+                                     &connect_timeout, &stall_timeout, &spin, &ttl, &tls, &ca,
+                                     &certfile, &keyfile, &verify, &check_hostname, &seeds,
+                                     &service, &s_user, &s_pass, &cluster)) {
         if (PyErr_ExceptionMatches(PyExc_OverflowError)) {
             PyErr_Clear();
             PyErr_SetString(PyExc_ValueError,
@@ -505,7 +556,17 @@ engine_tp_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
                                           "cache_size >= 0, db >= 0, port 0..65535");
         return NULL;
     }
-    if ((host == Py_None) == (path == Py_None)) {
+    if (seeds != Py_None) {
+        if (!PyList_Check(seeds) || PyList_GET_SIZE(seeds) < 1 ||
+            PyList_GET_SIZE(seeds) > RG_MAX_SEEDS || (service != Py_None) == !!cluster ||
+            host != Py_None || path != Py_None || (cluster && db != 0)) {
+            PyErr_Format(PyExc_ValueError,
+                         "seeds must be a list of 1 to %d (host, port) pairs, with either "
+                         "service (Sentinel) or cluster=True (db 0), and without host or path",
+                         RG_MAX_SEEDS);
+            return NULL;
+        }
+    } else if ((host == Py_None) == (path == Py_None)) {
         PyErr_SetString(PyExc_ValueError, "give exactly one of host and path");
         return NULL;
     }
@@ -546,6 +607,9 @@ engine_tp_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
         goto error;
     self->eng.cfg.password = dup_arg(pass, &self->eng.cfg.password_len, "password");
     if (PyErr_Occurred())
+        goto error;
+    self->eng.cfg.cluster = cluster;
+    if (seeds != Py_None && engine_seeds(self, seeds, service, s_user, s_pass) < 0)
         goto error;
     if (tls) {
         /* Made here, on the Python thread, so a bad file is a ValueError

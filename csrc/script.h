@@ -9,5 +9,8 @@
 /* The GCRA script (mirrors gcra.c), batched. */
 extern const char rg_script[];
 extern const size_t rg_script_len; /* strlen(rg_script) */
+/* The same over keys of several cluster slots, undeclared (see script.c). */
+extern const char rg_script_xslot[];
+extern const size_t rg_script_xslot_len;
 
 #endif

@@ -71,6 +71,11 @@ class Engine:
         ssl_keyfile: Optional[str] = None,
         ssl_verify: bool = True,
         ssl_check_hostname: bool = True,
+        seeds: Optional[List[Tuple[str, int]]] = None,
+        service: Optional[str] = None,
+        sentinel_username: Optional[str] = None,
+        sentinel_password: Optional[str] = None,
+        cluster: bool = False,
     ) -> "Engine": ...
     def submit(
         self, key: Union[str, bytes], spec: Spec, cost: int, /

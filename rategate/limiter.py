@@ -12,7 +12,7 @@ from __future__ import annotations
 import atexit
 import os
 import weakref
-from typing import TYPE_CHECKING, Any, Awaitable, Dict, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Awaitable, Dict, List, Optional, Tuple, Union
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from . import _core
@@ -126,6 +126,112 @@ def _db(url: str, text: str) -> int:
     return db
 
 
+SENTINEL_OPTIONS = ("sentinel_username", "sentinel_password")
+_MAX_SEEDS = 16  # csrc/engine.h RG_MAX_SEEDS
+
+
+def _host_port(url: str, text: str, default: int, what: str) -> Tuple[str, int]:
+    """``host[:port]`` or ``[v6]:port`` of a multi-host URL; ValueError naming it."""
+    host, port_text = text, ""
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError(f"bad storage URL {url!r}: {what} {text!r} has no closing ']'")
+        host, rest = text[1:end], text[end + 1:]
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"bad storage URL {url!r}: {what} {text!r}: write [address]:port")
+        port_text = rest[1:]
+    elif ":" in text:
+        host, _, port_text = text.rpartition(":")
+    if not host:
+        raise ValueError(f"bad storage URL {url!r}: {what} {text!r} has no host")
+    if not port_text:
+        return host, default
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(
+            f"bad storage URL {url!r}: {what} {text!r}: the port must be a number from 1 to 65535"
+        )
+    return host, int(port_text)
+
+
+def _multi_host(url: str, u: Any, default: int, what: str, example: str
+                ) -> Tuple[Optional[str], Optional[str], List[Tuple[str, int]]]:
+    """(user, password, [(host, port), ...]) of a URL naming several hosts."""
+    userinfo, at, hosts = u.netloc.rpartition("@")
+    user: Optional[str] = None
+    password: Optional[str] = None
+    if at:
+        name, colon, pw = userinfo.partition(":")
+        user = unquote(name) or None
+        password = unquote(pw) if colon else None
+    if not hosts:
+        raise ValueError(f"bad storage URL {url!r}: no {what}; write it like {example}")
+    seeds = [_host_port(url, h, default, f"the {what}") for h in hosts.split(",")]
+    if len(seeds) > _MAX_SEEDS:
+        raise ValueError(f"bad storage URL {url!r}: {len(seeds)} {what}s, at most {_MAX_SEEDS}")
+    return user, password, seeds
+
+
+def _query(url: str, u: Any, scheme: str, allowed: Tuple[str, ...]) -> Dict[str, str]:
+    query = {k: v[-1] for k, v in parse_qs(u.query, keep_blank_values=True).items()}
+    unknown = set(query) - set(allowed)
+    if unknown:
+        bad = sorted(unknown)[0]
+        tls_scheme = scheme.replace("redis+", "rediss+")
+        hint = f"; TLS options need {tls_scheme}://" if bad in SSL_OPTIONS and tls_scheme != scheme else ""
+        raise ValueError(
+            f"bad storage URL {url!r}: unknown option {bad!r}; {scheme}:// takes "
+            f"{', '.join(allowed) or 'no options'}{hint}"
+        )
+    return query
+
+
+def _parse_cluster_url(url: str, u: Any, scheme: str, ssl: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """redis+cluster://[user:pass@]n1:7000,n2:7001[/0][?ssl_...]."""
+    user, password, seeds = _multi_host(url, u, 6379, "cluster node",
+                                        "redis+cluster://127.0.0.1:7000,127.0.0.1:7001")
+    if u.path.strip("/") not in ("", "0"):
+        raise ValueError(
+            f"bad storage URL {url!r}: Redis Cluster has only database 0; drop the path {u.path!r}"
+        )
+    query = _query(url, u, scheme, SSL_OPTIONS if scheme == "rediss+cluster" else ())
+    tls: Dict[str, Any] = {"tls": False}
+    if scheme == "rediss+cluster":
+        tls = tls_options(query, ssl or {}, url)
+    return {"kind": "redis", "host": None, "port": 0, "path": None, "username": user,
+            "password": password, "db": 0, "seeds": seeds, "cluster": True, **tls}
+
+
+def _parse_sentinel_url(url: str, u: Any, scheme: str, ssl: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """redis+sentinel://[user:pass@]s1:26379,s2:26379/name[/db][?sentinel_password=...]."""
+    user, password, sentinels = _multi_host(
+        url, u, 26379, "Sentinel", "redis+sentinel://127.0.0.1:26379,127.0.0.1:26380/mymaster/0")
+    parts = u.path.split("/")[1:] if u.path else []
+    if parts and parts[-1] == "":
+        parts.pop()
+    if not parts or not parts[0]:
+        raise ValueError(
+            f"bad storage URL {url!r}: no master name; the path names the service Sentinel "
+            "monitors: redis+sentinel://host:26379/mymaster/0"
+        )
+    if len(parts) > 2:
+        raise ValueError(f"bad storage URL {url!r}: the path is /<master name>[/<db>], got {u.path!r}")
+    service = unquote(parts[0])
+    db = 0
+    if len(parts) == 2:
+        if not parts[1].isdigit():
+            raise ValueError(f"bad storage URL {url!r}: the database {parts[1]!r} must be a number, like /0")
+        db = _db(url, parts[1])
+    query = _query(url, u, scheme, SENTINEL_OPTIONS + (SSL_OPTIONS if scheme == "rediss+sentinel" else ()))
+    tls: Dict[str, Any] = {"tls": False}
+    if scheme == "rediss+sentinel":
+        tls = tls_options({k: v for k, v in query.items() if k in SSL_OPTIONS}, ssl or {}, url)
+    return {"kind": "redis", "host": None, "port": 0, "path": None, "username": user,
+            "password": password, "db": db, "seeds": sentinels, "service": service,
+            "sentinel_username": query.get("sentinel_username") or None,
+            "sentinel_password": query.get("sentinel_password"), **tls}
+
+
 def parse_storage_url(url: str, ssl: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Split a storage URL into engine arguments; ValueError names the bad part.
 
@@ -141,9 +247,9 @@ def parse_storage_url(url: str, ssl: Optional[Dict[str, Any]] = None) -> Dict[st
     except ValueError as e:
         raise ValueError(f"bad storage URL {url!r}: {e}") from None
     scheme = u.scheme.lower()
-    if ssl and any(v is not None for v in ssl.values()) and scheme != "rediss":
+    if ssl and any(v is not None for v in ssl.values()) and scheme not in ("rediss", "rediss+sentinel", "rediss+cluster"):
         given = sorted(k for k, v in ssl.items() if v is not None)[0]
-        raise ValueError(f"{given} is a TLS option: it needs a rediss:// storage URL, got {url!r}")
+        raise ValueError(f"{given} is a TLS option: it needs a rediss:// (or rediss+sentinel://, rediss+cluster://) storage URL, got {url!r}")
     if scheme == "memory":
         if u.netloc or u.path or u.query:
             raise ValueError(f"bad storage URL {url!r}: memory:// takes nothing after it")
@@ -211,17 +317,25 @@ def parse_storage_url(url: str, ssl: Optional[Dict[str, Any]] = None) -> Dict[st
             raise ValueError(f"bad storage URL {url!r}: the socket path is longer than 107 bytes")
         return {"kind": "redis", "host": None, "port": 0, "path": u.path,
                 "username": user or None, "password": password, "db": db, "tls": False}
+    if scheme in ("redis+sentinel", "rediss+sentinel"):
+        return _parse_sentinel_url(url, u, scheme, ssl)
+    if scheme in ("redis+cluster", "rediss+cluster"):
+        return _parse_cluster_url(url, u, scheme, ssl)
     if scheme == "redis+tls":
         raise ValueError(f"bad storage URL {url!r}: for TLS write rediss://")
     raise ValueError(
-        f"bad storage URL {url!r}: unknown scheme {u.scheme!r}; use redis://, rediss://, unix:// or memory://"
+        f"bad storage URL {url!r}: unknown scheme {u.scheme!r}; use redis://, rediss://, redis+sentinel://, redis+cluster:// (rediss+ for TLS), unix:// or memory://"
     )
 
 
 class Limiter:
     """Checks rate limits against a store.
 
-    ``Limiter("redis://127.0.0.1:6379/0", timeout=0.05, failure_mode="closed")``
+    ``Limiter("redis://127.0.0.1:6379/0", timeout=0.05, failure_mode="closed")``;
+    also ``rediss://`` (TLS), ``redis+sentinel://s1:26379,s2:26379/mymaster/0``
+    (the master Sentinel names, followed across failovers),
+    ``redis+cluster://n1:7000,n2:7001`` (Redis Cluster), ``rediss+sentinel://``
+    and ``rediss+cluster://``, ``unix:///path.sock`` and ``memory://``.
 
     * ``timeout``: the deadline of one check, in seconds; past it the
       failure mode decides (``error="timeout"``).
@@ -240,7 +354,7 @@ class Limiter:
       within it; a flood costs one Redis check per key per interval.
     * ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile``, ``ssl_cert_reqs``
       (``"required"`` or ``"none"``), ``ssl_check_hostname``: TLS, for a
-      ``rediss://`` URL (redis-py's names; they may also be given in the
+      ``rediss://`` (``rediss+sentinel://``, ``rediss+cluster://``) URL (redis-py's names; they may also be given in the
       URL's query).  By default the server is verified against the system
       CA store and its certificate must name the host.
     * ``spin``: while Redis owes replies, the loop thread polls (yielding
@@ -312,7 +426,9 @@ class Limiter:
                 timeout, failure_mode == "open", threads, max_pending, deny_cache,
                 connect_timeout, stall_timeout, spin, deny_cache_ttl,
                 **{k: cfg[k] for k in ("tls", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile",
-                                       "ssl_verify", "ssl_check_hostname") if k in cfg},
+                                       "ssl_verify", "ssl_check_hostname", "seeds", "service",
+                                       "sentinel_username", "sentinel_password", "cluster")
+                   if k in cfg},
             )
         self._closed = False
         # The hot path: bound once, called per request.

@@ -86,10 +86,11 @@ class SentinelServer:
     """
 
     def __init__(self, *, port: int | None = None, password: str | None = None,
-                 extra_conf: Sequence[str] = ()) -> None:
+                 extra_conf: Sequence[str] = (), tls: tuple[str, str, str] | None = None) -> None:
         self.dir = tempfile.mkdtemp(prefix="rategate-sentinel-")
         self.port = port or free_port()
         self.password = password
+        self.tls = tls
         self.extra_conf = list(extra_conf)
         self._state: dict[str, Any] = {"proc": None, "dir": self.dir}
         self._finalizer = weakref.finalize(self, _reap_dir, self._state)
@@ -104,7 +105,7 @@ class SentinelServer:
         if not os.path.exists(path):
             lines = [
                 "bind 127.0.0.1",
-                f"port {self.port}",
+                f"port {0 if self.tls else self.port}",
                 f"dir {self.dir}",
                 "daemonize no",
                 f"logfile {os.path.join(self.dir, 'sentinel.log')}",
@@ -114,6 +115,11 @@ class SentinelServer:
             ]
             if self.password:
                 lines.append(f"requirepass {self.password}")
+            if self.tls:
+                # TLS only: to its clients, to the data nodes, to the other Sentinels.
+                cert, key, ca = self.tls
+                lines += [f"tls-port {self.port}", f"tls-cert-file {cert}", f"tls-key-file {key}",
+                          f"tls-ca-cert-file {ca}", "tls-auth-clients no", "tls-replication yes"]
             lines += self.extra_conf
             with open(path, "w", encoding="utf-8") as f:
                 f.write("\n".join(lines) + "\n")
@@ -156,9 +162,12 @@ class SentinelServer:
         self._finalizer()
 
     def client(self, socket_timeout: float = 5.0) -> redis.Redis:
+        kw: dict[str, Any] = {}
+        if self.tls:
+            kw.update(ssl=True, ssl_ca_certs=self.tls[2], ssl_check_hostname=False)
         return redis.Redis(host="127.0.0.1", port=self.port, password=self.password,
                            socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout,
-                           retry=Retry(NoBackoff(), 0))
+                           retry=Retry(NoBackoff(), 0), **kw)
 
     def log(self) -> str:
         try:
@@ -189,8 +198,12 @@ class SentinelSet:
 
     def __init__(self, name: str = "mymaster", *, replicas: int = 1, sentinels: int = 3,
                  password: str | None = None, sentinel_password: str | None = None,
-                 down_after_ms: int = 1000, failover_timeout_ms: int = 5000) -> None:
+                 down_after_ms: int = 1000, failover_timeout_ms: int = 5000,
+                 tls: tuple[str, str, str] | None = None) -> None:
+        """``tls=(cert, key, ca)``: every node and Sentinel serves TLS only
+        (replication and the Sentinels' own links too)."""
         self.name = name
+        self.tls = tls
         self.password = password
         self.sentinel_password = sentinel_password
         self.master: RedisServer | None = None
@@ -198,10 +211,12 @@ class SentinelSet:
         self.sentinels: list[SentinelServer] = []
         try:
             auth = ["--masterauth", password] if password else []
-            self.master = RedisServer(password=password, extra_args=list(auth))
+            if tls:
+                auth += ["--tls-replication", "yes"]
+            self.master = RedisServer(password=password, extra_args=list(auth), tls=tls)
             for _ in range(replicas):
                 self.replicas.append(RedisServer(
-                    password=password,
+                    password=password, tls=tls,
                     extra_args=auth + ["--replicaof", "127.0.0.1", str(self.master.port)],
                 ))
             for r in self.replicas:
@@ -216,7 +231,7 @@ class SentinelSet:
             if password:
                 conf.append(f"sentinel auth-pass {name} {password}")
             for _ in range(sentinels):
-                self.sentinels.append(SentinelServer(password=sentinel_password, extra_conf=conf))
+                self.sentinels.append(SentinelServer(password=sentinel_password, extra_conf=conf, tls=tls))
             # Every Sentinel knows the replicas and the other Sentinels.
             for s in self.sentinels:
                 wait_until(lambda s=s: self._sees_all(s, replicas, sentinels), 15.0,
@@ -237,12 +252,16 @@ class SentinelSet:
     def nodes(self) -> list[RedisServer]:
         return ([self.master] if self.master else []) + self.replicas
 
-    def url(self, db: int = 0, *, scheme: str = "redis+sentinel") -> str:
-        """``redis+sentinel://[:password@]s1,s2,s3/name/db[?sentinel_password=...]``."""
+    def url(self, db: int = 0, *, scheme: str | None = None) -> str:
+        """``redis+sentinel://[:password@]s1,s2,s3/name/db[?sentinel_password=...]``
+        (``rediss+sentinel://...&ssl_ca_certs=<ca>`` with TLS)."""
+        scheme = scheme or ("rediss+sentinel" if self.tls else "redis+sentinel")
         auth = f":{self.password}@" if self.password else ""
         hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
-        q = f"?sentinel_password={self.sentinel_password}" if self.sentinel_password else ""
-        return f"{scheme}://{auth}{hosts}/{self.name}/{db}{q}"
+        q = [f"sentinel_password={self.sentinel_password}"] if self.sentinel_password else []
+        if self.tls:
+            q.append(f"ssl_ca_certs={self.tls[2]}")
+        return f"{scheme}://{auth}{hosts}/{self.name}/{db}" + ("?" + "&".join(q) if q else "")
 
     def master_addr(self) -> tuple[str, int]:
         """Where the Sentinels say the master is (the first that answers)."""
@@ -311,8 +330,14 @@ class ClusterSet:
     """
 
     def __init__(self, *, masters: int = 3, replicas: int = 0, password: str | None = None,
-                 node_timeout_ms: int = 1000) -> None:
+                 node_timeout_ms: int = 1000, tls: tuple[str, str, str] | None = None,
+                 tls_client: tuple[str, str] | None = None) -> None:
+        """``tls=(cert, key, ca)``: every node serves TLS only, and the cluster
+        bus and replication run over TLS too.  The bus always asks for a
+        client certificate, so ``tls_client=(cert, key)`` (one made for
+        clientAuth) is what the nodes present to each other."""
         self.password = password
+        self.tls = tls
         self.nodes: list[RedisServer] = []
         try:
             for _ in range(masters * (1 + replicas)):
@@ -328,12 +353,18 @@ class ClusterSet:
                 ]
                 if password:
                     args += ["--masterauth", password]
-                self.nodes.append(RedisServer(password=password, extra_args=args))
+                if tls:
+                    args += ["--tls-cluster", "yes", "--tls-replication", "yes"]
+                if tls_client:
+                    args += ["--tls-client-cert-file", tls_client[0], "--tls-client-key-file", tls_client[1]]
+                self.nodes.append(RedisServer(password=password, extra_args=args, tls=tls))
             cmd = [REDIS_CLI, "--cluster", "create",
                    *[f"127.0.0.1:{n.port}" for n in self.nodes],
                    "--cluster-replicas", str(replicas), "--cluster-yes"]
             if password:
                 cmd[1:1] = ["-a", password, "--no-auth-warning"]
+            if tls:
+                cmd[1:1] = ["--tls", "--cacert", tls[2]]
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
             if out.returncode != 0:
                 raise RedisServerError(f"redis-cli --cluster create failed:\n{out.stdout}\n{out.stderr}")
@@ -342,9 +373,13 @@ class ClusterSet:
             self.close()
             raise
 
-    def url(self, *, scheme: str = "redis+cluster") -> str:
+    def url(self, *, scheme: str | None = None) -> str:
+        """``redis+cluster://[:password@]n1,n2,n3`` (the first three nodes), or
+        ``rediss+cluster://...?ssl_ca_certs=<ca>`` with TLS."""
+        scheme = scheme or ("rediss+cluster" if self.tls else "redis+cluster")
         auth = f":{self.password}@" if self.password else ""
-        return f"{scheme}://{auth}" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes[:3])
+        q = f"?ssl_ca_certs={self.tls[2]}" if self.tls else ""
+        return f"{scheme}://{auth}" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes[:3]) + q
 
     def _live(self) -> list[RedisServer]:
         return [n for n in self.nodes if n.running]

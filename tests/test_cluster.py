@@ -1,0 +1,167 @@
+"""redis+cluster://: checks routed by hash slot, following the cluster.
+
+Real processes only (tests/topology.py): a 3-master cluster, the same over
+TLS, and a 3-master-3-replica cluster for the node-failure test, each
+started once for the module (about 2 s each).  The failure test prints what
+it measures (run with ``-s``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import rategate
+from rategate.limiter import parse_storage_url
+from tlscerts import Certs
+from topo_checks import exact, fails_fast, traffic
+from topology import ClusterSet, key_slot
+
+TIMEOUT = 0.5
+SLACK = 1.5  # on the 1 s targets, for a loaded 2-core machine
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[ClusterSet]:
+    with ClusterSet(masters=3, password="cpw") as cs:
+        yield cs
+
+
+def keys_per_node(cs: ClusterSet, prefix: str) -> dict[int, int]:
+    """How many buckets of keys starting with prefix each master holds
+    (KEYS is local to the node asked)."""
+    return {m.port: len(m.client().keys(f"rg:{{{prefix}*")) for m in cs.masters()}
+
+
+def test_url_forms() -> None:
+    cfg = parse_storage_url("redis+cluster://u:pw@n1:7000,n2,[::1]:7002")
+    assert cfg["seeds"] == [("n1", 7000), ("n2", 6379), ("::1", 7002)]
+    assert (cfg["cluster"], cfg["db"], cfg["username"], cfg["password"], cfg["tls"]) == (True, 0, "u", "pw", False)
+    cfg = parse_storage_url("rediss+cluster://n1:7000/0?ssl_ca_certs=/ca.pem&ssl_check_hostname=false")
+    assert cfg["tls"] and cfg["ssl_ca_certs"] == "/ca.pem" and not cfg["ssl_check_hostname"]
+
+
+def test_exact_over_every_node(cluster: ClusterSet) -> None:
+    keys = [f"exact-{i}" for i in range(300)]
+    asyncio.run(exact(cluster.url(), keys, 10, 5))
+    per = keys_per_node(cluster, "exact-")
+    assert len(per) == 3 and all(n > 0 for n in per.values()), per
+
+
+def test_exact_over_tls(tls_certs: Certs) -> None:
+    with ClusterSet(masters=3, tls=tls_certs.server_tls,
+                    tls_client=(tls_certs.client_cert, tls_certs.client_key)) as cs:
+        keys = [f"tls-{i}" for i in range(300)]
+        asyncio.run(exact(cs.url(), keys, 10, 5))
+        per = keys_per_node(cs, "tls-")
+        assert len(per) == 3 and all(n > 0 for n in per.values()), per
+
+
+def test_unreachable_cluster_fails_fast() -> None:
+    err = asyncio.run(fails_fast("redis+cluster://127.0.0.1:1,127.0.0.1:2", TIMEOUT, SLACK))
+    assert "CLUSTER SLOTS" in err and "refused" in err, err
+
+
+def test_slot_migrated_mid_run(cluster: ClusterSet) -> None:
+    """Checks on keys of one slot while it moves to another node (the ASK
+    phase held for a moment, then MIGRATE, then SETSLOT NODE): none fails,
+    and the limit stays exact across the move."""
+    slot = key_slot("mig-0")
+    keys = [k for k in (f"mig-{i}" for i in range(200000)) if key_slot(k) == slot][:12]
+    assert len(keys) == 12
+    src = cluster.node_for_slot(slot)
+    dst = next(m for m in cluster.masters() if m.port != src.port)
+    log: list[tuple[Any, ...]] = []
+    half = threading.Event()
+
+    async def main() -> None:
+        lim = rategate.Limiter(cluster.url(), timeout=2.0, threads=2)
+        stop = asyncio.Event()
+        try:
+            # Half the keys get buckets on the source first.
+            for k in keys[:6]:
+                assert (await lim.hit(k, "5/minute")).error is None
+            # The other half only once the slot is half-moved: their first
+            # checks meet the ASK phase (a key the source does not have).
+            def key(i: int, n: int) -> str:
+                return keys[(i * 3 + n) % (12 if half.is_set() else 6)]
+
+            tasks = [asyncio.create_task(traffic(lim, stop, log, lambda i, n=n: key(i, n),
+                                                 rate="5/minute", pause=0.002)) for n in range(3)]
+            await asyncio.to_thread(cluster.migrate_slot, slot, dst,
+                                    between=lambda: (half.set(), time.sleep(0.5)))
+            await asyncio.sleep(0.3)
+            stop.set()
+            await asyncio.gather(*tasks)
+            # The first 6 had one allowed hit before the traffic.
+            allowed = {k: (1 if k in keys[:6] else 0) for k in keys}
+            for e in log:
+                allowed[e[4]] += e[2]
+            assert set(allowed.values()) == {5}, allowed
+        finally:
+            await lim.aclose()
+
+    asyncio.run(main())
+    assert half.is_set()
+    failed = [e for e in log if e[3] is not None]
+    print(f"\nslot {slot} moved {src.port} -> {dst.port} under {len(log)} checks: {len(failed)} failed")
+    assert not failed, failed[:3]
+    assert cluster.node_for_slot(slot).port == dst.port
+    assert keys_per_node(cluster, "mig-")[dst.port] == 12
+    # The half-moved phase was really met: the target was ASKed.
+    assert dst.client().info("commandstats").get("cmdstat_asking", {}).get("calls", 0) > 0
+
+
+def test_master_killed() -> None:
+    """A master is killed under traffic on keys of every node: only its
+    slots' checks fail, and they heal once its replica is promoted."""
+    with ClusterSet(masters=3, replicas=1) as cs:
+        victim = cs.masters()[0]
+        dead = [(b, e) for b, e, p in cs.slots() if p == victim.port]
+        log: list[tuple[Any, ...]] = []
+        healthy_at: list[float] = []
+
+        async def main() -> float:
+            lim = rategate.Limiter(cs.url(), timeout=TIMEOUT, threads=2)
+            stop = asyncio.Event()
+            try:
+                assert (await lim.hit("warm", "5/minute")).error is None
+                tasks = [asyncio.create_task(traffic(lim, stop, log, lambda i, n=n: f"kill{n}-{i}"))
+                         for n in range(4)]
+                await asyncio.sleep(0.5)
+                t_kill = time.monotonic()
+                victim.stop()
+                await asyncio.to_thread(cs.wait_healthy, 30.0)
+                healthy_at.append(time.monotonic())
+                await asyncio.sleep(2.0)
+                stop.set()
+                await asyncio.gather(*tasks)
+                return t_kill
+            finally:
+                await lim.aclose()
+
+        t_kill = asyncio.run(main())
+
+    def on_victim(key: str) -> bool:
+        s = key_slot(key)
+        return any(b <= s <= e for b, e in dead)
+
+    failed = [e for e in log if e[3] is not None]
+    wrong = [e for e in failed if not on_victim(e[4])]
+    late = [e for e in failed if e[1] > healthy_at[0] + 1.0 + SLACK]
+    recovered = max((e[1] for e in failed), default=t_kill) - healthy_at[0]
+    print(f"\ncluster master killed: {len(log)} checks, {len(failed)} failure decisions, all on its slots: "
+          f"{not wrong}; last failure {recovered:+.3f} s from the cluster healthy again; "
+          f"longest check {max(e[1] - e[0] for e in log):.3f} s")
+    assert failed  # its slots had no master for a while
+    assert not wrong, wrong[:3]
+    assert not late, late[:3]
+    assert max(e[1] - e[0] for e in log) < TIMEOUT + SLACK
+    # The other nodes' checks went on deciding throughout.
+    during = [e for e in log if t_kill < e[0] < healthy_at[0] and not on_victim(e[4])]
+    assert during and all(e[3] is None for e in during)
