@@ -462,6 +462,10 @@ def micro_summary(results: dict) -> list[str]:
     for impl, t in micro.get("throughput", {}).items():
         out.append(f"checks/s, {impl}: {t['checks_per_s']:,} ({t['concurrency']} concurrent tasks, "
                    f"{t['failed']} failed, {t['thread_cpu_us_per_check']:.2f} µs Python-thread CPU per check)")
+    one, cl = _get(micro, "throughput", "rategate", "checks_per_s"), _get(micro, "throughput", "cluster", "checks_per_s")
+    if one and cl:
+        out.append(f"cluster: {cl:,} checks/s against a {micro['throughput']['cluster'].get('masters', 3)}-master "
+                   f"Redis Cluster, {cl / one:.2f}× the {one:,} checks/s against one Redis (same run)")
     rb = micro.get("redis_benchmark")
     if rb:
         out.append(f"redis-benchmark EVALSHA ({rb['script']}, {rb['clients']} clients): "

@@ -27,6 +27,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import socket
 import subprocess
@@ -95,9 +96,10 @@ HTTP_CASES = [
 ]
 HTTP_BY_NAME = {c.name: c for c in HTTP_CASES}
 
-# A figure without HTTP is one name here and one branch in run_micro_step (a Cluster
-# checks/s figure: "throughput-cluster", bench.micro throughput against a private Cluster).
-MICRO_STEPS = ["cpu-rategate", "cpu-python-redis", "ffi", "throughput-rategate",
+# A figure without HTTP is one name here and one branch in run_micro_step.
+# "throughput-cluster": rategate's checks/s against a private 3-master Redis Cluster,
+# beside "throughput-rategate" against one Redis.
+MICRO_STEPS = ["cpu-rategate", "cpu-python-redis", "ffi", "throughput-rategate", "throughput-cluster",
                "throughput-python-redis", "redis-benchmark", "rss"]
 GROUPS = {"http": [c.name for c in HTTP_CASES], "micro": MICRO_STEPS,
           "all": [c.name for c in HTTP_CASES] + MICRO_STEPS}
@@ -598,7 +600,7 @@ def run_http_case(ctx: Ctx, case: HttpCase, workers: int) -> dict:
 
 def run_micro(ctx: Ctx, figure: str, *extra: str, timeout: float = 120, total: float | None = None) -> dict:
     cmd = [PY, "-m", "bench.micro", figure, "--url", ctx.redis_url, "--loop", ctx.loop, *extra]
-    name = f"micro-{figure}-{'-'.join(x for x in extra if not x.startswith('-'))[:40]}"
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", f"micro-{figure}-{'-'.join(x for x in extra if not x.startswith('-'))[:40]}")
     p = procs.spawn(cmd, capture=True, log=ctx.tmp / f"{name}.err", cwd=ROOT)
     out = wait_proc(p, timeout, ctx.progress, figure, total)
     data = marker_json(out, "MICRO_JSON")
@@ -606,6 +608,28 @@ def run_micro(ctx: Ctx, figure: str, *extra: str, timeout: float = 120, total: f
         raise RuntimeError(f"bench.micro {figure} failed (exit {p.returncode}):\n{procs.tail(ctx.tmp / f'{name}.err')}")
     data["cmd"] = " ".join(cmd[1:])
     return data
+
+
+def run_cluster_throughput(ctx: Ctx) -> dict:
+    """rategate's checks/s (as throughput-rategate: 1000 tasks, one Limiter, one loop
+    thread) against a private 3-master Redis Cluster on this machine, started with the
+    suite's own topology fixture (tests/topology.py)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from topology import ClusterSet  # the suite's cluster maker: one place that makes clusters
+
+    a = ctx.args
+    with ClusterSet(masters=3) as cluster:
+        out = run_micro(ctx, "throughput", "--impl", "rategate", "--url", cluster.url(),
+                        "--seconds", str(a.tp_seconds), "--concurrency", "1000", total=a.tp_seconds)
+        out["masters"] = 3
+        out["checks_per_node"] = {}
+        for node in cluster.masters():
+            info = redis_cmd({"host": "127.0.0.1", "port": node.port, "db": 0, "password": None},
+                             "INFO", "commandstats")
+            text = info.decode() if isinstance(info, bytes) else str(info)
+            line = next((x for x in text.splitlines() if x.startswith("cmdstat_evalsha:")), "")
+            out["checks_per_node"][node.port] = line.split(",")[0].split("=")[-1] if line else "0"
+    return out
 
 
 def run_redis_benchmark(ctx: Ctx) -> dict:
@@ -946,7 +970,7 @@ def pick_best(prev: dict | None, new: dict) -> dict:
 
 def run_micro_step(ctx: Ctx, name: str, micro: dict) -> None:
     a = ctx.args
-    rg_needed = name in ("cpu-rategate", "ffi", "throughput-rategate", "rss")
+    rg_needed = name in ("cpu-rategate", "ffi", "throughput-rategate", "throughput-cluster", "rss")
     if rg_needed and ctx.rategate_error:
         micro.setdefault("skipped", {})[name] = ctx.rategate_error
         return
@@ -959,6 +983,8 @@ def run_micro_step(ctx: Ctx, name: str, micro: dict) -> None:
             "--concurrency", "100")
     elif name == "ffi":
         micro["ffi"] = run_micro(ctx, "ffi", "--calls", str(a.ffi_calls))
+    elif name == "throughput-cluster":
+        micro.setdefault("throughput", {})["cluster"] = run_cluster_throughput(ctx)
     elif name.startswith("throughput-"):
         impl = name[len("throughput-"):]
         conc = "1000" if impl == "rategate" else "100"
