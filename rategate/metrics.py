@@ -20,9 +20,9 @@ Exposed (``namespace`` ``"rategate"`` by default):
   kind (``timeout``, ``unavailable``, ``overloaded``, ``closed``,
   ``redis_error``);
 - ``rategate_check_latency_seconds{rule}``: a histogram of check latency,
-  submit to decision, measured on the loop thread.  It is fed from the
-  Decision's ``latency`` attribute, which the C core does not set yet: until
-  it does, the histogram stays empty (the series exist, with zero counts);
+  submit to decision, measured on the loop thread (``Decision.latency``):
+  decisions answered at once (memory://, the local over-limit cache, the
+  failure mode while Redis is down) have none and are not observed;
 - ``rategate_redis_reconnects_total``, ``rategate_redis_up`` (1: every
   watched limiter is connected), ``rategate_checks_in_flight``: from
   ``Limiter.stats()`` of the limiters in use, read at most once a second on
