@@ -428,8 +428,9 @@ parse_cost(PyObject *o, long long lo, long long *cost)
             return 0;
         PyErr_Clear();
     }
-    PyErr_Format(PyExc_ValueError, "cost must be an int from %s to 2**53, got %R",
-                 lo == 0 ? "0" : "-2**53", o);
+    PyErr_Format(PyExc_ValueError, "cost must be an int from %s to 2**53, got %R%s",
+                 lo == 0 ? "0" : "-2**53", o,
+                 lo == 0 ? " (to give tokens back, charge() a negative cost)" : "");
     return -1;
 }
 
