@@ -95,7 +95,7 @@ _WS_MESSAGES_PREFIX = "%ws:"
 _WS_ACTIONS = ("close", "drop")
 # The options a rule takes (Rule's keyword arguments; a rules dict's keys).
 _RULE_OPTIONS = ("limits", "methods", "key", "cost", "name", "websocket_messages", "websocket_over_limit",
-                 "concurrency", "concurrency_ttl")
+                 "concurrency", "concurrency_ttl", "charge")
 # Where the app reports the actual cost of the response it produces (see
 # set_cost): scope["state"][COST_KEY], i.e. request.state's "rategate.cost".
 COST_KEY = "rategate.cost"
@@ -318,11 +318,14 @@ class Rule:
     the app raises; one held by a process that died expires after
     ``concurrency_ttl`` seconds (keep it above your slowest request).
     ``limits`` may be None with a concurrency limit.
+    ``charge``: after the response, charge the actual cost the app reported
+    with :func:`set_cost` (the difference from what the check consumed) to
+    this rule's rates (``None``: the middleware's ``charge``).
     """
 
     __slots__ = ("path", "regex", "limits", "methods", "key", "cost", "name", "spec", "headers",
                  "sprefix", "bprefix", "shprefix", "bhprefix", "rates", "dynamic", "counts",
-                 "ws_limits", "ws_action", "ws_rule", "concurrency", "concurrency_ttl")
+                 "ws_limits", "ws_action", "ws_rule", "concurrency", "concurrency_ttl", "charge")
 
     def __init__(
         self,
@@ -337,8 +340,12 @@ class Rule:
         websocket_over_limit: str | None = None,
         concurrency: int | None = None,
         concurrency_ttl: float = 60.0,
+        charge: bool | None = None,
     ) -> None:
         where = f"rule {path!r}"
+        if charge is not None and not isinstance(charge, bool):
+            raise TypeError(f"{where}: charge must be True, False or None, got {charge!r}")
+        self.charge = charge
         self.concurrency, self.concurrency_ttl = _check_concurrency(concurrency, concurrency_ttl, where)
         self.regex: re.Pattern[str] | None = None
         if isinstance(path, re.Pattern):
@@ -451,7 +458,8 @@ def _rules_from(rules: Any) -> list[Rule]:
             # may be given to several middlewares.
             out.append(Rule(r.path, r.limits, methods=r.methods, key=r.key, cost=r.cost, name=r.name,
                             websocket_messages=r.ws_limits, websocket_over_limit=r.ws_action,
-                            concurrency=r.concurrency or None, concurrency_ttl=r.concurrency_ttl))
+                            concurrency=r.concurrency or None, concurrency_ttl=r.concurrency_ttl,
+                            charge=r.charge))
     else:
         raise ValueError(
             "rules must be a dict like {\"/api\": \"10/minute\"} or a list of rategate.Rule, "
@@ -489,7 +497,10 @@ class RateLimitMiddleware:
     checked on the handshake's key; default None: only the handshake is
     limited), ``websocket_over_limit`` (``"close"``, the default: close the
     connection with 1008; ``"drop"``: drop the message), ``metrics`` (a
-    :class:`rategate.metrics.PrometheusMetrics`, or None).
+    :class:`rategate.metrics.PrometheusMetrics`, or None), ``charge``
+    (default False: after each response, charge the actual cost the app
+    reported with :func:`set_cost` to the rule's rates; per rule with
+    ``Rule(charge=...)``).
 
     Every decision is counted per rule in ``limiter.stats()["rules"]`` (and
     in ``metrics``), labelled ``"<namespace>:<rule name>"`` (or the name
@@ -513,8 +524,12 @@ class RateLimitMiddleware:
         websocket_messages: RateSpec | None = None,
         websocket_over_limit: str = "close",
         metrics: Any = None,
+        charge: bool = False,
     ) -> None:
         self.app = app
+        if not isinstance(charge, bool):
+            raise TypeError(f"charge must be True or False, got {charge!r}")
+        self.charge = charge
         from .limiter import as_limiter
 
         limiter = as_limiter(limiter, "RateLimitMiddleware")
@@ -602,8 +617,6 @@ class RateLimitMiddleware:
         where = f"rule {r.name!r}"
         if r.concurrency and not hasattr(self.limiter, "release"):
             raise ValueError(f"{where}: concurrency needs a rategate.Limiter (with release()), got {self.limiter!r}")
-        if r.concurrency and callable(r.limits):
-            raise ValueError(f"{where}: concurrency with limits from a callable is not supported; give fixed limits")
         label = r.name if self.namespace is None else f"{self.namespace}:{r.name}"
         r.counts = self._counts(label)
         if callable(r.limits):
@@ -623,6 +636,8 @@ class RateLimitMiddleware:
             r.key = self.key
         if r.cost is None:
             r.cost = self.cost
+        if r.charge is None:
+            r.charge = self.charge
         ws = self.ws_limits if r.ws_limits is None else r.ws_limits
         if ws:
             # The messages' own rule: the handshake's key function, its own
@@ -650,8 +665,8 @@ class RateLimitMiddleware:
         a copy, compiled once per distinct value by r.dynamic's cache."""
         out = copy.copy(r)
         out.dynamic = None
-        out.spec, out.rates = compile_limits(self.limiter, limits)
-        out.headers = make_headers(self.header_style, out.rates, r.name)
+        out.spec, out.rates = compile_limits(self.limiter, limits, r.concurrency, r.concurrency_ttl)
+        out.headers = make_headers(self.header_style, out.rates, r.name, r.concurrency)
         return out
 
     def __repr__(self) -> str:
@@ -725,10 +740,10 @@ class RateLimitMiddleware:
                 await self._run_holding(rule, d, k, cost, sid, scope, receive, send)
                 return
             await self.app(scope, receive, send)
-            # The app may have reported its actual cost (set_cost).
-            state = scope.get("state")
-            if state and COST_KEY in state:
-                self._charge_actual(rule, d, k, cost, state)
+            if rule.charge:  # the app may have reported its actual cost (set_cost)
+                state = scope.get("state")
+                if state and COST_KEY in state:
+                    self._charge_actual(rule, d, k, cost, state)
             return
         await send({"type": "http.response.start", "status": 429, "headers": _denied_headers(rule, d)})
         await send({"type": "http.response.body", "body": DENIED_BODY})
@@ -761,9 +776,10 @@ class RateLimitMiddleware:
             await self.app(scope, receive_watching if held else receive, send)
         finally:
             release()
-        state = scope.get("state")
-        if state and COST_KEY in state:
-            self._charge_actual(rule, d, key, cost, state)
+        if rule.charge:
+            state = scope.get("state")
+            if state and COST_KEY in state:
+                self._charge_actual(rule, d, key, cost, state)
 
     def _charge_actual(self, rule: Rule, d: Any, key: str | bytes, cost: int, state: Any) -> None:
         """Charge the difference between the cost the app reported and what

@@ -228,12 +228,13 @@ def make_app(lim: Any, gate: asyncio.Event | None = None) -> Any:
         return StreamingResponse(gen())
 
     app = Starlette(routes=[Route("/slow", slow), Route("/boom", boom), Route("/tokens", tokens),
-                            Route("/stream", stream)])
+                            Route("/stream", stream), Route("/nocharge", tokens)])
     mw = rategate.RateLimitMiddleware(app, limiter=lim, rules=[
         Rule("/slow", "100/minute", concurrency=2),
         Rule("/boom", None, concurrency=1),
-        Rule("/tokens", "100/hour", cost=10),
-        Rule("/stream", "100/hour", cost=10),
+        Rule("/tokens", "100/hour", cost=10, charge=True),
+        Rule("/stream", "100/hour", cost=10, charge=True),
+        Rule("/nocharge", "100/hour", cost=10),
     ])
     return mw, inside
 
@@ -289,6 +290,10 @@ async def test_middleware_charges_the_reported_cost(storage_url: str, make_limit
         assert r.content == b"chunk" * 3
         await settle(lim)
         assert (await lim.hit("/stream|203.0.113.7", "100/hour", cost=0)).remaining == 50
+        # A rule without charge=True ignores the reported cost.
+        await c.get("/nocharge?used=60")
+        await settle(lim)
+        assert (await lim.hit("/nocharge|203.0.113.7", "100/hour", cost=0)).remaining == 90
         # Into debt: the next request is denied.
         await c.get("/tokens?used=500")
         await settle(lim)

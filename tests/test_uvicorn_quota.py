@@ -179,6 +179,56 @@ def test_slot_freed_when_the_client_disconnects(server: Uvicorn) -> None:
         time.sleep(0.1)
 
 
+def test_llm_gateway_example(redis_server: Any) -> None:
+    """examples/llm_gateway.py as written: the plan's rate and the concurrency
+    limit in one call, the token budget checked with an estimate and charged
+    with the real usage (streamed too)."""
+    redis_server.flushall()
+    srv = Uvicorn("examples.llm_gateway:app", env={"RATEGATE_REDIS_URL": redis_server.url})
+    try:
+        async def go() -> None:
+            async with httpx.AsyncClient(base_url=srv.url, timeout=30) as c:
+                assert (await c.post("/v1/completions", json={"prompt": "hi"})).status_code == 401
+
+                def left(key: str) -> Any:
+                    return c.get("/budget", headers={"x-api-key": key})
+
+                async def budget_is(key: str, want: int) -> None:
+                    for _ in range(100):  # the charge is fire and forget
+                        if (await left(key)).json()["tokens_left_today"] == want:
+                            return
+                        await asyncio.sleep(0.05)
+                    raise AssertionError(f"budget of {key}: {(await left(key)).json()}, not {want}")
+
+                h = {"x-api-key": "alice", "x-max-tokens": "1000"}
+                r = await c.post("/v1/completions", headers=h, json={"prompt": "one two three", "max_tokens": 1000})
+                assert r.status_code == 200
+                used = r.json()["usage"]["total_tokens"]
+                assert used == 3 + 9  # prompt words + the stand-in's 3 + 2 per word
+                # Checked with 1000, charged with 12: the budget shows the real usage.
+                await budget_is("alice", 100000 - used)
+                # Streamed: charged when the stream ends.
+                r = await c.post("/v1/completions", headers=h, json={"prompt": "a b", "max_tokens": 1000, "stream": True})
+                assert r.text.split() == [f"tok{i}" for i in range(7)]
+                await budget_is("alice", 100000 - used - 9)
+                # Concurrency: 4 generations of one key at once, the others 429 at once.
+                pro = {"x-api-key": "bob", "x-plan": "pro"}
+                rs = await asyncio.gather(*(c.post("/v1/completions", headers=pro, json={"prompt": "x"})
+                                            for _ in range(8)))
+                got = collections.Counter(r.status_code for r in rs)
+                assert got[200] <= 4 and got[200] + got[429] == 8 and got[429] >= 1, got
+                denied = next(r for r in rs if r.status_code == 429)
+                assert 'qu="concurrent-requests"' in denied.headers["ratelimit-policy"]
+                # The free plan: 10 per minute (2 used by alice above).
+                codes = [(await c.post("/v1/completions", headers=h, json={"prompt": "x"})).status_code
+                         for _ in range(9)]
+                assert codes == [200] * 8 + [429]
+
+        asyncio.run(go())
+    finally:
+        srv.stop()
+
+
 def test_sigkilled_worker_slots_expire_after_ttl(server: Uvicorn, redis_server: Any) -> None:
     rc = redis_server.client()
     errors: list[BaseException] = []
