@@ -41,21 +41,25 @@
  *
  * Time is Redis's TIME, counted from 2023-11-14 (1.7e9 s) so that
  * microseconds stay far below 2^53.  A TAT is stored with 17 significant
- * digits (Lua's default tostring keeps only 14), with a TTL of the time
- * until the bucket is full: a full bucket leaves no key behind.
+ * digits (Lua's default tostring keeps only 14, but a number given to
+ * redis.call is written by Redis itself with "%.17g", exactly, with no
+ * Lua string made), with a TTL of the time until the bucket is full: a
+ * full bucket leaves no key behind.
  *
  * Cost per check (issue 13): the common check (a hit of one rate, no
- * concurrency) allocates no Lua table; numbers from ARGV are converted by
- * arithmetic (x + 0: the VM's own conversion, no function call); nothing
- * is done per call that Redis 7 does anyway (effects replication is
- * always on there).
+ * concurrency) allocates no Lua table and calls no Lua function; numbers
+ * from ARGV are converted by arithmetic (x + 0: the VM's own conversion);
+ * numbers written are handed to redis.call as numbers (see above); GET is
+ * the one pcall (a key of another type fails only its check); nothing is
+ * done per call that Redis 7 does anyway (effects replication is always
+ * on there).
  */
 const char rg_script[] =
     "local t = redis.call('TIME')\n"
     "local now = (t[1] - 1700000000) * 1000000 + t[2]\n"
     "local out, o, a, k, why = {}, 0, 2, 1, nil\n"
-    "local floor, ceil, call, pcall, fmt, type, tonumber ="
-    " math.floor, math.ceil, redis.call, redis.pcall, string.format, type, tonumber\n"
+    "local floor, ceil, call, pcall, type, tonumber ="
+    " math.floor, math.ceil, redis.call, redis.pcall, type, tonumber\n"
     "local function get(key)\n"
     "  local v = pcall('GET', key)\n"
     "  if type(v) == 'table' then why = why or v.err; return nil end\n"
@@ -66,7 +70,7 @@ const char rg_script[] =
     "local function put(key, v)\n"
     "  local ms = ceil((v - now) / 1000)\n"
     "  if ms < 1 then ms = 1 end\n"
-    "  call('SET', key, fmt('%.17g', v), 'PX', ms)\n"
+    "  call('SET', key, v, 'PX', ms)\n"
     "end\n"
     "for _ = 1, ARGV[1] + 0 do\n"
     "  local op, cost, nr = ARGV[a] + 0, ARGV[a + 1] + 0, ARGV[a + 2] + 0\n"
@@ -77,10 +81,13 @@ const char rg_script[] =
     "    local T, tau = ARGV[a] + 0, ARGV[a + 1] + 0\n"
     "    local sl = T < 2 and T / 2 or 1\n"
     "    a = a + 2\n"
-    "    local v = get(KEYS[k])\n"
-    "    if v == nil then\n"
-    "      allowed = -1\n"
+    "    local key = KEYS[k]\n"
+    "    local v = pcall('GET', key)\n"
+    "    if type(v) == 'table' then\n"
+    "      allowed, why = -1, why or v.err\n"
     "    else\n"
+    "      v = tonumber(v) or now\n"
+    "      if v < now then v = now end\n"
     "      local nw = v + cost * T\n"
     "      if nw - now > tau + sl then\n"
     "        allowed, retry = 0, ceil(nw - now - tau)\n"
@@ -89,7 +96,10 @@ const char rg_script[] =
     "        rem, reset = floor((tau - (v - now) + sl) / T), ceil(v - now)\n"
     "      else\n"
     "        rem, reset = floor((tau - (nw - now) + sl) / T), ceil(nw - now)\n"
-    "        if cost > 0 then put(KEYS[k], nw) end\n"
+    "        if cost > 0 then\n"
+    "          local ms = ceil((nw - now) / 1000)\n"
+    "          call('SET', key, nw, 'PX', ms < 1 and 1 or ms)\n"
+    "        end\n"
     "      end\n"
     "    end\n"
     "  else\n"
