@@ -143,7 +143,7 @@ class Slot:
         """Give the slot back (fire and forget; idempotent)."""
         if self._held:
             self._held = False
-            self.limiter.release(self.key, self.spec, self.id)
+            self.limiter._release_held(self.key, self.spec, self.id)
 
     async def __aenter__(self) -> "Slot":
         lim = self.limiter
@@ -153,7 +153,7 @@ class Slot:
         if not d.allowed:
             raise ConcurrencyLimitExceeded(self.key, self.spec.concurrency, d)
         self._held = True
-        lim._slots_held += 1
+        lim._took_slot()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -505,6 +505,14 @@ class Limiter:
         """Give back concurrency slot ``slot_id`` of ``key`` (fire and forget:
         nothing waits for the store; a slot that cannot be given back expires
         after its ttl)."""
+        self._engine.release(key, spec, slot_id)
+
+    # The count of slots this process holds (stats()["slots_held"]), kept by
+    # Slot and the middleware around the slots they take and give back.
+    def _took_slot(self) -> None:
+        self._slots_held += 1
+
+    def _release_held(self, key: Union[str, bytes], spec: Spec, slot_id: Union[str, bytes]) -> None:
         self._slots_held -= 1
         self._engine.release(key, spec, slot_id)
 

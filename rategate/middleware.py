@@ -615,7 +615,7 @@ class RateLimitMiddleware:
         if r.limits is None and not r.concurrency:
             return
         where = f"rule {r.name!r}"
-        if r.concurrency and not hasattr(self.limiter, "release"):
+        if r.concurrency and not hasattr(self.limiter, "_release_held"):
             raise ValueError(f"{where}: concurrency needs a rategate.Limiter (with release()), got {self.limiter!r}")
         label = r.name if self.namespace is None else f"{self.namespace}:{r.name}"
         r.counts = self._counts(label)
@@ -758,13 +758,13 @@ class RateLimitMiddleware:
         held = bool(d.allowed and d.error is None)
         lim = self.limiter
         if held:
-            lim._slots_held += 1  # the Limiter's count; release() takes it back
+            lim._took_slot()  # the Limiter's count of slots held (stats())
 
         def release() -> None:
             nonlocal held
             if held:
                 held = False
-                lim.release(key, rule.spec, sid)
+                lim._release_held(key, rule.spec, sid)
 
         async def receive_watching() -> Message:
             message = await receive()

@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 import rategate
-from rategate import ConcurrencyLimitExceeded, Rule
+from rategate import ConcurrencyLimitExceeded, Rule, _core
 
 BOUND = 10.0  # seconds: only a hang fails on it
 
@@ -114,6 +114,9 @@ async def test_concurrency_limit_and_release(storage_url: str, make_limiter: Any
     for s in held:
         s.release()
     assert lim.stats()["slots_held"] == 0
+    # A release is a check with no future: the loop thread frees it.
+    await settle(lim)
+    assert _core._live()["checks"] == 0
 
 
 @pytest.mark.asyncio
