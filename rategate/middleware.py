@@ -394,7 +394,8 @@ class Rule:
     def __repr__(self) -> str:
         p = f"re.compile({self.regex.pattern!r})" if self.regex is not None else repr(self.path)
         m = "" if self.methods is None else f", methods={sorted(self.methods)!r}"
-        return f"Rule({p}, {self.limits!r}{m}, name={self.name!r})"
+        c = f", concurrency={self.concurrency}" if self.concurrency else ""
+        return f"Rule({p}, {self.limits!r}{m}{c}, name={self.name!r})"
 
     def set_prefixes(self, name: str) -> None:
         """The key prefixes of this rule, from its escaped (namespaced) name."""

@@ -312,3 +312,52 @@ def test_set_cost_errors() -> None:
     scope: dict[str, Any] = {"type": "http"}
     rategate.set_cost(scope, 7)
     assert scope["state"]["rategate.cost"] == 7
+
+
+@pytest.mark.asyncio
+async def test_websocket_holds_its_slot_for_the_connection(storage_url: str, make_limiter: Any) -> None:
+    """A WebSocket under a concurrency rule holds a slot from the handshake
+    to the disconnect: a second connection of the key is refused meanwhile."""
+    lim = make_limiter(storage_url)
+    opened, leave = asyncio.Event(), asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        assert (await receive())["type"] == "websocket.connect"
+        await send({"type": "websocket.accept"})
+        opened.set()
+        await receive()  # until the client goes away
+
+    mw = rategate.RateLimitMiddleware(app, limiter=lim, rules=[Rule("/ws", None, concurrency=1)])
+
+    def scope() -> dict[str, Any]:
+        return {"type": "websocket", "asgi": {"version": "3.0"}, "scheme": "ws", "path": "/ws",
+                "raw_path": b"/ws", "query_string": b"", "root_path": "", "headers": [(b"host", b"t")],
+                "client": ("203.0.113.5", 1), "server": ("t", 80), "subprotocols": []}
+
+    async def client(stay: asyncio.Event | None) -> list[Any]:
+        inbox: list[Any] = [{"type": "websocket.connect"}]
+        sent: list[Any] = []
+
+        async def receive() -> Any:
+            if inbox:
+                return inbox.pop(0)
+            if stay is not None:
+                await stay.wait()
+            return {"type": "websocket.disconnect", "code": 1000}
+
+        async def send(m: Any) -> None:
+            sent.append(m)
+
+        await asyncio.wait_for(mw(scope(), receive, send), BOUND)
+        return sent
+
+    first = asyncio.ensure_future(client(leave))
+    await asyncio.wait_for(opened.wait(), BOUND)
+    second = await client(None)
+    assert second[-1]["type"] == "websocket.close" and second[-1]["code"] == 1008
+    assert lim.stats()["slots_held"] == 1
+    leave.set()
+    assert (await first)[0]["type"] == "websocket.accept"
+    assert lim.stats()["slots_held"] == 0
+    await settle(lim)
+    assert (await client(None))[0]["type"] == "websocket.accept"
