@@ -50,21 +50,22 @@ fnv1a(const char *p, size_t n)
 }
 
 /*
- * The key of rate j of check c.  Every key of one check carries the same
- * non-empty hash tag, so a check never spans two Redis Cluster slots:
- *   rg:{<key>}:<rate>             a non-empty key without '}'
- *   rg:{~<fnv1a hex>}~<key>:<rate> otherwise (a '}' in the key would end the
- *                                 tag early, an empty key would give "{}")
+ * A key of check c: rate j's, or (id "c") its concurrency key.  Every key
+ * of one check carries the same non-empty hash tag, so a check never spans
+ * two Redis Cluster slots:
+ *   rg:{<key>}:<id>             a non-empty key without '}'
+ *   rg:{~<fnv1a hex>}~<key>:<id> otherwise (a '}' in the key would end the
+ *                               tag early, an empty key would give "{}")
  * The two forms never collide: after the first '}' comes ':' in one and
- * '~' in the other; and no rate part contains ':', so <key>:<rate> is
- * unambiguous.  Binary-safe: keys travel as bulk strings.
+ * '~' in the other; and no id contains ':', so <key>:<id> is unambiguous
+ * (a rate's id is "limit/period_ms", never "c").  Binary-safe: keys travel
+ * as bulk strings.
  */
 static void
-write_key(rg_buf *b, const rg_check *c, int j, const char *tag, size_t taglen)
+write_key(rg_buf *b, const rg_check *c, const char *id, size_t idlen, const char *tag,
+          size_t taglen)
 {
-    const rg_spec *sp = c->spec;
-    size_t n = taglen ? 5 + taglen + 2 + c->keylen + 1 + sp->key_id_len[j]
-                      : 4 + c->keylen + 2 + sp->key_id_len[j];
+    size_t n = taglen ? 5 + taglen + 2 + c->keylen + 1 + idlen : 4 + c->keylen + 2 + idlen;
     char *p;
 
     rg_resp_header(b, '$', n);
@@ -87,8 +88,8 @@ write_key(rg_buf *b, const rg_check *c, int j, const char *tag, size_t taglen)
         *p++ = '}';
         *p++ = ':';
     }
-    memcpy(p, sp->key_id[j], sp->key_id_len[j]);
-    p += sp->key_id_len[j];
+    memcpy(p, id, idlen);
+    p += idlen;
     *p++ = '\r';
     *p++ = '\n';
     b->len = (size_t)(p - b->p);
@@ -130,6 +131,21 @@ rg_check_slot(const rg_check *c)
     return crc16(crc16(0, "~", 1), tag, taglen) & 16383;
 }
 
+/* The rates the script gets for c (a release touches none), and whether
+ * the concurrency part goes along (a hit takes a slot, a release gives it
+ * back; a reset or a charge concerns the rates only). */
+static int
+rates_sent(const rg_check *c)
+{
+    return c->op == RG_OP_RELEASE ? 0 : c->spec->n;
+}
+
+static int
+conc_sent(const rg_check *c)
+{
+    return c->spec->conc_limit > 0 && (c->op == RG_OP_HIT || c->op == RG_OP_RELEASE);
+}
+
 int
 rg_batch_write(rg_batch *b, const char *sha, rg_buf *out)
 {
@@ -140,16 +156,21 @@ rg_batch_write(rg_batch *b, const char *sha, rg_buf *out)
 
     for (i = 0; i < b->n; i++) {
         rg_check *c = b->checks[i];
+        int nr, cc;
         if (c == NULL)
             continue;
         b->checks[n] = c;
         c->bidx = (uint32_t)n++;
-        nkeys += c->spec->n;
-        argc += 2 + 3 * (size_t)c->spec->n;
+        nr = rates_sent(c);
+        cc = conc_sent(c);
+        nkeys += nr + cc;
+        argc += 3 + 3 * (size_t)nr + 4 * (size_t)cc;
         /* per rate: the key (with a tag of up to 16 hex digits and the
-         * rate part) and two numbers of at most 31 characters */
-        bytes += 64 + (size_t)c->spec->n * (RG_RESP_BULK_MAX(c->keylen + 24 + 48) +
-                                            2 * RG_RESP_BULK_MAX(32));
+         * rate part) and two numbers of at most 31 characters; the
+         * concurrency part: its key, two numbers and the slot id */
+        bytes += 96 + (size_t)(nr + cc) * (RG_RESP_BULK_MAX(c->keylen + 24 + 48) +
+                                           2 * RG_RESP_BULK_MAX(32)) +
+                 (size_t)cc * RG_RESP_BULK_MAX(c->sidlen);
     }
     b->n = n;
     if (n == 0)
@@ -171,18 +192,26 @@ rg_batch_write(rg_batch *b, const char *sha, rg_buf *out)
         rg_check *c = b->checks[i];
         char tag[24];
         size_t taglen = key_tag(c, tag);
-        for (j = 0; j < c->spec->n; j++)
-            write_key(out, c, j, tag, taglen);
+        for (j = 0; j < rates_sent(c); j++)
+            write_key(out, c, c->spec->key_id[j], c->spec->key_id_len[j], tag, taglen);
+        if (conc_sent(c))
+            write_key(out, c, "c", 1, tag, taglen);
     }
     rg_resp_bulk_int(out, n);
     for (i = 0; i < n; i++) {
         rg_check *c = b->checks[i];
-        /* A reset travels as cost -1 (a hit's cost is >= 0). */
-        rg_resp_bulk_int(out, c->op == RG_OP_RESET ? -1 : (long long)c->cost);
-        rg_resp_bulk_int(out, c->spec->n);
-        for (j = 0; j < c->spec->n; j++) {
+        int nr = rates_sent(c), cc = conc_sent(c);
+        rg_resp_bulk_int(out, c->op + (cc ? RG_OP_CONC_FLAG : 0));
+        rg_resp_bulk_int(out, (long long)c->cost);
+        rg_resp_bulk_int(out, nr);
+        for (j = 0; j < nr; j++) {
             rg_resp_bulk(out, c->spec->arg_T[j], c->spec->arg_T_len[j]);
             rg_resp_bulk(out, c->spec->arg_tau[j], c->spec->arg_tau_len[j]);
+        }
+        if (cc) {
+            rg_resp_bulk(out, c->spec->arg_conc[0], c->spec->arg_conc_len[0]);
+            rg_resp_bulk(out, c->spec->arg_conc[1], c->spec->arg_conc_len[1]);
+            rg_resp_bulk(out, rg_check_sid(c), c->sidlen);
         }
     }
     return 0;
@@ -250,7 +279,9 @@ rg_batch_decode(rg_batch *b, const redisReply *reply, char *why, size_t whylen)
             c->err = RG_ERR_NONE;
             continue;
         }
-        if (c->res.rate < 0 || c->res.rate >= c->spec->n || c->res.allowed < 0 ||
+        /* rate n is the concurrency limit, when there is one */
+        if (c->res.rate < 0 || c->res.rate > c->spec->n ||
+            (c->res.rate == c->spec->n && c->spec->conc_limit == 0) || c->res.allowed < 0 ||
             c->res.allowed > 1)
             ok = 0;
         if (ok && c->op == RG_OP_RESET) {

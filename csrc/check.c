@@ -22,15 +22,18 @@ rg_spec_decref(rg_spec *s)
 }
 
 rg_check *
-rg_check_new(const char *key, size_t keylen)
+rg_check_new(const char *key, size_t keylen, const char *sid, size_t sidlen)
 {
-    rg_check *c = malloc(sizeof(*c) + keylen);
+    rg_check *c = malloc(sizeof(*c) + keylen + sidlen);
     if (c == NULL)
         return NULL;
     memset(c, 0, sizeof(*c));
     atomic_fetch_add_explicit(&rg_live_checks, 1, memory_order_relaxed);
     memcpy(c->key, key, keylen);
     c->keylen = (uint32_t)keylen;
+    if (sidlen > 0)
+        memcpy(c->key + keylen, sid, sidlen);
+    c->sidlen = (uint32_t)sidlen;
     return c;
 }
 

@@ -29,9 +29,18 @@ enum rg_err {
 
 /* What a check asks of the store. */
 enum rg_op {
-    RG_OP_HIT = 0, /* decide, consuming cost if allowed (cost 0: peek) */
+    RG_OP_HIT = 0, /* decide, consuming cost if allowed (cost 0: peek); with the
+                    * spec's concurrency limit, also take a slot (check->sid) */
     RG_OP_RESET,   /* delete the key's buckets for the spec's rates; answered allowed */
+    RG_OP_CHARGE,  /* consume cost (may be negative: a refund) without denying;
+                    * a bucket may go into debt, never above full */
+    RG_OP_RELEASE, /* give back the concurrency slot check->sid; nobody waits
+                    * for the answer (the check has no port) */
 };
+
+/* The script's op argument: the op, plus this flag when the check carries a
+ * concurrency part (its key, limit, ttl and slot id follow the rates). */
+#define RG_OP_CONC_FLAG 4
 
 /* A compiled list of rates, with the strings the Redis script needs. */
 typedef struct rg_spec {
@@ -45,6 +54,13 @@ typedef struct rg_spec {
     uint8_t arg_tau_len[RG_MAX_RATES];
     char key_id[RG_MAX_RATES][48];  /* the rate's part of the key, "100/60000" */
     uint8_t key_id_len[RG_MAX_RATES];
+    /* A concurrency limit (0: none): at most conc_limit slots of one key
+     * held at once, each for at most conc_ttl_us.  It reports as rate
+     * number n: rates[n].burst is conc_limit (so n < RG_MAX_RATES). */
+    int64_t conc_limit;
+    double conc_ttl_us;
+    char arg_conc[2][24];           /* the script's limit and ttl (us) arguments */
+    uint8_t arg_conc_len[2];
 } rg_spec;
 
 struct rg_port;
@@ -62,6 +78,7 @@ typedef struct rg_check {
     uint32_t slot;         /* the port's future slot, meaningful to Python only */
     uint64_t hash;         /* rg_hash(key), for the over-limit cache */
     uint64_t submit_ns;    /* CLOCK_MONOTONIC */
+    uint64_t done_ns;      /* when a loop thread finished it (0: not by one) */
     uint64_t deadline_ns;
     int64_t cost;
     int op;                /* enum rg_op */
@@ -69,6 +86,7 @@ typedef struct rg_check {
     int err;               /* enum rg_err */
     rg_result res;
     uint32_t keylen;
+    uint32_t sidlen;       /* the concurrency slot id, after the key in key[] */
     char key[];
 } rg_check;
 
@@ -80,8 +98,15 @@ rg_spec_incref(rg_spec *s)
 
 void rg_spec_decref(rg_spec *s);
 
-/* Allocate a check with a copy of the key; NULL on out of memory. */
-rg_check *rg_check_new(const char *key, size_t keylen);
+/* Allocate a check with a copy of the key and of the slot id (sid, may be
+ * NULL with sidlen 0); NULL on out of memory. */
+rg_check *rg_check_new(const char *key, size_t keylen, const char *sid, size_t sidlen);
+
+static inline const char *
+rg_check_sid(const rg_check *c)
+{
+    return c->key + c->keylen;
+}
 /* Drop the check's references and free it.  Any thread. */
 void rg_check_free(rg_check *c);
 

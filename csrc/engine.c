@@ -84,19 +84,35 @@ complete(rg_shard *s, rg_check *c, int err)
 }
 
 /* Push finished checks to their ports: one lock and at most one eventfd
- * write per run of checks bound for the same port. */
+ * write per run of checks bound for the same port.  Each is stamped with
+ * the time it was finished (Decision.latency: submit to decision, as the
+ * loop thread saw it).  A check with no port (a concurrency release:
+ * nobody waits for it) is freed here. */
 static void
 flush(rg_shard *s)
 {
     rg_check *c = s->done_head;
+    uint64_t now = c != NULL ? rg_now_ns() : 0;
 
     s->done_head = s->done_tail = NULL;
     while (c != NULL) {
         rg_check *first = c, *last = c;
-        while (last->next != NULL && last->next->port == first->port)
+        first->done_ns = now;
+        while (last->next != NULL && last->next->port == first->port) {
             last = last->next;
+            last->done_ns = now;
+        }
         c = last->next;
-        rg_port_push(first->port, first, last);
+        if (first->port == NULL) {
+            last->next = NULL;
+            while (first != NULL) {
+                rg_check *next = first->next;
+                rg_check_free(first);
+                first = next;
+            }
+        } else {
+            rg_port_push(first->port, first, last);
+        }
     }
 }
 

@@ -71,3 +71,34 @@ rg_gcra_check(const rg_rate *rates, int n, double now, int64_t cost,
     }
     return allowed;
 }
+
+void
+rg_gcra_charge(const rg_rate *rates, int n, double now, int64_t cost, double *tats,
+               rg_result *out)
+{
+    int j;
+
+    out->allowed = 1;
+    out->rate = 0;
+    out->remaining = -1;
+    out->reset_us = out->retry_us = out->block_us = 0;
+    for (j = 0; j < n; j++) {
+        double v = (tats[j] < now ? now : tats[j]) + (double)cost * rates[j].T;
+        double r;
+        int64_t rem;
+        if (v < now)
+            v = now;
+        if (v - now > RG_MAX_DEBT_US)
+            v = now + RG_MAX_DEBT_US;
+        tats[j] = v;
+        r = floor((rates[j].tau - (v - now) + RG_SLACK(rates[j].T)) / rates[j].T);
+        rem = r < 0 ? 0 : (int64_t)r;
+        if (out->remaining < 0 || rem < out->remaining) {
+            out->remaining = rem;
+            out->rate = j;
+            out->reset_us = clamp_us(ceil(v - now));
+        }
+    }
+    if (out->remaining < 0)
+        out->remaining = 0;
+}

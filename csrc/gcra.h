@@ -36,6 +36,10 @@
  * is under 2 us (T >= 1 us is enforced), so it is never a whole token. */
 #define RG_SLACK(T) ((T) < 2.0 ? (T) / 2.0 : 1.0)
 
+/* A charge may put a bucket this far into debt at most (31 years): the TAT
+ * stays an exact double and a Redis PX TTL far inside int64. */
+#define RG_MAX_DEBT_US 1e15
+
 typedef struct rg_rate {
     double T;      /* emission interval, us */
     double tau;    /* burst * T, us */
@@ -61,5 +65,15 @@ typedef struct rg_result {
  */
 int rg_gcra_check(const rg_rate *rates, int n, double now, int64_t cost,
                   double *tats, rg_result *out);
+
+/*
+ * Charge `cost` (negative: a refund) to rates[0..n) without deciding: each
+ * TAT becomes max(TAT, now) + cost*T, at least now (a refund stops at a full
+ * bucket) and at most now + RG_MAX_DEBT_US (a bucket in debt denies until it
+ * has refilled).  tats[] gets the values to store (now: full, nothing to
+ * keep); out reports the rate with the fewest tokens left, allowed.
+ */
+void rg_gcra_charge(const rg_rate *rates, int n, double now, int64_t cost,
+                    double *tats, rg_result *out);
 
 #endif

@@ -15,11 +15,20 @@
 
 #include "check.h"
 
+/* A concurrency slot held: its id (owned) and when it expires. */
+typedef struct rg_mem_slot {
+    char *id;
+    size_t len;
+    double exp;
+} rg_mem_slot;
+
 typedef struct rg_mem_entry {
     uint64_t hash; /* 0: free */
-    double tat;
-    char *key;     /* "key\0key_id", owned */
+    double tat;    /* a concurrency entry: the latest expiry of its slots */
+    char *key;     /* "key\0key_id" ("key\0c" for concurrency), owned */
     size_t keylen;
+    rg_mem_slot *sl; /* concurrency slots (owned), nsl of capsl used */
+    uint32_t nsl, capsl;
 } rg_mem_entry;
 
 typedef struct rg_memstore {
@@ -31,9 +40,12 @@ typedef struct rg_memstore {
 
 int rg_memstore_init(rg_memstore *m);
 void rg_memstore_free(rg_memstore *m);
-/* Decide one check; -1 on out of memory (nothing consumed). */
-int rg_memstore_check(rg_memstore *m, const rg_spec *spec, const char *key,
-                      size_t keylen, int64_t cost, uint64_t now_ns, rg_result *out);
+/* Do one check of op RG_OP_HIT (with the spec's concurrency limit, take
+ * slot `sid`), RG_OP_CHARGE or RG_OP_RELEASE (give `sid` back), exactly as
+ * the Redis script does; -1 on out of memory (nothing changed). */
+int rg_memstore_op(rg_memstore *m, int op, const rg_spec *spec, const char *key,
+                   size_t keylen, const char *sid, size_t sidlen, int64_t cost,
+                   uint64_t now_ns, rg_result *out);
 /* Forget the key's buckets for the spec's rates (limiter.reset()): they are
  * full again.  Allocates nothing, cannot fail. */
 void rg_memstore_delete(rg_memstore *m, const rg_spec *spec, const char *key,

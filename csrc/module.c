@@ -47,6 +47,7 @@ rg_decision_new(rg_state *st, int allowed, int rate, long long limit,
     d->remaining = remaining;
     d->reset_after = reset_after;
     d->retry_after = retry_after;
+    d->latency = -1.0;
     d->error = Py_NewRef(st->err_str[err]);
     return (PyObject *)d;
 }
@@ -113,6 +114,7 @@ decision_tp_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
     d->remaining = remaining;
     d->reset_after = reset_after;
     d->retry_after = retry_after;
+    d->latency = -1.0;
     d->error = Py_NewRef(error);
     return (PyObject *)d;
 }
@@ -156,7 +158,25 @@ static PyMemberDef decision_members[] = {
     {NULL, 0, 0, 0, NULL},
 };
 
+static PyObject *
+decision_latency(DecisionObject *self, void *unused)
+{
+    (void)unused;
+    if (self->latency < 0)
+        Py_RETURN_NONE;
+    return PyFloat_FromDouble(self->latency);
+}
+
+static PyGetSetDef decision_getset[] = {
+    {"latency", (getter)decision_latency, NULL,
+     "seconds from submit to decision, measured on the loop thread; None for a decision "
+     "answered at once (memory://, the deny cache, the failure mode while Redis is down)",
+     NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
 static PyType_Slot decision_slots[] = {
+    {Py_tp_getset, decision_getset},
     {Py_tp_new, decision_tp_new},
     {Py_tp_dealloc, decision_dealloc},
     {Py_tp_repr, decision_repr},
@@ -200,22 +220,35 @@ static PyObject *
 spec_tp_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
 {
     rg_state *st = rg_state_of_type(tp);
+    static char *kwlist[] = {"", "concurrency", "ttl", NULL};
     PyObject *rates;
     SpecObject *self = NULL;
     rg_spec *s = NULL;
     Py_ssize_t i, n;
+    long long conc = 0;
+    double ttl = 60.0;
 
     if (st == NULL)
         return NULL;
-    if (!PyArg_ParseTuple(args, "O!:Spec", &PyTuple_Type, &rates))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!|$Ld:Spec", kwlist, &PyTuple_Type, &rates,
+                                     &conc, &ttl))
         return NULL;
-    if (kw != NULL && PyDict_GET_SIZE(kw) != 0) {
-        PyErr_SetString(PyExc_TypeError, "Spec() takes no keyword arguments");
+    n = PyTuple_GET_SIZE(rates);
+    if (conc < 0 || conc > (long long)RG_MAX_LIMIT) {
+        PyErr_Format(PyExc_ValueError,
+                     "concurrency must be an int from 1 to 10**9 (0: none), got %lld", conc);
         return NULL;
     }
-    n = PyTuple_GET_SIZE(rates);
-    if (n < 1 || n > RG_MAX_RATES) {
-        PyErr_Format(PyExc_ValueError, "a check takes 1 to %d rates, got %zd", RG_MAX_RATES, n);
+    if (conc > 0 && !(ttl >= 0.001 && ttl <= 86400.0)) { /* false for NaN */
+        PyErr_Format(PyExc_ValueError,
+                     "ttl (how long a dead process may hold a concurrency slot) must be a "
+                     "number of seconds from 0.001 to 86400, got %R",
+                     PyTuple_GET_ITEM(args, PyTuple_GET_SIZE(args) > 2 ? 2 : 0));
+        return NULL;
+    }
+    if (n < (conc > 0 ? 0 : 1) || n > RG_MAX_RATES - (conc > 0)) {
+        PyErr_Format(PyExc_ValueError, "a check takes 1 to %d rates (0 to %d with a concurrency "
+                     "limit), got %zd", RG_MAX_RATES, RG_MAX_RATES - 1, n);
         return NULL;
     }
     s = calloc(1, sizeof(*s));
@@ -276,6 +309,15 @@ spec_tp_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
         s->key_id_len[i] = (uint8_t)idlen;
         Py_DECREF(kid);
     }
+    if (conc > 0) {
+        /* The concurrency limit reports as rate n (see check.h). */
+        s->conc_limit = conc;
+        s->conc_ttl_us = floor(ttl * 1e6);
+        s->rates[n].burst = conc;
+        s->arg_conc_len[0] = (uint8_t)snprintf(s->arg_conc[0], sizeof(s->arg_conc[0]), "%lld", conc);
+        s->arg_conc_len[1] = (uint8_t)snprintf(s->arg_conc[1], sizeof(s->arg_conc[1]), "%.17g",
+                                               s->conc_ttl_us);
+    }
     self = (SpecObject *)tp->tp_alloc(tp, 0);
     if (self == NULL)
         goto error;
@@ -298,6 +340,26 @@ spec_dealloc(SpecObject *self)
     Py_DECREF(tp);
 }
 
+static PyObject *
+spec_concurrency(SpecObject *self, void *unused)
+{
+    (void)unused;
+    return PyLong_FromLongLong(self->spec->conc_limit);
+}
+
+static PyObject *
+spec_ttl(SpecObject *self, void *unused)
+{
+    (void)unused;
+    return PyFloat_FromDouble(self->spec->conc_ttl_us / 1e6);
+}
+
+static PyGetSetDef spec_getset[] = {
+    {"concurrency", (getter)spec_concurrency, NULL, "the concurrency limit, 0 if none", NULL},
+    {"ttl", (getter)spec_ttl, NULL, "seconds a concurrency slot is held at most", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
 static PyMemberDef spec_members[] = {
     {"rates", T_OBJECT, offsetof(SpecObject, rates), READONLY, "the rates, a tuple of Rate"},
     {NULL, 0, 0, 0, NULL},
@@ -307,6 +369,7 @@ static PyType_Slot spec_slots[] = {
     {Py_tp_new, spec_tp_new},
     {Py_tp_dealloc, spec_dealloc},
     {Py_tp_members, spec_members},
+    {Py_tp_getset, spec_getset},
     {Py_tp_doc, "A compiled list of rates (see Limiter.compile)."},
     {0, NULL},
 };
@@ -320,17 +383,11 @@ static PyType_Spec spec_spec = {
 
 /* ---- shared helpers ---------------------------------------------------------- */
 
-int
-rg_parse_submit(rg_state *st, PyObject *const *args, Py_ssize_t nargs, const char **key,
-                Py_ssize_t *keylen, SpecObject **spec, long long *cost)
+/* key and spec of a check, checked: 0 or -1 with an error. */
+static int
+parse_key_spec(rg_state *st, PyObject *k, PyObject *sp, const char **key, Py_ssize_t *keylen,
+               SpecObject **spec)
 {
-    PyObject *k;
-
-    if (nargs != 3) {
-        PyErr_Format(PyExc_TypeError, "submit() takes (key, spec, cost), got %zd arguments", nargs);
-        return -1;
-    }
-    k = args[0];
     if (PyBytes_Check(k)) {
         *key = PyBytes_AS_STRING(k);
         *keylen = PyBytes_GET_SIZE(k);
@@ -352,45 +409,135 @@ rg_parse_submit(rg_state *st, PyObject *const *args, Py_ssize_t nargs, const cha
                      *keylen, RG_MAX_KEY);
         return -1;
     }
-    if (Py_TYPE(args[1]) != st->SpecType) {
+    if (Py_TYPE(sp) != st->SpecType) {
         PyErr_Format(PyExc_TypeError, "spec must come from Limiter.compile(), not %.100s",
-                     Py_TYPE(args[1])->tp_name);
+                     Py_TYPE(sp)->tp_name);
         return -1;
     }
-    *spec = (SpecObject *)args[1];
-    if (!PyLong_Check(args[2]) || PyBool_Check(args[2])) {
-        PyErr_Format(PyExc_ValueError, "cost must be an int >= 0, got %R", args[2]);
-        return -1;
-    }
-    *cost = PyLong_AsLongLong(args[2]);
-    if ((*cost == -1 && PyErr_Occurred()) || *cost < 0 || *cost > RG_MAX_COST) {
+    *spec = (SpecObject *)sp;
+    return 0;
+}
+
+/* A cost: an int from lo to 2**53. */
+static int
+parse_cost(PyObject *o, long long lo, long long *cost)
+{
+    if (PyLong_Check(o) && !PyBool_Check(o)) {
+        *cost = PyLong_AsLongLong(o);
+        if (!(*cost == -1 && PyErr_Occurred()) && *cost >= lo && *cost <= RG_MAX_COST)
+            return 0;
         PyErr_Clear();
-        PyErr_Format(PyExc_ValueError, "cost must be an int from 0 to 2**53, got %R", args[2]);
+    }
+    PyErr_Format(PyExc_ValueError, "cost must be an int from %s to 2**53, got %R%s",
+                 lo == 0 ? "0" : "-2**53", o,
+                 lo == 0 ? " (to give tokens back, charge() a negative cost)" : "");
+    return -1;
+}
+
+int
+rg_parse_submit(rg_state *st, PyObject *const *args, Py_ssize_t nargs, const char **key,
+                Py_ssize_t *keylen, SpecObject **spec, long long *cost)
+{
+    if (nargs != 3 && nargs != 4) {
+        PyErr_Format(PyExc_TypeError,
+                     "submit() takes (key, spec, cost[, slot_id]), got %zd arguments", nargs);
+        return -1;
+    }
+    if (parse_key_spec(st, args[0], args[1], key, keylen, spec) < 0)
+        return -1;
+    return parse_cost(args[2], 0, cost);
+}
+
+#define RG_MAX_SID 256
+
+static int
+parse_sid_obj(PyObject *o, const char **sid, Py_ssize_t *sidlen)
+{
+    if (PyBytes_Check(o)) {
+        *sid = PyBytes_AS_STRING(o);
+        *sidlen = PyBytes_GET_SIZE(o);
+    } else if (PyUnicode_Check(o)) {
+        if ((*sid = PyUnicode_AsUTF8AndSize(o, sidlen)) == NULL)
+            return -1;
+    } else {
+        PyErr_Format(PyExc_TypeError, "slot_id must be str or bytes, not %.100s",
+                     Py_TYPE(o)->tp_name);
+        return -1;
+    }
+    if (*sidlen < 1 || *sidlen > RG_MAX_SID) {
+        PyErr_Format(PyExc_ValueError, "slot_id must be 1 to %d bytes, got %zd", RG_MAX_SID,
+                     *sidlen);
         return -1;
     }
     return 0;
 }
 
 int
+rg_parse_sid(SpecObject *spec, PyObject *const *args, Py_ssize_t nargs, const char **sid,
+             Py_ssize_t *sidlen)
+{
+    *sid = NULL;
+    *sidlen = 0;
+    if (spec->spec->conc_limit == 0) {
+        if (nargs == 3)
+            return 0;
+        PyErr_SetString(PyExc_ValueError,
+                        "submit(): a slot_id goes only with a spec that has a concurrency limit");
+        return -1;
+    }
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError,
+                        "submit(): this spec has a concurrency limit: pass a unique slot_id as "
+                        "the 4th argument (Limiter.concurrency() does)");
+        return -1;
+    }
+    return parse_sid_obj(args[3], sid, sidlen);
+}
+
+int
+rg_parse_charge(rg_state *st, PyObject *const *args, Py_ssize_t nargs, const char **key,
+                Py_ssize_t *keylen, SpecObject **spec, long long *cost)
+{
+    if (nargs != 3) {
+        PyErr_Format(PyExc_TypeError, "charge() takes (key, spec, cost), got %zd arguments", nargs);
+        return -1;
+    }
+    if (parse_key_spec(st, args[0], args[1], key, keylen, spec) < 0)
+        return -1;
+    if ((*spec)->spec->n == 0) {
+        PyErr_SetString(PyExc_ValueError, "charge(): the spec has no rates to charge");
+        return -1;
+    }
+    return parse_cost(args[2], -RG_MAX_COST, cost);
+}
+
+int
+rg_parse_release(rg_state *st, PyObject *const *args, Py_ssize_t nargs, const char **key,
+                 Py_ssize_t *keylen, SpecObject **spec, const char **sid, Py_ssize_t *sidlen)
+{
+    if (nargs != 3) {
+        PyErr_Format(PyExc_TypeError, "release() takes (key, spec, slot_id), got %zd arguments",
+                     nargs);
+        return -1;
+    }
+    if (parse_key_spec(st, args[0], args[1], key, keylen, spec) < 0)
+        return -1;
+    if ((*spec)->spec->conc_limit == 0) {
+        PyErr_SetString(PyExc_ValueError, "release(): the spec has no concurrency limit");
+        return -1;
+    }
+    return parse_sid_obj(args[2], sid, sidlen);
+}
+
+int
 rg_parse_reset(rg_state *st, PyObject *const *args, Py_ssize_t nargs, const char **key,
                Py_ssize_t *keylen, SpecObject **spec)
 {
-    PyObject *argv[3];
-    long long cost;
-    int rc;
-
     if (nargs != 2) {
         PyErr_Format(PyExc_TypeError, "reset() takes (key, spec), got %zd arguments", nargs);
         return -1;
     }
-    argv[0] = args[0];
-    argv[1] = args[1];
-    argv[2] = PyLong_FromLong(0);
-    if (argv[2] == NULL)
-        return -1;
-    rc = rg_parse_submit(st, argv, 3, key, keylen, spec, &cost);
-    Py_DECREF(argv[2]); /* key and spec are borrowed from args */
-    return rc;
+    return parse_key_spec(st, args[0], args[1], key, keylen, spec);
 }
 
 PyObject *
@@ -419,8 +566,9 @@ error:
 
 /* ---- module functions -------------------------------------------------------- */
 
-/* _gcra_check(spec, now_us, cost, tats) -> (allowed, rate, remaining,
- * reset_us, retry_us, block_us, new_tats): the C algorithm, for tests. */
+/* _gcra_check(spec, now_us, cost, tats, charge=False) -> (allowed, rate,
+ * remaining, reset_us, retry_us, block_us, new_tats): the C algorithm (or
+ * the charge), for tests. */
 static PyObject *
 mod_gcra_check(PyObject *module, PyObject *args)
 {
@@ -431,8 +579,10 @@ mod_gcra_check(PyObject *module, PyObject *args)
     rg_result r;
     int i, n;
 
-    if (!PyArg_ParseTuple(args, "O!dLO!:_gcra_check", st->SpecType, &spec, &now, &cost,
-                          &PyList_Type, &tats))
+    int charge = 0;
+
+    if (!PyArg_ParseTuple(args, "O!dLO!|p:_gcra_check", st->SpecType, &spec, &now, &cost,
+                          &PyList_Type, &tats, &charge))
         return NULL;
     n = ((SpecObject *)spec)->spec->n;
     if (PyList_GET_SIZE(tats) != n) {
@@ -444,7 +594,10 @@ mod_gcra_check(PyObject *module, PyObject *args)
         if (tv[i] == -1.0 && PyErr_Occurred())
             return NULL;
     }
-    rg_gcra_check(((SpecObject *)spec)->spec->rates, n, now, cost, tv, &r);
+    if (charge)
+        rg_gcra_charge(((SpecObject *)spec)->spec->rates, n, now, cost, tv, &r);
+    else
+        rg_gcra_check(((SpecObject *)spec)->spec->rates, n, now, cost, tv, &r);
     nt = PyList_New(n);
     if (nt == NULL)
         return NULL;

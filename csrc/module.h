@@ -39,6 +39,7 @@ typedef struct {
     PyObject_HEAD
     double reset_after;
     double retry_after;
+    double latency; /* seconds from submit to decision on a loop thread; < 0: None */
     long long limit;
     long long remaining;
     PyObject *error; /* str, or None */
@@ -75,6 +76,22 @@ PyObject *rg_counters_dict(rg_state *st, const rg_counters *k);
 int rg_parse_submit(rg_state *st, PyObject *const *args, Py_ssize_t nargs,
                     const char **key, Py_ssize_t *keylen, SpecObject **spec,
                     long long *cost);
+
+/* submit()'s optional 4th argument, the concurrency slot id, checked against
+ * the spec (which needs one exactly when it has a concurrency limit): 0 or
+ * -1 with an error.  *sid is NULL when not given. */
+int rg_parse_sid(SpecObject *spec, PyObject *const *args, Py_ssize_t nargs,
+                 const char **sid, Py_ssize_t *sidlen);
+
+/* Arguments of charge(key, spec, cost): cost may be negative (a refund). */
+int rg_parse_charge(rg_state *st, PyObject *const *args, Py_ssize_t nargs,
+                    const char **key, Py_ssize_t *keylen, SpecObject **spec,
+                    long long *cost);
+
+/* Arguments of release(key, spec, sid): the spec has a concurrency limit. */
+int rg_parse_release(rg_state *st, PyObject *const *args, Py_ssize_t nargs,
+                     const char **key, Py_ssize_t *keylen, SpecObject **spec,
+                     const char **sid, Py_ssize_t *sidlen);
 
 /* Arguments of reset(key, spec), checked the same way. */
 int rg_parse_reset(rg_state *st, PyObject *const *args, Py_ssize_t nargs,

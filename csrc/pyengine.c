@@ -128,31 +128,43 @@ port_unpark(PortObject *p, uint32_t s)
 }
 
 /* Turn a finished check into its Decision, counted, and teach the cache
- * what Redis said about a cost of 1 (see cache.h): denied, or allowed. */
+ * what Redis said about a cost of 1 (see cache.h): denied, or allowed.  A
+ * charge is not a check: it is not counted, and only makes the cache
+ * forget the key (a refund may have ended a denial). */
 static PyObject *
 engine_decide(EngineObject *e, const rg_check *c)
 {
     rg_state *st = e->st;
-    if (c->err != RG_ERR_NONE)
-        return rg_failure(st, &e->k, c->spec, e->failure_open, c->err);
-    if (!c->res.allowed && c->res.block_us > 0) {
-        /* Counted from submission, which is before Redis read its clock:
-         * the cached block ends no later than Redis's (see cache.h). */
-        rg_cache_put(&e->cache, c->hash, c->spec->id, c->key, c->keylen,
-                     c->submit_ns + (uint64_t)c->res.block_us * 1000u,
-                     c->submit_ns + (uint64_t)(c->res.reset_us > 0 ? c->res.reset_us : 0) * 1000u,
-                     c->res.rate, rg_now_ns());
-    } else if (!c->res.allowed || c->cost >= 1 || c->res.remaining >= 1) {
-        /* A cost of 1 is allowed now (a peek that leaves no token says
-         * nothing about that, and changes nothing). */
-        rg_cache_forget(&e->cache, c->hash, c->spec->id, c->key, c->keylen);
+    rg_counters scratch, *k = c->op == RG_OP_CHARGE ? &scratch : &e->k;
+    PyObject *d;
+
+    if (c->err != RG_ERR_NONE) {
+        d = rg_failure(st, k, c->spec, e->failure_open, c->err);
+    } else {
+        if (c->op == RG_OP_HIT && !c->res.allowed && c->res.block_us > 0) {
+            /* Counted from submission, which is before Redis read its clock:
+             * the cached block ends no later than Redis's (see cache.h). */
+            rg_cache_put(&e->cache, c->hash, c->spec->id, c->key, c->keylen,
+                         c->submit_ns + (uint64_t)c->res.block_us * 1000u,
+                         c->submit_ns +
+                             (uint64_t)(c->res.reset_us > 0 ? c->res.reset_us : 0) * 1000u,
+                         c->res.rate, rg_now_ns());
+        } else if (c->op == RG_OP_CHARGE || !c->res.allowed || c->cost >= 1 ||
+                   c->res.remaining >= 1) {
+            /* A cost of 1 is allowed now (a peek that leaves no token says
+             * nothing about that, and changes nothing). */
+            rg_cache_forget(&e->cache, c->hash, c->spec->id, c->key, c->keylen);
+        }
+        d = rg_answer(st, k, c->spec, &c->res, c->cost);
     }
-    return rg_answer(st, &e->k, c->spec, &c->res, c->cost);
+    if (d != NULL && c->done_ns >= c->submit_ns && c->done_ns != 0)
+        ((DecisionObject *)d)->latency = (double)(c->done_ns - c->submit_ns) / 1e9;
+    return d;
 }
 
 /* Resolve the future of one finished check, then free the check.  A hit
- * gets its Decision; a reset gets True, or False if the store could not be
- * reached (nothing is counted). */
+ * or a charge gets its Decision; a reset gets True, or False if the store
+ * could not be reached (nothing is counted). */
 static void
 port_resolve(PortObject *p, rg_check *c)
 {
@@ -767,7 +779,7 @@ engine_ready(EngineObject *self)
  */
 static PyObject *
 engine_enqueue(EngineObject *self, const char *key, size_t keylen, SpecObject *spec,
-               long long cost, int op, uint64_t hash)
+               long long cost, int op, uint64_t hash, const char *sid, size_t sidlen)
 {
     rg_state *st = self->st;
     PortObject *port;
@@ -803,13 +815,16 @@ engine_enqueue(EngineObject *self, const char *key, size_t keylen, SpecObject *s
     if (err != RG_ERR_NONE) {
         if (op == RG_OP_RESET) {
             res = Py_NewRef(Py_False);
+        } else if (op == RG_OP_CHARGE) {
+            rg_counters scratch;
+            res = rg_failure(st, &scratch, spec->spec, self->failure_open, err);
         } else {
             self->k.checks++;
             res = rg_failure(st, &self->k, spec->spec, self->failure_open, err);
         }
         goto done;
     }
-    c = rg_check_new(key, keylen);
+    c = rg_check_new(key, keylen, sid, sidlen);
     if (c == NULL) {
         PyErr_NoMemory();
         goto undo;
@@ -852,13 +867,14 @@ static PyObject *
 engine_submit(EngineObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     rg_state *st = self->st;
-    const char *key;
-    Py_ssize_t keylen;
+    const char *key, *sid;
+    Py_ssize_t keylen, sidlen;
     SpecObject *spec;
     long long cost;
     uint64_t hash;
 
-    if (rg_parse_submit(st, args, nargs, &key, &keylen, &spec, &cost) < 0)
+    if (rg_parse_submit(st, args, nargs, &key, &keylen, &spec, &cost) < 0 ||
+        rg_parse_sid(spec, args, nargs, &sid, &sidlen) < 0)
         return NULL;
     if (engine_ready(self) < 0)
         return NULL;
@@ -885,7 +901,76 @@ engine_submit(EngineObject *self, PyObject *const *args, Py_ssize_t nargs)
         self->k.checks++;
         return rg_failure(st, &self->k, spec->spec, self->failure_open, RG_ERR_UNAVAILABLE);
     }
-    return engine_enqueue(self, key, (size_t)keylen, spec, cost, RG_OP_HIT, hash);
+    return engine_enqueue(self, key, (size_t)keylen, spec, cost, RG_OP_HIT, hash, sid,
+                          (size_t)sidlen);
+}
+
+/* charge(key, spec, cost) -> Future[Decision] | Decision: consume cost
+ * (negative: refund) without denying.  Never answered from the deny cache;
+ * not counted as a check.  A Decision at once when Redis is down. */
+static PyObject *
+engine_charge(EngineObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    const char *key;
+    Py_ssize_t keylen;
+    SpecObject *spec;
+    long long cost;
+
+    if (rg_parse_charge(self->st, args, nargs, &key, &keylen, &spec, &cost) < 0)
+        return NULL;
+    if (engine_ready(self) < 0)
+        return NULL;
+    return engine_enqueue(self, key, (size_t)keylen, spec, cost, RG_OP_CHARGE,
+                          rg_hash(key, (size_t)keylen), NULL, 0);
+}
+
+/*
+ * release(key, spec, slot_id) -> None: give a concurrency slot back, fire
+ * and forget: the check carries no port, the loop thread frees it when
+ * answered (engine.c flush).  Needs no event loop.  When it cannot be sent
+ * (shard down, too many outstanding) the slot is left to expire after the
+ * spec's ttl, which bounds every leak anyway.  Returns whether it was sent.
+ */
+static PyObject *
+engine_release(EngineObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    const char *key, *sid;
+    Py_ssize_t keylen, sidlen;
+    SpecObject *spec;
+    rg_shard *shard;
+    rg_check *c;
+    uint64_t hash, now;
+
+    if (rg_parse_release(self->st, args, nargs, &key, &keylen, &spec, &sid, &sidlen) < 0)
+        return NULL;
+    if (engine_ready(self) < 0)
+        return NULL;
+    /* No Python code from here to the push (see engine_enqueue). */
+    hash = rg_hash(key, (size_t)keylen);
+    shard = &self->eng.shards[(hash >> 40) % (uint64_t)self->eng.cfg.nshards];
+    if (atomic_load_explicit(&shard->down, memory_order_relaxed))
+        Py_RETURN_FALSE;
+    if (atomic_fetch_add_explicit(&self->eng.outstanding, 1, memory_order_relaxed) >=
+        self->eng.cfg.max_pending) {
+        atomic_fetch_sub_explicit(&self->eng.outstanding, 1, memory_order_relaxed);
+        Py_RETURN_FALSE;
+    }
+    c = rg_check_new(key, (size_t)keylen, sid, (size_t)sidlen);
+    if (c == NULL) {
+        atomic_fetch_sub_explicit(&self->eng.outstanding, 1, memory_order_relaxed);
+        return PyErr_NoMemory();
+    }
+    now = rg_now_ns();
+    c->slot = NO_SLOT;
+    c->hash = hash;
+    c->spec = spec->spec;
+    rg_spec_incref(spec->spec);
+    c->op = RG_OP_RELEASE;
+    c->submit_ns = now;
+    c->deadline_ns = now + self->eng.cfg.timeout_ns;
+    if (rg_engine_submit(&self->eng, shard, c) && rg_shard_needs_wake(shard))
+        rg_engine_wake(shard);
+    Py_RETURN_TRUE;
 }
 
 /* reset(key, spec) -> Future[bool] | False: delete the key's buckets for the
@@ -905,7 +990,7 @@ engine_reset(EngineObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     hash = rg_hash(key, (size_t)keylen);
     rg_cache_forget_key(&self->cache, hash, key, (size_t)keylen);
-    return engine_enqueue(self, key, (size_t)keylen, spec, 0, RG_OP_RESET, hash);
+    return engine_enqueue(self, key, (size_t)keylen, spec, 0, RG_OP_RESET, hash, NULL, 0);
 }
 /*
  * Stop the threads (every check still held is answered "closed"), then
@@ -1063,6 +1148,10 @@ static PyMethodDef engine_methods[] = {
      "submit(key, spec, cost) -> Decision | Future[Decision]"},
     {"reset", (PyCFunction)(void (*)(void))engine_reset, METH_FASTCALL,
      "reset(key, spec) -> Future[bool] | False"},
+    {"charge", (PyCFunction)(void (*)(void))engine_charge, METH_FASTCALL,
+     "charge(key, spec, cost) -> Decision | Future[Decision]"},
+    {"release", (PyCFunction)(void (*)(void))engine_release, METH_FASTCALL,
+     "release(key, spec, slot_id) -> bool (sent)"},
     {"close", (PyCFunction)engine_close, METH_NOARGS, "Stop and join the loop threads."},
     {"stats", (PyCFunction)engine_stats, METH_NOARGS, "Counters."},
     {NULL, NULL, 0, NULL},
@@ -1132,25 +1221,71 @@ mem_tp_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
     return (PyObject *)self;
 }
 
+static int
+mem_ready(MemoryEngineObject *self)
+{
+    if (self->closed) {
+        PyErr_SetString(PyExc_RuntimeError, "this Limiter is closed (aclose() was called)");
+        return -1;
+    }
+    return 0;
+}
+
 static PyObject *
 mem_submit(MemoryEngineObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    const char *key, *sid;
+    Py_ssize_t keylen, sidlen;
+    SpecObject *spec;
+    long long cost;
+    rg_result r;
+
+    if (rg_parse_submit(self->st, args, nargs, &key, &keylen, &spec, &cost) < 0 ||
+        rg_parse_sid(spec, args, nargs, &sid, &sidlen) < 0 || mem_ready(self) < 0)
+        return NULL;
+    self->k.checks++;
+    if (rg_memstore_op(&self->mem, RG_OP_HIT, spec->spec, key, (size_t)keylen, sid,
+                       (size_t)sidlen, cost, rg_now_ns(), &r) < 0)
+        return rg_failure(self->st, &self->k, spec->spec, self->failure_open, RG_ERR_OVERLOADED);
+    return rg_answer(self->st, &self->k, spec->spec, &r, cost);
+}
+
+/* charge(key, spec, cost) -> Decision (not counted as a check). */
+static PyObject *
+mem_charge(MemoryEngineObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     const char *key;
     Py_ssize_t keylen;
     SpecObject *spec;
     long long cost;
+    rg_counters scratch;
     rg_result r;
 
-    if (rg_parse_submit(self->st, args, nargs, &key, &keylen, &spec, &cost) < 0)
+    if (rg_parse_charge(self->st, args, nargs, &key, &keylen, &spec, &cost) < 0 ||
+        mem_ready(self) < 0)
         return NULL;
-    if (self->closed) {
-        PyErr_SetString(PyExc_RuntimeError, "this Limiter is closed (aclose() was called)");
+    if (rg_memstore_op(&self->mem, RG_OP_CHARGE, spec->spec, key, (size_t)keylen, NULL, 0, cost,
+                       rg_now_ns(), &r) < 0)
+        return rg_failure(self->st, &scratch, spec->spec, self->failure_open, RG_ERR_OVERLOADED);
+    return rg_answer(self->st, &scratch, spec->spec, &r, cost);
+}
+
+/* release(key, spec, slot_id) -> True: the slot is given back. */
+static PyObject *
+mem_release(MemoryEngineObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    const char *key, *sid;
+    Py_ssize_t keylen, sidlen;
+    SpecObject *spec;
+    rg_result r;
+
+    if (rg_parse_release(self->st, args, nargs, &key, &keylen, &spec, &sid, &sidlen) < 0 ||
+        mem_ready(self) < 0)
         return NULL;
-    }
-    self->k.checks++;
-    if (rg_memstore_check(&self->mem, spec->spec, key, (size_t)keylen, cost, rg_now_ns(), &r) < 0)
-        return rg_failure(self->st, &self->k, spec->spec, self->failure_open, RG_ERR_OVERLOADED);
-    return rg_answer(self->st, &self->k, spec->spec, &r, cost);
+    /* Allocates nothing: cannot fail. */
+    rg_memstore_op(&self->mem, RG_OP_RELEASE, spec->spec, key, (size_t)keylen, sid,
+                   (size_t)sidlen, 0, rg_now_ns(), &r);
+    Py_RETURN_TRUE;
 }
 
 /* reset(key, spec) -> True: the key's buckets for the spec's rates are full. */
@@ -1161,12 +1296,8 @@ mem_reset(MemoryEngineObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t keylen;
     SpecObject *spec;
 
-    if (rg_parse_reset(self->st, args, nargs, &key, &keylen, &spec) < 0)
+    if (rg_parse_reset(self->st, args, nargs, &key, &keylen, &spec) < 0 || mem_ready(self) < 0)
         return NULL;
-    if (self->closed) {
-        PyErr_SetString(PyExc_RuntimeError, "this Limiter is closed (aclose() was called)");
-        return NULL;
-    }
     rg_memstore_delete(&self->mem, spec->spec, key, (size_t)keylen);
     Py_RETURN_TRUE;
 }
@@ -1214,6 +1345,10 @@ static PyMethodDef mem_methods[] = {
      "submit(key, spec, cost) -> Decision"},
     {"reset", (PyCFunction)(void (*)(void))mem_reset, METH_FASTCALL,
      "reset(key, spec) -> True"},
+    {"charge", (PyCFunction)(void (*)(void))mem_charge, METH_FASTCALL,
+     "charge(key, spec, cost) -> Decision"},
+    {"release", (PyCFunction)(void (*)(void))mem_release, METH_FASTCALL,
+     "release(key, spec, slot_id) -> True"},
     {"close", (PyCFunction)mem_close, METH_NOARGS, "Forget every bucket."},
     {"stats", (PyCFunction)mem_stats, METH_NOARGS, "Counters."},
     {NULL, NULL, 0, NULL},

@@ -7,98 +7,196 @@
 
 /*
  * The batched GCRA script: one call decides many checks, each over several
- * rates, with the same arithmetic as gcra.c (keep them in step).
+ * rates and optionally a concurrency limit, with the same arithmetic as
+ * gcra.c (keep them in step).
  *
- * KEYS: for each check, one key per rate.
- * ARGV: [1] number of checks; then per check: cost (-1: reset, i.e.
- *       delete the check's keys), number of rates, then per rate: T and tau
- *       in microseconds ("%.17g").  (The body reads them as K and A.)
- * Reply: per check six integers: allowed, reported rate (0-based),
- *       remaining, reset_us, retry_us, block_us (see rg_result); a reset
- *       answers 1 and zeros.  allowed is -1 when Redis refused one of the
- *       check's commands (a key of the wrong type, OOM): redis.pcall keeps
- *       that from failing the other checks of the batch, which are decided
- *       as usual, and Redis's own error text (the first) follows the
- *       integers as one more element, so the cause is not lost.  allowed
- *       is -2 when a key is not this cluster node's (rg_script_xslot only).
+ * KEYS: for each check, one key per rate, then its concurrency key if it
+ *       has a concurrency part.  (The body reads KEYS and ARGV as K and A,
+ *       so that rg_script_xslot below can run it on undeclared keys.)
+ * ARGV: [1] number of checks; then per check: op (enum rg_op, plus
+ *       RG_OP_CONC_FLAG (4) when a concurrency part follows), cost, number
+ *       of rates, then per rate: T and tau in microseconds ("%.17g"); then,
+ *       with the flag: the concurrency limit, the slot ttl in microseconds
+ *       and the slot id.
+ * Ops: 0 hit (decide; if allowed consume cost and, with the flag, take a
+ *       slot: if either the rates or the concurrency limit deny, nothing is
+ *       consumed), 1 reset (delete the rate keys), 2 charge (consume cost,
+ *       which may be negative, without denying: a bucket may go into debt,
+ *       up to RG_MAX_DEBT_US, and a refund stops at a full bucket), 3 release
+ *       (remove the slot id from the concurrency key).
+ * Reply: per check six integers: allowed, reported rate (0-based; the
+ *       number of rates means the concurrency limit), remaining, reset_us,
+ *       retry_us, block_us (see rg_result); a reset or a release answers 1
+ *       and zeros.  allowed is -1 when Redis refused one of the check's
+ *       reads (a key of the wrong type): redis.pcall keeps that from failing
+ *       the other checks of the batch, which are decided as usual, and
+ *       Redis's own error text (the first) follows the integers as one more
+ *       element, so the cause is not lost.  allowed is -2 when a key is not
+ *       this cluster node's (rg_script_xslot only: nothing was written).
+ *       Writes after a read of the same key use redis.call: SET cannot meet
+ *       a wrong type, and a write refused for memory (OOM) fails the call
+ *       (Redis refuses every write then anyway).  The commands that come
+ *       first for their key (DEL of a reset, the sorted set's) use pcall.
+ *
+ * Concurrency: a sorted set of slot ids scored by their expiry (now + ttl);
+ * expired slots are pruned before counting, so a process that died holding
+ * slots leaks them for at most ttl; the key itself expires with its last
+ * slot.
  *
  * Time is Redis's TIME, counted from 2023-11-14 (1.7e9 s) so that
  * microseconds stay far below 2^53.  A TAT is stored with 17 significant
- * digits (Lua's default tostring keeps only 14), with a TTL of the time
- * until the bucket is full: a full bucket leaves no key behind.
+ * digits (Lua's default tostring keeps only 14, but a number given to
+ * redis.call is written by Redis itself with "%.17g", exactly, with no
+ * Lua string made), with a TTL of the time until the bucket is full: a
+ * full bucket leaves no key behind.
+ *
+ * Cost per check (issue 13): the common check (a hit of one rate, no
+ * concurrency) allocates no Lua table and calls no Lua function; numbers
+ * from ARGV are converted by arithmetic (x + 0: the VM's own conversion);
+ * numbers written are handed to redis.call as numbers (see above); GET is
+ * the one pcall (a key of another type fails only its check); nothing is
+ * done per call that Redis 7 does anyway (effects replication is always
+ * on there).
  */
 #define RG_SCRIPT_BODY \
-    "if redis.replicate_commands then redis.replicate_commands() end\n" \
     "local t = redis.call('TIME')\n" \
-    "local now = (tonumber(t[1]) - 1700000000) * 1000000 + tonumber(t[2])\n" \
-    "local out, a, k, why = {}, 2, 1, nil\n" \
-    "local floor, ceil, pcall = math.floor, math.ceil, redis.pcall\n" \
-    "local function failed(e)\n" \
-    "  if type(e) == 'table' and e.err then\n" \
-    "    if string.find(e.err, 'non local key', 1, true) then return -2 end\n" \
-    "    why = why or e.err; return -1\n" \
-    "  end\n" \
-    "  return nil\n" \
+    "local now = (t[1] - 1700000000) * 1000000 + t[2]\n" \
+    "local out, o, a, k, why = {}, 0, 2, 1, nil\n" \
+    "local floor, ceil, call, pcall, type, tonumber =" \
+    " math.floor, math.ceil, redis.call, redis.pcall, type, tonumber\n" \
+    "local function err(e)\n" \
+    "  if string.find(e.err, 'non local key', 1, true) then return -2 end\n" \
+    "  why = why or e.err\n" \
+    "  return -1\n" \
     "end\n" \
-    "for c = 1, tonumber(A[1]) do\n" \
-    "  local cost, nr = tonumber(A[a]), tonumber(A[a + 1])\n" \
-    "  a = a + 2\n" \
-    "  local rate, rem, reset, retry, block, allowed = 1, -1, 0, 0, 0, 1\n" \
-    "  if cost < 0 then\n" \
-    "    for j = 1, nr do\n" \
-    "      local f = failed(pcall('DEL', K[k + j - 1])); if f then allowed = f end\n" \
-    "    end\n" \
-    "    a = a + 2 * nr\n" \
-    "  else\n" \
-    "  local T, tau, sl, t0, nw = {}, {}, {}, {}, {}\n" \
-    "  for j = 1, nr do\n" \
-    "    T[j], tau[j] = tonumber(A[a]), tonumber(A[a + 1])\n" \
-    "    sl[j] = T[j] < 2 and T[j] / 2 or 1\n" \
+    "local function get(key)\n" \
+    "  local v = pcall('GET', key)\n" \
+    "  if type(v) == 'table' then return nil, err(v) end\n" \
+    "  v = tonumber(v) or now\n" \
+    "  if v < now then v = now end\n" \
+    "  return v\n" \
+    "end\n" \
+    "local function put(key, v)\n" \
+    "  local ms = ceil((v - now) / 1000)\n" \
+    "  if ms < 1 then ms = 1 end\n" \
+    "  call('SET', key, v, 'PX', ms)\n" \
+    "end\n" \
+    "for _ = 1, A[1] + 0 do\n" \
+    "  local op, cost, nr = A[a] + 0, A[a + 1] + 0, A[a + 2] + 0\n" \
+    "  a = a + 3\n" \
+    "  local rate, rem, reset, retry, block, allowed = 0, 0, 0, 0, 0, 1\n" \
+    "  if op == 0 and nr == 1 then\n" \
+    /* the common check: one rate, no concurrency, no tables */ \
+    "    local T, tau = A[a] + 0, A[a + 1] + 0\n" \
+    "    local sl = T < 2 and T / 2 or 1\n" \
     "    a = a + 2\n" \
-    "    local v = pcall('GET', K[k + j - 1])\n" \
-    "    local f = failed(v); if f then allowed = f; v = 0 end\n" \
-    "    v = tonumber(v) or 0\n" \
-    "    if v < now then v = now end\n" \
-    "    t0[j], nw[j] = v, v + cost * T[j]\n" \
-    "    if allowed == 1 and nw[j] - now > tau[j] + sl[j] then allowed = 0 end\n" \
-    "  end\n" \
-    "  if allowed == 1 then\n" \
-    "    for j = 1, nr do\n" \
-    "      local r = floor((tau[j] - (nw[j] - now) + sl[j]) / T[j])\n" \
-    "      if r < 0 then r = 0 end\n" \
-    "      if rem < 0 or r < rem then rem, rate, reset = r, j, ceil(nw[j] - now) end\n" \
-    "      if cost > 0 then\n" \
-    "        local ttl = ceil((nw[j] - now) / 1000)\n" \
-    "        if ttl < 1 then ttl = 1 end\n" \
-    "        local f = failed(pcall('SET', K[k + j - 1], string.format('%.17g', nw[j]), 'PX', ttl))\n" \
-    "        if f then\n" \
-    "          allowed = f\n" \
+    "    local key = K[k]\n" \
+    "    local v = pcall('GET', key)\n" \
+    "    if type(v) == 'table' then\n" \
+    "      allowed = err(v)\n" \
+    "    else\n" \
+    "      v = tonumber(v) or now\n" \
+    "      if v < now then v = now end\n" \
+    "      local nw = v + cost * T\n" \
+    "      if nw - now > tau + sl then\n" \
+    "        allowed, retry = 0, ceil(nw - now - tau)\n" \
+    "        block = floor(v + T - now - tau - sl)\n" \
+    "        if block < 0 then block = 0 end\n" \
+    "        rem, reset = floor((tau - (v - now) + sl) / T), ceil(v - now)\n" \
+    "      else\n" \
+    "        rem, reset = floor((tau - (nw - now) + sl) / T), ceil(nw - now)\n" \
+    "        if cost > 0 then\n" \
+    "          local ms = ceil((nw - now) / 1000)\n" \
+    "          call('SET', key, nw, 'PX', ms < 1 and 1 or ms)\n" \
     "        end\n" \
     "      end\n" \
     "    end\n" \
-    "  elseif allowed == 0 then\n" \
-    "    local worst = -1\n" \
-    "    for j = 1, nr do\n" \
-    "      local w = nw[j] - now - tau[j]\n" \
-    "      local b = t0[j] + T[j] - now - tau[j] - sl[j]\n" \
-    "      if w > worst then worst, rate = w, j end\n" \
-    "      if b > block then block = b end\n" \
+    "  else\n" \
+    "    local conc = op >= 4\n" \
+    "    if conc then op = op - 4 end\n" \
+    "    local T, tau, t0, nw = {}, {}, {}, {}\n" \
+    "    if op == 1 then\n" \
+    "      for j = 1, nr do\n" \
+    "        local r = pcall('DEL', K[k + j - 1])\n" \
+    "        if type(r) == 'table' then allowed = err(r) end\n" \
+    "      end\n" \
+    "      a = a + 2 * nr\n" \
+    "    elseif op ~= 3 then\n" \
+    "      for j = 1, nr do\n" \
+    "        T[j], tau[j] = A[a] + 0, A[a + 1] + 0\n" \
+    "        a = a + 2\n" \
+    "        local v, e = get(K[k + j - 1])\n" \
+    "        if v == nil then allowed = e; v = now end\n" \
+    "        t0[j], nw[j] = v, v + cost * T[j]\n" \
+    "        if op == 2 then\n" \
+    "          if nw[j] < now then nw[j] = now end\n" \
+    "          if nw[j] - now > 1e15 then nw[j] = now + 1e15 end\n" \
+    "        elseif allowed == 1 and nw[j] - now > tau[j] + (T[j] < 2 and T[j] / 2 or 1) then\n" \
+    "          allowed = 0\n" \
+    "        end\n" \
+    "      end\n" \
     "    end\n" \
-    "    rem = floor((tau[rate] - (t0[rate] - now) + sl[rate]) / T[rate])\n" \
-    "    if rem < 0 then rem = 0 end\n" \
-    "    reset, retry, block = ceil(t0[rate] - now), ceil(worst), floor(block)\n" \
-    "  end\n" \
+    "    if conc then\n" \
+    "      local lim, ttl, sid, ck = A[a] + 0, A[a + 1] + 0, A[a + 2], K[k + nr]\n" \
+    "      a = a + 3\n" \
+    "      if op == 3 then\n" \
+    "        local r = pcall('ZREM', ck, sid)\n" \
+    "        if type(r) == 'table' then allowed = err(r) end\n" \
+    "      elseif allowed == 1 then\n" \
+    "        local r = pcall('ZREMRANGEBYSCORE', ck, '-inf', now)\n" \
+    "        if type(r) == 'table' then\n" \
+    "          allowed = err(r)\n" \
+    "        else\n" \
+    "          local n = call('ZCARD', ck)\n" \
+    "          if n >= lim then\n" \
+    /* denied by the concurrency limit: reported as rate nr, retry in 1 s \
+     * (a slot is usually given back long before its ttl) */ \
+    "            allowed, rate, retry = 0, nr, 1000000\n" \
+    "          else\n" \
+    "            call('ZADD', ck, now + ttl, sid)\n" \
+    "            local ms = ceil(ttl / 1000)\n" \
+    "            if call('PTTL', ck) < ms then call('PEXPIRE', ck, ms) end\n" \
+    "            if nr == 0 then rate, rem = 0, lim - n - 1 end\n" \
+    "          end\n" \
+    "        end\n" \
+    "      end\n" \
+    "    end\n" \
+    "    if op == 1 or op == 3 or allowed < 0 or nr == 0 then\n" \
+    "    elseif allowed == 1 then\n" \
+    "      rem = -1\n" \
+    "      for j = 1, nr do\n" \
+    "        local d = nw[j] - now\n" \
+    "        local r = floor((tau[j] - d + (T[j] < 2 and T[j] / 2 or 1)) / T[j])\n" \
+    "        if r < 0 then r = 0 end\n" \
+    "        if rem < 0 or r < rem then rem, rate, reset = r, j - 1, ceil(d) end\n" \
+    "        if op == 2 and d <= 0 then call('DEL', K[k + j - 1])\n" \
+    "        elseif cost ~= 0 then put(K[k + j - 1], nw[j]) end\n" \
+    "      end\n" \
+    "    elseif rate < nr then\n" \
+    "      local worst, w = -1, 1\n" \
+    "      for j = 1, nr do\n" \
+    "        local sl = T[j] < 2 and T[j] / 2 or 1\n" \
+    "        local x = nw[j] - now - tau[j]\n" \
+    "        local b = t0[j] + T[j] - now - tau[j] - sl\n" \
+    "        if x > worst then worst, w = x, j end\n" \
+    "        if b > block then block = b end\n" \
+    "      end\n" \
+    "      rate = w - 1\n" \
+    "      rem = floor((tau[w] - (t0[w] - now) + (T[w] < 2 and T[w] / 2 or 1)) / T[w])\n" \
+    "      reset, retry, block = ceil(t0[w] - now), ceil(worst), floor(block)\n" \
+    "    end\n" \
+    "    if conc then k = k + 1 end\n" \
     "  end\n" \
     "  if rem < 0 then rem = 0 end\n" \
     "  if reset > 9e15 then reset = 9e15 end\n" \
     "  if retry > 9e15 then retry = 9e15 end\n" \
     "  if block > 9e15 then block = 9e15 end\n" \
-    "  local o = #out\n" \
-    "  out[o + 1], out[o + 2], out[o + 3] = allowed, rate - 1, rem\n" \
+    "  out[o + 1], out[o + 2], out[o + 3] = allowed, rate, rem\n" \
     "  out[o + 4], out[o + 5], out[o + 6] = reset, retry, block\n" \
+    "  o = o + 6\n" \
     "  k = k + nr\n" \
     "end\n" \
-    "if why then out[#out + 1] = why end\n" \
+    "if why then out[o + 1] = why end\n" \
     "return out\n"
 const char rg_script[] = "local K, A = KEYS, ARGV\n" RG_SCRIPT_BODY;
 const size_t rg_script_len = sizeof(rg_script) - 1;

@@ -3,23 +3,26 @@
 from ._core import Decision, Spec
 from .headers import RateLimitHeaders
 from .keys import client_ip, header
-from .limiter import Limiter
-from .middleware import RateLimitMiddleware, Rule
+from .limiter import ConcurrencyLimitExceeded, Limiter, Slot
+from .middleware import RateLimitMiddleware, Rule, set_cost
 from .rates import Rate, parse_rates
 
 # RateLimit (the FastAPI dependency) is left out of __all__ and imported on
 # first use, so Starlette-only users need not install FastAPI.
 __all__ = [
+    "ConcurrencyLimitExceeded",
     "Decision",
     "Limiter",
     "Rate",
     "RateLimitHeaders",
     "RateLimitMiddleware",
     "Rule",
+    "Slot",
     "Spec",
     "client_ip",
     "header",
     "parse_rates",
+    "set_cost",
     "__version__",
 ]
 __version__ = "0.1.0"

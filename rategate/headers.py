@@ -35,6 +35,12 @@ Choices, so they are written down once:
   never be allowed (cost above the burst) gets no ``Retry-After``.
 - Windows ``w`` are whole seconds rounded up (structured fields have no
   fractions there).
+- A concurrency limit (requests in flight) is one more policy, after the
+  rates, with the draft's quota unit ``qu="concurrent-requests"`` and no
+  window: ``4;qu="concurrent-requests"`` (draft-6) or
+  ``"name-concurrency";q=4;qu="concurrent-requests"`` (draft-11); it is the
+  reported one when it decided (``Decision.rate`` equal to the number of
+  rates).
 - draft-11's ``t`` is the effective window, "the number of seconds within
   which the client can use no more than the available quota": with quota
   left, the time until the bucket is full; with none left (``r=0``), the
@@ -132,20 +138,22 @@ class RateLimitHeaders:
     list the caller may extend); ``render_denied(d)`` adds ``Retry-After``.
     """
 
-    __slots__ = ("style", "rates", "name", "render", "_n", "_pre", "_items", "_full")
+    __slots__ = ("style", "rates", "name", "concurrency", "render", "_n", "_pre", "_items", "_full")
 
-    def __init__(self, style: str, rates: Sequence[Rate], name: str = "default") -> None:
+    def __init__(self, style: str, rates: Sequence[Rate], name: str = "default", concurrency: int = 0) -> None:
         if style not in HEADER_STYLES:
             raise ValueError(
                 f"unknown header style {style!r}: use one of {', '.join(map(repr, HEADER_STYLES))}, "
                 "or None for no rate-limit headers"
             )
-        if not rates:
-            raise ValueError("RateLimitHeaders needs at least one rate")
+        if not rates and not concurrency:
+            raise ValueError("RateLimitHeaders needs at least one rate or a concurrency limit")
         self.style = style
         self.rates = tuple(rates)
         self.name = name
-        self._n = len(self.rates)
+        self.concurrency = concurrency
+        # Policies: one per rate, then the concurrency limit's (index n).
+        self._n = len(self.rates) + (1 if concurrency else 0)
         # _pre[i]: the constant header when rate i is the reported one (the
         # policy); _items[i]: draft-11's b'"name";r=' for rate i.
         pre: list[tuple[bytes, bytes]] = []
@@ -158,6 +166,8 @@ class RateLimitHeaders:
                 if r.burst != r.limit:
                     p += f";burst={r.burst}"
                 pols.append(p)
+            if concurrency:
+                pols.append(f'{concurrency};qu="concurrent-requests"')
             for i in range(self._n):
                 ordered = [pols[i]] + [p for j, p in enumerate(pols) if j != i]
                 pre.append((b"ratelimit-policy", ", ".join(ordered).encode("ascii")))
@@ -169,6 +179,9 @@ class RateLimitHeaders:
                 if r.burst != r.limit:
                     p += f";burst={r.burst}"
                 pols.append(p)
+            if concurrency:
+                names = [*names, f"{name}-concurrency"] if self.rates else [name]
+                pols.append(f'{sf_string(names[-1])};q={concurrency};qu="concurrent-requests"')
             policy = (b"ratelimit-policy", ", ".join(pols).encode("ascii"))
             for n in names:
                 pre.append(policy)
@@ -180,7 +193,8 @@ class RateLimitHeaders:
         self._items = tuple(items)
         # Per rate: the refill time of all tokens but one, so that
         # reset_after - _full[i] is the wait for the next token.
-        self._full = tuple(((r.burst or r.limit) - 1) * r.period / r.limit for r in self.rates)
+        self._full = tuple(((r.burst or r.limit) - 1) * r.period / r.limit for r in self.rates) + (
+            (0.0,) if concurrency else ())
 
     def __repr__(self) -> str:
         return f"RateLimitHeaders({self.style!r}, {[str(r) for r in self.rates]!r}, name={self.name!r})"
@@ -244,7 +258,9 @@ class RateLimitHeaders:
         return out
 
 
-def make_headers(style: str | None, rates: Sequence[Rate], name: str = "default") -> RateLimitHeaders | None:
+def make_headers(
+    style: str | None, rates: Sequence[Rate], name: str = "default", concurrency: int = 0
+) -> RateLimitHeaders | None:
     """A :class:`RateLimitHeaders` for ``style``, or ``None`` when style is None."""
     if style is None:
         return None
@@ -252,7 +268,7 @@ def make_headers(style: str | None, rates: Sequence[Rate], name: str = "default"
         raise ValueError(
             f"headers must be one of {', '.join(map(repr, HEADER_STYLES))} or None, got {style!r}"
         )
-    return RateLimitHeaders(style, rates, name)
+    return RateLimitHeaders(style, rates, name, concurrency)
 
 
 def retry_after_header(d: Any) -> Headers:

@@ -20,7 +20,7 @@ from ._core import Decision, Spec
 from .counts import RuleCounts
 from .rates import Rate, RateLike, parse_rates
 
-__all__ = ["Limiter", "Decision", "as_limiter", "parse_storage_url"]
+__all__ = ["ConcurrencyLimitExceeded", "Limiter", "Decision", "Slot", "as_limiter", "parse_storage_url"]
 
 FAILURE_MODES = ("closed", "open")
 # Rule labels counted apart per limiter (stats()["rules"], metrics' "rule" label).
@@ -95,6 +95,69 @@ def tls_options(query: Dict[str, Any], keywords: Dict[str, Any], url: str) -> Di
         "ssl_check_hostname": check_hostname,
     }
 _live: "weakref.WeakSet[Limiter]" = weakref.WeakSet()
+
+
+def new_slot_id() -> bytes:
+    """A concurrency slot id unique across processes and servers (96 random
+    bits; fork-safe: os.urandom has no state a child shares)."""
+    return os.urandom(12)
+
+
+class ConcurrencyLimitExceeded(Exception):
+    """``Limiter.concurrency()`` was denied: ``limit`` slots of ``key`` are held.
+
+    ``decision`` is the core's answer: ``decision.error`` is set when the
+    store could not be asked (and the failure mode is ``"closed"``);
+    ``decision.retry_after`` is a hint (1 second: slots are usually given
+    back long before their ttl).
+    """
+
+    def __init__(self, key: Union[str, bytes], limit: int, decision: Decision) -> None:
+        self.key = key
+        self.limit = limit
+        self.decision = decision
+        why = f" ({decision.error})" if decision.error else ""
+        super().__init__(f"concurrency limit of {limit} reached for {key!r}{why}")
+
+
+class Slot:
+    """A concurrency slot held (``async with limiter.concurrency(...) as slot``).
+
+    ``slot.decision`` is the answer that granted it.  :meth:`release` gives
+    it back at once (idempotent; the ``async with`` block does it on exit,
+    also when the block raises or is cancelled).  A process that dies
+    holding it leaks it for at most the ``ttl`` it was taken with.
+    """
+
+    __slots__ = ("limiter", "key", "spec", "id", "decision", "_held")
+
+    def __init__(self, limiter: "Limiter", key: Union[str, bytes], spec: Spec, decision: Decision) -> None:
+        self.limiter = limiter
+        self.key = key
+        self.spec = spec
+        self.id = new_slot_id()
+        self.decision = decision
+        self._held = False
+
+    def release(self) -> None:
+        """Give the slot back (fire and forget; idempotent)."""
+        if self._held:
+            self._held = False
+            self.limiter._release_held(self.key, self.spec, self.id)
+
+    async def __aenter__(self) -> "Slot":
+        lim = self.limiter
+        r = lim.submit(self.key, self.spec, 1, self.id)  # one token of the rates, if any
+        d = r if r.__class__ is Decision else await r
+        self.decision = d
+        if not d.allowed:
+            raise ConcurrencyLimitExceeded(self.key, self.spec.concurrency, d)
+        self._held = True
+        lim._took_slot()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release()
 
 # Ranges of the options (the C core checks them again): a timeout of a day
 # is far inside what nanoseconds added to the clock and libuv timers hold.
@@ -430,6 +493,7 @@ class Limiter:
                                        "sentinel_username", "sentinel_password", "cluster")
                    if k in cfg},
             )
+        self._slots_held = 0  # concurrency slots this process holds (stats()["slots_held"])
         self._closed = False
         # The hot path: bound once, called per request.
         self.submit = self._engine.submit
@@ -450,16 +514,34 @@ class Limiter:
         shown = self.storage if u.password is None else self.storage.replace(f":{u.password}@", ":***@")
         return f"Limiter({shown!r}, timeout={self.timeout}, failure_mode={self.failure_mode!r})"
 
-    def compile(self, rates: Union[RateLike, Spec]) -> Spec:
-        """Compile rates once (cache the result): "10/second; 1000/hour", a Rate or a list."""
+    def compile(
+        self, rates: Union[RateLike, Spec, None], *, concurrency: int = 0, ttl: float = 60.0
+    ) -> Spec:
+        """Compile rates once (cache the result): "10/second; 1000/hour", a Rate or a list.
+
+        ``concurrency``: also at most this many requests of one key in flight
+        at once (0: no such limit), each slot held for at most ``ttl``
+        seconds if its holder dies; ``rates`` may then be None (only the
+        concurrency limit).  A check of such a spec takes a slot id
+        (:meth:`concurrency` and the middleware do that).
+        """
         if isinstance(rates, Spec):
             return rates
-        key = rates if isinstance(rates, (str, Rate)) else None
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 0:
+            raise ValueError(f"concurrency must be an int >= 1 (0: none), got {concurrency!r}")
+        if concurrency:
+            ttl = _seconds("ttl", ttl, 0.001, _MAX_SECONDS)
+        key: Any = rates if isinstance(rates, (str, Rate)) else None
+        if concurrency and (rates is None or key is not None):
+            key = (rates, concurrency, ttl)
         if key is not None:
             spec = self._specs.get(key)
             if spec is not None:
                 return spec
-        spec = Spec(parse_rates(rates))
+        if rates is None and not concurrency:
+            raise ValueError("rates must be given (like \"10/minute\"), or a concurrency limit")
+        parsed = () if rates is None else tuple(parse_rates(rates))
+        spec = Spec(parsed, concurrency=concurrency, ttl=ttl) if concurrency else Spec(parsed)
         if key is not None and len(self._specs) < 10_000:
             self._specs[key] = spec
         return spec
@@ -477,6 +559,79 @@ class Limiter:
             return r
         return await r  # type: ignore[no-any-return]
 
+    async def charge(self, key: Union[str, bytes], rates: Union[RateLike, Spec], cost: int) -> Decision:
+        """Consume ``cost`` tokens of ``key``'s buckets for ``rates`` without denying.
+
+        For costs known only afterwards (the tokens of an LLM call): check
+        first with an estimate, then charge the difference.  A bucket may go
+        into debt: later checks are denied until it has refilled.  A
+        negative cost refunds, never beyond a full bucket.  The Decision is
+        always allowed (its ``remaining`` and ``reset_after`` describe the
+        bucket after the charge) unless the store could not be reached
+        (``error`` set; nothing was charged).  Not counted in ``stats()``'s
+        checks.
+        """
+        try:
+            spec = self._specs[rates]
+        except (KeyError, TypeError):
+            spec = self.compile(rates)
+        r = self._engine.charge(key, spec, cost)
+        if r.__class__ is Decision:
+            return r
+        return await r  # type: ignore[no-any-return]
+
+    def charge_nowait(self, key: Union[str, bytes], rates: Union[RateLike, Spec], cost: int) -> None:
+        """:meth:`charge`, fire and forget (from sync code, or when nobody
+        needs the answer): the store is asked, nothing waits for it.  Needs a
+        running event loop for a Redis limiter."""
+        try:
+            spec = self._specs[rates]
+        except (KeyError, TypeError):
+            spec = self.compile(rates)
+        self._engine.charge(key, spec, cost)
+
+    def concurrency(
+        self, key: Union[str, bytes], limit: Optional[int] = None, ttl: float = 60.0,
+        *, rates: Union[RateLike, Spec, None] = None,
+    ) -> Slot:
+        """At most ``limit`` holders of ``key`` at once, across every process sharing the store.
+
+        ``async with limiter.concurrency("user:42", limit=4, ttl=60) as slot: ...``
+
+        Entering takes a slot in one round trip (batched with other checks)
+        or raises :class:`ConcurrencyLimitExceeded`; leaving gives it back,
+        fire and forget, also when the block raises or is cancelled.  A
+        process that dies holding slots leaks them for at most ``ttl``
+        seconds (the store prunes expired slots in the same call).
+        ``rates``: also check (and consume one token of) these rates in the
+        same call: if either limit denies, neither is consumed.  ``limit``
+        may be left out when ``rates`` is a Spec compiled with a concurrency.
+        """
+        if isinstance(rates, Spec) and limit is None:
+            spec = rates
+        else:
+            if limit is None or isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+                raise ValueError(f"concurrency(): limit must be an int >= 1, got {limit!r}")
+            spec = self.compile(rates, concurrency=limit, ttl=ttl)
+        if not spec.concurrency:
+            raise ValueError("concurrency(): the spec has no concurrency limit; give limit=")
+        return Slot(self, key, spec, None)  # type: ignore[arg-type]
+
+    def release(self, key: Union[str, bytes], spec: Spec, slot_id: Union[str, bytes]) -> None:
+        """Give back concurrency slot ``slot_id`` of ``key`` (fire and forget:
+        nothing waits for the store; a slot that cannot be given back expires
+        after its ttl)."""
+        self._engine.release(key, spec, slot_id)
+
+    # The count of slots this process holds (stats()["slots_held"]), kept by
+    # Slot and the middleware around the slots they take and give back.
+    def _took_slot(self) -> None:
+        self._slots_held += 1
+
+    def _release_held(self, key: Union[str, bytes], spec: Spec, slot_id: Union[str, bytes]) -> None:
+        self._slots_held -= 1
+        self._engine.release(key, spec, slot_id)
+
     async def reset(self, key: Union[str, bytes], rates: Union[RateLike, Spec]) -> bool:
         """Forget ``key``'s buckets for ``rates``: its next hit starts from a full bucket.
 
@@ -492,9 +647,10 @@ class Limiter:
 
     def stats(self) -> Dict[str, Any]:
         """Counters: checks, allowed, denied, cached_denials, errors by kind, in_flight, reconnects,
-        connected; and ``rules``: per rule label, the decisions of the middlewares and FastAPI
+        connected; ``slots_held``: concurrency slots this process holds now; and ``rules``: per rule label, the decisions of the middlewares and FastAPI
         dependencies using this limiter, by outcome (see :mod:`rategate.counts`)."""
         stats: Dict[str, Any] = self._engine.stats()
+        stats["slots_held"] = self._slots_held
         stats["rules"] = {name: c.as_dict() for name, c in list(self._rule_counts.items())}
         return stats
 

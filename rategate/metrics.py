@@ -20,11 +20,13 @@ Exposed (``namespace`` ``"rategate"`` by default):
   kind (``timeout``, ``unavailable``, ``overloaded``, ``closed``,
   ``redis_error``);
 - ``rategate_check_latency_seconds{rule}``: a histogram of check latency,
-  submit to decision, measured on the loop thread.  It is fed from the
-  Decision's ``latency`` attribute, which the C core does not set yet: until
-  it does, the histogram stays empty (the series exist, with zero counts);
+  submit to decision, measured on the loop thread (``Decision.latency``):
+  decisions answered at once (memory://, the local over-limit cache, the
+  failure mode while Redis is down) have none and are not observed;
 - ``rategate_redis_reconnects_total``, ``rategate_redis_up`` (1: every
-  watched limiter is connected), ``rategate_checks_in_flight``: from
+  watched limiter is connected), ``rategate_checks_in_flight``,
+  ``rategate_concurrency_slots_held`` (slots of concurrency limits held by
+  requests in flight): from
   ``Limiter.stats()`` of the limiters in use, read at most once a second on
   the request path, and at every scrape.
 
@@ -110,6 +112,8 @@ class PrometheusMetrics:
                                   multiprocess_mode="livemin", **kw)
             self.in_flight = Gauge("checks_in_flight", "Checks sent and not yet answered",
                                    multiprocess_mode="livesum", **kw)
+            self.slots = Gauge("concurrency_slots_held", "Concurrency slots held by requests in flight",
+                               multiprocess_mode="livesum", **kw)
         except ValueError as e:  # "Duplicated timeseries in CollectorRegistry"
             raise ValueError(
                 f"rategate metrics are already registered in this registry ({e}): create one "
@@ -162,13 +166,14 @@ class PrometheusMetrics:
     def refresh(self) -> None:
         """Read the watched limiters' stats() into the gauges and the reconnect counter."""
         self._next_refresh = time.monotonic() + REFRESH_INTERVAL
-        up, in_flight = 1, 0
+        up, in_flight, slots = 1, 0, 0
         for lim, seen in list(self._limiters.items()):
             try:
                 s = lim.stats()
             except Exception:  # a closed or broken limiter reports nothing
                 continue
             in_flight += int(s.get("in_flight", 0))
+            slots += int(s.get("slots_held", 0))
             # An engine starts on its first check: one that has checked
             # nothing yet (an idle worker) says nothing about Redis.
             if not s.get("connected", True) and s.get("checks", 1):
@@ -179,6 +184,7 @@ class PrometheusMetrics:
             self._limiters[lim] = n  # lower after a fork: start again from there
         self.redis_up.set(up)
         self.in_flight.set(in_flight)
+        self.slots.set(slots)
 
     def render(self) -> tuple[bytes, str]:
         """(body, content type) of a scrape: every worker's figures in multiprocess mode."""

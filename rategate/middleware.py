@@ -51,11 +51,12 @@ from typing import TYPE_CHECKING, Any, Union
 from .counts import RuleCounts, counts_for
 from .headers import RateLimitHeaders, make_headers, retry_after_header
 from .keys import MAX_KEY_LENGTH, client_ip, key_digest
+from .limiter import new_slot_id
 
 if TYPE_CHECKING:  # pragma: no cover
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["DynamicLimits", "FailureLog", "RateLimitMiddleware", "Rule", "ShadowLog"]
+__all__ = ["COST_KEY", "DynamicLimits", "FailureLog", "RateLimitMiddleware", "Rule", "ShadowLog", "set_cost"]
 
 logger = logging.getLogger("rategate")
 
@@ -93,7 +94,12 @@ _NAMESPACE_ESCAPES = {ord(c): f"%{ord(c):02X}" for c in "%|#{}:"}
 _WS_MESSAGES_PREFIX = "%ws:"
 _WS_ACTIONS = ("close", "drop")
 # The options a rule takes (Rule's keyword arguments; a rules dict's keys).
-_RULE_OPTIONS = ("limits", "methods", "key", "cost", "name", "websocket_messages", "websocket_over_limit")
+_RULE_OPTIONS = ("limits", "methods", "key", "cost", "name", "websocket_messages", "websocket_over_limit",
+                 "concurrency", "concurrency_ttl", "charge")
+# Where the app reports the actual cost of the response it produces (see
+# set_cost): scope["state"][COST_KEY], i.e. request.state's "rategate.cost".
+COST_KEY = "rategate.cost"
+_DISCONNECTS = frozenset({"http.disconnect", "websocket.disconnect"})
 
 RateSpec = Any  # str | Rate | list of them (see rategate.rates.parse_rates)
 
@@ -169,6 +175,42 @@ def _check_cost(cost: Any, where: str) -> Any:
     if isinstance(cost, bool) or not isinstance(cost, int) or cost < 0:
         raise ValueError(f"{where}: cost must be an int >= 0 or a callable(scope) -> int, got {cost!r}")
     return cost
+
+
+def set_cost(request_or_scope: Any, cost: int) -> None:
+    """Report the actual cost of the response being produced (for example the
+    tokens an LLM call used), from inside the app.
+
+    ``request_or_scope``: a Starlette/FastAPI ``Request`` (or WebSocket), or
+    the ASGI scope.  After the response has been sent (a streamed response:
+    when its stream ends), :class:`RateLimitMiddleware` charges the
+    difference between ``cost`` and what the request's check consumed to the
+    same key and rates (``Limiter.charge``: it may put the bucket into debt,
+    or refund), off the request's critical path.  Setting it again replaces
+    the value.  It lives in ``scope["state"]["rategate.cost"]``.
+    """
+    if isinstance(cost, bool) or not isinstance(cost, int) or abs(cost) > 2**53:
+        raise ValueError(f"set_cost: cost must be an int (tokens), got {cost!r}")
+    scope = getattr(request_or_scope, "scope", request_or_scope)
+    if not isinstance(scope, dict):
+        raise TypeError(f"set_cost takes a Request or an ASGI scope, got {type(request_or_scope).__name__}")
+    state = scope.get("state")
+    if state is None:
+        state = scope["state"] = {}
+    state[COST_KEY] = cost
+
+
+def _check_concurrency(value: Any, ttl: Any, where: str) -> tuple[int, float]:
+    if value is None:
+        return 0, 60.0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{where}: concurrency must be an int >= 1 (requests in flight per key), got {value!r}")
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0.001 <= ttl <= 86400:
+        raise ValueError(
+            f"{where}: concurrency_ttl must be a number of seconds from 0.001 to 86400 (how long a "
+            f"crashed process may hold a slot), got {ttl!r}"
+        )
+    return value, float(ttl)
 
 
 def _check_ws_messages(value: Any, where: str, rule_level: bool) -> Any:
@@ -268,11 +310,22 @@ class Rule:
     WebSocket client sends, on the handshake's key (``None``: the
     middleware's; ``False``: not limited); ``websocket_over_limit``:
     ``"close"`` (1008) or ``"drop"`` (``None``: the middleware's).
+    ``concurrency``: at most this many requests of one key in flight at once
+    (across every process sharing the store); over it, a 429 at once (its
+    ``RateLimit-Policy`` says ``qu="concurrent-requests"``).  Decided in the
+    same store call as the rates: if either denies, neither is consumed.
+    The slot is given back when the response ends, the client disconnects or
+    the app raises; one held by a process that died expires after
+    ``concurrency_ttl`` seconds (keep it above your slowest request).
+    ``limits`` may be None with a concurrency limit.
+    ``charge``: after the response, charge the actual cost the app reported
+    with :func:`set_cost` (the difference from what the check consumed) to
+    this rule's rates (``None``: the middleware's ``charge``).
     """
 
     __slots__ = ("path", "regex", "limits", "methods", "key", "cost", "name", "spec", "headers",
                  "sprefix", "bprefix", "shprefix", "bhprefix", "rates", "dynamic", "counts",
-                 "ws_limits", "ws_action", "ws_rule")
+                 "ws_limits", "ws_action", "ws_rule", "concurrency", "concurrency_ttl", "charge")
 
     def __init__(
         self,
@@ -285,8 +338,15 @@ class Rule:
         name: str | None = None,
         websocket_messages: RateSpec | None = None,
         websocket_over_limit: str | None = None,
+        concurrency: int | None = None,
+        concurrency_ttl: float = 60.0,
+        charge: bool | None = None,
     ) -> None:
         where = f"rule {path!r}"
+        if charge is not None and not isinstance(charge, bool):
+            raise TypeError(f"{where}: charge must be True, False or None, got {charge!r}")
+        self.charge = charge
+        self.concurrency, self.concurrency_ttl = _check_concurrency(concurrency, concurrency_ttl, where)
         self.regex: re.Pattern[str] | None = None
         if isinstance(path, re.Pattern):
             if not isinstance(path.pattern, str):
@@ -334,7 +394,8 @@ class Rule:
     def __repr__(self) -> str:
         p = f"re.compile({self.regex.pattern!r})" if self.regex is not None else repr(self.path)
         m = "" if self.methods is None else f", methods={sorted(self.methods)!r}"
-        return f"Rule({p}, {self.limits!r}{m}, name={self.name!r})"
+        c = f", concurrency={self.concurrency}" if self.concurrency else ""
+        return f"Rule({p}, {self.limits!r}{m}{c}, name={self.name!r})"
 
     def set_prefixes(self, name: str) -> None:
         """The key prefixes of this rule, from its escaped (namespaced) name."""
@@ -397,7 +458,9 @@ def _rules_from(rules: Any) -> list[Rule]:
             # A copy: the middleware fills in compiled state, and one Rule
             # may be given to several middlewares.
             out.append(Rule(r.path, r.limits, methods=r.methods, key=r.key, cost=r.cost, name=r.name,
-                            websocket_messages=r.ws_limits, websocket_over_limit=r.ws_action))
+                            websocket_messages=r.ws_limits, websocket_over_limit=r.ws_action,
+                            concurrency=r.concurrency or None, concurrency_ttl=r.concurrency_ttl,
+                            charge=r.charge))
     else:
         raise ValueError(
             "rules must be a dict like {\"/api\": \"10/minute\"} or a list of rategate.Rule, "
@@ -435,7 +498,10 @@ class RateLimitMiddleware:
     checked on the handshake's key; default None: only the handshake is
     limited), ``websocket_over_limit`` (``"close"``, the default: close the
     connection with 1008; ``"drop"``: drop the message), ``metrics`` (a
-    :class:`rategate.metrics.PrometheusMetrics`, or None).
+    :class:`rategate.metrics.PrometheusMetrics`, or None), ``charge``
+    (default False: after each response, charge the actual cost the app
+    reported with :func:`set_cost` to the rule's rates; per rule with
+    ``Rule(charge=...)``).
 
     Every decision is counted per rule in ``limiter.stats()["rules"]`` (and
     in ``metrics``), labelled ``"<namespace>:<rule name>"`` (or the name
@@ -459,8 +525,12 @@ class RateLimitMiddleware:
         websocket_messages: RateSpec | None = None,
         websocket_over_limit: str = "close",
         metrics: Any = None,
+        charge: bool = False,
     ) -> None:
         self.app = app
+        if not isinstance(charge, bool):
+            raise TypeError(f"charge must be True or False, got {charge!r}")
+        self.charge = charge
         from .limiter import as_limiter
 
         limiter = as_limiter(limiter, "RateLimitMiddleware")
@@ -543,9 +613,11 @@ class RateLimitMiddleware:
         self._shadow_log = ShadowLog()
 
     def _prepare(self, r: Rule) -> None:
-        if r.limits is None:
+        if r.limits is None and not r.concurrency:
             return
         where = f"rule {r.name!r}"
+        if r.concurrency and not hasattr(self.limiter, "_release_held"):
+            raise ValueError(f"{where}: concurrency needs a rategate.Limiter (with release()), got {self.limiter!r}")
         label = r.name if self.namespace is None else f"{self.namespace}:{r.name}"
         r.counts = self._counts(label)
         if callable(r.limits):
@@ -553,10 +625,10 @@ class RateLimitMiddleware:
             r.dynamic = DynamicLimits(r.limits, lambda v: self._resolved(r, v), where)
         else:
             try:
-                r.spec, r.rates = compile_limits(self.limiter, r.limits)
+                r.spec, r.rates = compile_limits(self.limiter, r.limits, r.concurrency, r.concurrency_ttl)
             except ValueError as e:
                 raise ValueError(f"{where}: {e}") from None
-            r.headers = make_headers(self.header_style, r.rates, r.name)
+            r.headers = make_headers(self.header_style, r.rates, r.name, r.concurrency)
         name = r.name.translate(_NAME_ESCAPES)
         if self.namespace is not None:
             name = self.namespace.translate(_NAMESPACE_ESCAPES) + ":" + name
@@ -565,6 +637,8 @@ class RateLimitMiddleware:
             r.key = self.key
         if r.cost is None:
             r.cost = self.cost
+        if r.charge is None:
+            r.charge = self.charge
         ws = self.ws_limits if r.ws_limits is None else r.ws_limits
         if ws:
             # The messages' own rule: the handshake's key function, its own
@@ -592,8 +666,8 @@ class RateLimitMiddleware:
         a copy, compiled once per distinct value by r.dynamic's cache."""
         out = copy.copy(r)
         out.dynamic = None
-        out.spec, out.rates = compile_limits(self.limiter, limits)
-        out.headers = make_headers(self.header_style, out.rates, r.name)
+        out.spec, out.rates = compile_limits(self.limiter, limits, r.concurrency, r.concurrency_ttl)
+        out.headers = make_headers(self.header_style, out.rates, r.name, r.concurrency)
         return out
 
     def __repr__(self) -> str:
@@ -660,31 +734,87 @@ class RateLimitMiddleware:
         if r is None:
             await self.app(scope, receive, send)
             return
-        rule, d, hdrs = r
+        rule, d, hdrs, k, cost, sid = r
         if hdrs is not _DENY:
-            await self.app(scope, receive, send if hdrs is None else _adding(hdrs, send, _HTTP_START))
+            send = send if hdrs is None else _adding(hdrs, send, _HTTP_START)
+            if sid is not None:
+                await self._run_holding(rule, d, k, cost, sid, scope, receive, send)
+                return
+            await self.app(scope, receive, send)
+            if rule.charge:  # the app may have reported its actual cost (set_cost)
+                state = scope.get("state")
+                if state and COST_KEY in state:
+                    self._charge_actual(rule, d, k, cost, state)
             return
         await send({"type": "http.response.start", "status": 429, "headers": _denied_headers(rule, d)})
         await send({"type": "http.response.body", "body": DENIED_BODY})
 
-    async def _decide(self, scope: Scope, method: str) -> tuple[Rule, Any, Any] | None:
+    async def _run_holding(self, rule: Rule, d: Any, key: str | bytes, cost: int, sid: bytes,
+                           scope: Scope, receive: Receive, send: Send) -> None:
+        """Run the app while holding the concurrency slot the check took; give
+        it back when the app returns or raises (the response has ended or
+        failed) or as soon as the app learns the client disconnected."""
+        # Taken only if allowed by the store itself (a failure decision in
+        # "open" mode took nothing; shadow mode lets denials through).
+        held = bool(d.allowed and d.error is None)
+        lim = self.limiter
+        if held:
+            lim._took_slot()  # the Limiter's count of slots held (stats())
+
+        def release() -> None:
+            nonlocal held
+            if held:
+                held = False
+                lim._release_held(key, rule.spec, sid)
+
+        async def receive_watching() -> Message:
+            message = await receive()
+            if message["type"] in _DISCONNECTS:
+                release()
+            return message
+
+        try:
+            await self.app(scope, receive_watching if held else receive, send)
+        finally:
+            release()
+        if rule.charge:
+            state = scope.get("state")
+            if state and COST_KEY in state:
+                self._charge_actual(rule, d, key, cost, state)
+
+    def _charge_actual(self, rule: Rule, d: Any, key: str | bytes, cost: int, state: Any) -> None:
+        """Charge the difference between the cost the app reported and what
+        the check consumed (nothing if it was denied or failed), fire and
+        forget: the response has been sent."""
+        actual = state.get(COST_KEY)
+        charge = getattr(self.limiter, "charge_nowait", None)
+        if isinstance(actual, bool) or not isinstance(actual, int) or not rule.rates or charge is None:
+            return
+        diff = actual - (cost if d.allowed and d.error is None else 0)
+        if diff:
+            charge(key, rule.spec, diff)
+
+    async def _decide(self, scope: Scope, method: str) -> tuple[Rule, Any, Any, Any, int, Any] | None:
         """Check one request: None if it is not limited, else (rule, decision,
-        headers), headers being _DENY for a denial.  Suspends only to await
-        Redis: a denial the core answers at once returns without suspending."""
+        headers, key, cost, slot id), headers being _DENY for a denial, the
+        slot id None unless the rule has a concurrency limit.  Suspends only
+        to await Redis: a denial the core answers at once returns without
+        suspending."""
         c = self._check(scope, method)
         if c is None:
             return None
-        rule, k, d = c
+        rule, k, d, cost, sid = c
         if type(d) is not self._Decision:
             d = await d
-            return rule, d, self._settle(rule, k, d, False)
-        return rule, d, self._settle(rule, k, d, self._sync_cached)
+            return rule, d, self._settle(rule, k, d, False), k, cost, sid
+        return rule, d, self._settle(rule, k, d, self._sync_cached), k, cost, sid
 
-    def _check(self, scope: Scope, method: str) -> tuple[Rule, str | bytes, Any] | None:
+    def _check(self, scope: Scope, method: str) -> tuple[Rule, str | bytes, Any, int, Any] | None:
         """Route, key and submit one request (HTTP or WebSocket handshake).
 
         None: not limited (exempt, no rule, or the key function said None).
-        Otherwise (rule, key, Decision or a future of one).  A plain function,
+        Otherwise (rule, key, Decision or a future of one, cost, slot id or
+        None).  A plain function,
         not a coroutine: a denial the core answers at once never suspends.
         """
         rule = self.rule_for(scope["path"], method)
@@ -703,7 +833,10 @@ class RateLimitMiddleware:
             cost = 1
         elif type(cost) is not int:
             cost = cost(scope)
-        return rule, k, self._submit(k, rule.spec, cost)
+        if rule.concurrency:
+            sid = new_slot_id()
+            return rule, k, self._submit(k, rule.spec, cost, sid), cost, sid
+        return rule, k, self._submit(k, rule.spec, cost), cost, None
 
     def _settle(self, rule: Rule, k: str | bytes, d: Any, cached: bool = False) -> Any:
         """Log and count a decision: _DENY, or let it through with these
@@ -731,11 +864,15 @@ class RateLimitMiddleware:
         if r is None:
             await self.app(scope, receive, send)
             return
-        rule, d, hdrs = r
+        rule, d, hdrs, k, cost, sid = r
         if hdrs is not _DENY:
             if rule.ws_rule is not None:
                 receive, send = self._limit_messages(rule.ws_rule, scope, receive, send)
-            await self.app(scope, receive, send if hdrs is None else _adding(hdrs, send, _WS_START))
+            send = send if hdrs is None else _adding(hdrs, send, _WS_START)
+            if sid is not None:  # a slot held for the connection's life
+                await self._run_holding(rule, d, k, cost, sid, scope, receive, send)
+            else:
+                await self.app(scope, receive, send)
             return
         # Denied.  Wait for the handshake request (websocket.connect), then
         # answer it with a 429 if the server can send HTTP responses for
@@ -922,11 +1059,13 @@ def prefixed_key(k: Any, sp: str, bp: bytes, shp: str, bhp: bytes, owner: Any) -
     return bp + k if len(k) <= MAX_KEY_LENGTH else bhp + key_digest(k).encode()
 
 
-def compile_limits(limiter: Any, limits: Any) -> tuple[Any, tuple[Any, ...]]:
+def compile_limits(
+    limiter: Any, limits: Any, concurrency: int = 0, ttl: float = 60.0
+) -> tuple[Any, tuple[Any, ...]]:
     """(spec, rates) of ``limits`` for ``limiter``: its compiled Spec, or
     the parsed rates for a limiter with only hit().  ValueError when bad."""
     if hasattr(limiter, "compile") and hasattr(limiter, "submit"):
-        spec = limiter.compile(limits)
+        spec = limiter.compile(limits, concurrency=concurrency, ttl=ttl) if concurrency else limiter.compile(limits)
         return spec, tuple(spec.rates)
     from .rates import parse_rates
 

@@ -165,3 +165,36 @@ def test_master_killed() -> None:
     # The other nodes' checks went on deciding throughout.
     during = [e for e in log if t_kill < e[0] < healthy_at[0] and not on_victim(e[4])]
     assert during and all(e[3] is None for e in during)
+
+
+def test_concurrency_charge_and_reset_on_every_node(cluster: ClusterSet) -> None:
+    # The ops of issue 12 ride the same per-node call as checks (keys of many
+    # slots, undeclared): a concurrency slot, a charge into debt and a reset
+    # must each land on the node that owns the key, for keys on every node.
+    async def go() -> None:
+        lim = rategate.Limiter(cluster.url(), timeout=TIMEOUT)
+        try:
+            keys = [f"ops-{i}" for i in range(60)]
+            slots = [lim.concurrency(k, limit=1, ttl=30) for k in keys]
+            for s in slots:
+                await s.__aenter__()
+            with pytest.raises(rategate.ConcurrencyLimitExceeded):
+                async with lim.concurrency(keys[0], limit=1, ttl=30):
+                    pass
+            for s in slots:
+                await s.__aexit__(None, None, None)
+            async with lim.concurrency(keys[0], limit=1, ttl=30):
+                pass
+            for k in keys:
+                d = await lim.charge(k, "10/hour", 15)  # 5 tokens of debt
+                assert d.error is None, d
+                assert not (await lim.hit(k, "10/hour")).allowed
+            assert keys_per_node(cluster, "ops-") and all(n > 0 for n in keys_per_node(cluster, "ops-").values())
+            for k in keys:
+                assert await lim.reset(k, "10/hour") is True
+                d = await lim.hit(k, "10/hour")
+                assert d.allowed and d.remaining == 9, d
+        finally:
+            await lim.aclose()
+
+    asyncio.run(go())

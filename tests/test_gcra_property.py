@@ -69,6 +69,30 @@ def model(rates: tuple[rategate.Rate, ...], now: float, cost: int, tats: list[fl
     return (0, r, rem, clamp(math.ceil(tat0[r] - now)), clamp(math.ceil(worst)), clamp(math.floor(block)))
 
 
+MAX_DEBT_US = 1e15
+
+
+def model_charge(rates: tuple[rategate.Rate, ...], now: float, cost: int, tats: list[float]) -> tuple[Any, ...]:
+    """A charge (issue 12 #3): every bucket takes cost * T (a negative cost
+    refunds), never above full, at most MAX_DEBT_US into debt; the reported
+    rate is the one with the fewest tokens left.  Updates tats."""
+    best = None
+    for j, rt in enumerate(rates):
+        T = rt.period * 1e6 / rt.limit
+        tau = float(rt.burst or rt.limit) * T
+        v = (tats[j] if tats[j] >= now else now) + float(cost) * T
+        if v < now:
+            v = now
+        if v - now > MAX_DEBT_US:
+            v = now + MAX_DEBT_US
+        tats[j] = v
+        rem = max(0, int(math.floor((tau - (v - now) + slack(T)) / T)))
+        if best is None or rem < best[1]:
+            best = (j, rem, clamp(math.ceil(v - now)))
+    assert best is not None
+    return (1, best[0], best[1], best[2], 0, 0)
+
+
 def never(rates: tuple[rategate.Rate, ...], cost: int) -> bool:
     return any(cost > (r.burst or r.limit) for r in rates)
 
@@ -116,6 +140,36 @@ def test_c_gcra_equals_the_model(rates: tuple[rategate.Rate, ...], seq: list[tup
         want = model(rates, now, cost, m_tats)
         assert got[:6] == want, (rates, now, cost)
         c_tats = got[6]
+        assert c_tats == m_tats
+
+
+charge_steps = st.lists(
+    st.tuples(st.integers(0, 5_000_000), st.sampled_from([0, 1, 1, 2, 100]),
+              st.sampled_from([0, 0, 1, -1, -3, 5, 2000, -2000, 10**12])),
+    min_size=1, max_size=25)
+
+
+@settings(COMMON, max_examples=300)
+@given(rates=rates_strategy(1e-6), seq=charge_steps, start=st.integers(0, 10**15))
+def test_c_charge_equals_the_model(rates: tuple[rategate.Rate, ...], seq: list[tuple[int, int, int]],
+                                   start: int) -> None:
+    """Checks and charges interleaved: debt denies later checks, refunds stop at full."""
+    try:
+        spec = rategate.Spec(rates)
+    except ValueError:
+        return
+    now = float(start)
+    c_tats = [0.0] * len(rates)
+    m_tats = [0.0] * len(rates)
+    for dt, cost, charge in seq:
+        now += dt
+        got = _core._gcra_check(spec, now, cost, c_tats)
+        assert got[:6] == model(rates, now, cost, m_tats), (rates, now, cost)
+        c_tats = got[6]
+        if charge:
+            got = _core._gcra_check(spec, now, charge, c_tats, True)
+            assert got[:6] == model_charge(rates, now, charge, m_tats), (rates, now, charge)
+            c_tats = got[6]
         assert c_tats == m_tats
 
 
@@ -178,3 +232,47 @@ def redis_limiter(redis_server: RedisServer, loop: asyncio.AbstractEventLoop) ->
 def test_redis_equals_the_model(redis_limiter: Any, loop: asyncio.AbstractEventLoop,
                                 rates: tuple[rategate.Rate, ...], costs: list[int]) -> None:
     check_store(redis_limiter, loop, rates, costs)
+
+
+ops_strategy = st.lists(st.tuples(st.sampled_from(["hit", "charge"]),
+                                  st.sampled_from([0, 1, 1, 3, 2000, -1, -5, -2000, 10**12])),
+                        min_size=1, max_size=12)
+
+
+def check_store_charges(lim: Any, loop: asyncio.AbstractEventLoop, rates: tuple[rategate.Rate, ...],
+                        ops: list[tuple[str, int]]) -> None:
+    """Hits and charges against the model: a charge is always allowed and
+    reports the bucket after it; the hits after it see the debt or refund."""
+    key = f"propc{next(_keys)}"
+    tats = [0.0] * len(rates)
+    t0 = time.monotonic()
+    for op, cost in ops:
+        if op == "hit":
+            cost = max(cost, 0)
+            d = loop.run_until_complete(lim.hit(key, rates, cost=cost))
+            want = model(rates, 0.0, cost, tats)
+        else:
+            d = loop.run_until_complete(lim.charge(key, rates, cost))
+            want = model_charge(rates, 0.0, cost, tats)
+        elapsed = time.monotonic() - t0
+        assert d.error is None
+        assert (d.allowed, d.rate, d.remaining) == (bool(want[0]), want[1], want[2]), (rates, ops, op, cost)
+        assert abs(d.reset_after - want[3] / 1e6) <= elapsed + 0.01
+
+
+@settings(COMMON, max_examples=60)
+@given(rates=rates_strategy(1.0), ops=ops_strategy)
+def test_memory_charges_equal_the_model(loop: asyncio.AbstractEventLoop, rates: tuple[rategate.Rate, ...],
+                                        ops: list[tuple[str, int]]) -> None:
+    lim = rategate.Limiter("memory://")
+    try:
+        check_store_charges(lim, loop, rates, ops)
+    finally:
+        lim.close()
+
+
+@settings(COMMON, max_examples=25)
+@given(rates=rates_strategy(1.0), ops=ops_strategy)
+def test_redis_charges_equal_the_model(redis_limiter: Any, loop: asyncio.AbstractEventLoop,
+                                       rates: tuple[rategate.Rate, ...], ops: list[tuple[str, int]]) -> None:
+    check_store_charges(redis_limiter, loop, rates, ops)

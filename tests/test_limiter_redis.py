@@ -237,7 +237,8 @@ async def test_every_rate_of_a_check_is_in_one_slot(lim: Any, rc: Any, keyslot: 
 # -- reset (the script's side of Limiter.reset) ----------------------------------------------
 def test_script_reset_deletes_the_checks_keys_in_the_same_call(rc: Any) -> None:
     # One call: a hit on "a" (2 rates), a reset of "b" (2 rates), a hit on "c".
-    # A reset travels as cost -1 and answers allowed with zeros.
+    # Per check: op (0 hit, 1 reset), cost, number of rates, T and tau per
+    # rate.  A reset answers allowed with zeros.
     from rategate import _core
 
     rc.set(b"rg:{b}:10/60000", b"123")
@@ -245,7 +246,8 @@ def test_script_reset_deletes_the_checks_keys_in_the_same_call(rc: Any) -> None:
     rc.set(b"rg:{other}:10/60000", b"789")
     keys = [b"rg:{a}:10/60000", b"rg:{a}:100/3600000", b"rg:{b}:10/60000", b"rg:{b}:100/3600000",
             b"rg:{c}:10/60000"]
-    argv = [3, 1, 2, 6e6, 5.4e7, 3.6e7, 3.564e9, -1, 2, 6e6, 5.4e7, 3.6e7, 3.564e9, 1, 1, 6e6, 5.4e7]
+    argv = [3, 0, 1, 2, 6e6, 5.4e7, 3.6e7, 3.564e9, 1, 0, 2, 6e6, 5.4e7, 3.6e7, 3.564e9,
+            0, 1, 1, 6e6, 5.4e7]
     out = rc.eval(_core.SCRIPT, len(keys), *keys, *argv)
     assert len(out) == 18
     assert out[0] == 1 and out[12] == 1  # the hits are allowed
