@@ -47,6 +47,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def log_tail(path: str) -> str:
+    """The last 4000 characters of a server's log (for error messages)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()[-4000:]
+    except OSError:
+        return "(no log)"
+
+
 def _reap(state: dict[str, Any]) -> None:
     """Kill the current process and remove the directory (finalizer: no self)."""
     proc: subprocess.Popen[bytes] | None = state.get("proc")
@@ -256,11 +265,7 @@ class RedisServer:
         self.close()
 
     def log(self) -> str:
-        try:
-            with open(os.path.join(self.dir, "redis.log"), encoding="utf-8", errors="replace") as f:
-                return f.read()[-4000:]
-        except OSError:
-            return "(no log)"
+        return log_tail(os.path.join(self.dir, "redis.log"))
 
     # -- clients -----------------------------------------------------------
     def _raw_client(self, *, db: int = 0, socket_timeout: float = 10.0) -> redis.Redis:

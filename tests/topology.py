@@ -28,7 +28,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from redisserver import REDIS_SERVER, RedisServer, RedisServerError, _kill, free_port
+from redisserver import REDIS_SERVER, RedisServer, RedisServerError, _kill, _reap, free_port, log_tail
 
 __all__ = ["SentinelServer", "SentinelSet", "ClusterSet", "key_slot", "wait_until"]
 
@@ -93,7 +93,7 @@ class SentinelServer:
         self.tls = tls
         self.extra_conf = list(extra_conf)
         self._state: dict[str, Any] = {"proc": None, "dir": self.dir}
-        self._finalizer = weakref.finalize(self, _reap_dir, self._state)
+        self._finalizer = weakref.finalize(self, _reap, self._state)
         try:
             self.start()
         except BaseException:
@@ -170,21 +170,7 @@ class SentinelServer:
                            retry=Retry(NoBackoff(), 0), **kw)
 
     def log(self) -> str:
-        try:
-            with open(os.path.join(self.dir, "sentinel.log"), encoding="utf-8", errors="replace") as f:
-                return f.read()[-4000:]
-        except OSError:
-            return "(no log)"
-
-
-def _reap_dir(state: dict[str, Any]) -> None:
-    proc = state.get("proc")
-    state["proc"] = None
-    if proc is not None:
-        _kill(proc)
-    d = state.pop("dir", None)
-    if d:
-        shutil.rmtree(d, ignore_errors=True)
+        return log_tail(os.path.join(self.dir, "sentinel.log"))
 
 
 class SentinelSet:
