@@ -107,12 +107,15 @@ async def test_wakeups_are_counted_per_check(redis_url: str, make_limiter: Any) 
     # One per check; one fewer was seen once (a completion joining a drain
     # not yet finished, presumably): allowed, not explained further.
     assert n - 2 <= st["wakeups_port"] <= n, st
-    # A burst shares them: the thread takes the whole queue per wake-up and
-    # many completions ride one eventfd write.
-    ds = await asyncio.wait_for(asyncio.gather(*(lim.hit(f"b{i}", "10/hour") for i in range(1000))), BOUND)
+    # A burst: never more than one of each per check (only a submit onto an
+    # empty queue wakes the thread; one eventfd write per run of completions
+    # pushed to an undrained port).  How many fewer depends on how the two
+    # threads interleave, so that is not asserted.
+    m = 1000
+    ds = await asyncio.wait_for(asyncio.gather(*(lim.hit(f"b{i}", "10/hour") for i in range(m))), BOUND)
     assert all(d.error is None for d in ds)
     st2 = lim.stats()
-    assert st2["wakeups_loop"] - n < 500 and st2["wakeups_port"] - n < 500, st2
+    assert 0 < st2["wakeups_loop"] - n <= m and 0 < st2["wakeups_port"] - n <= m, st2
 
 
 def _loop_thread_cpu_s() -> float:
