@@ -441,6 +441,13 @@ def micro_summary(results: dict) -> list[str]:
                        f"{st['checks']:,} checks ({st.get('allowed', 0):,} allowed, {st.get('denied', 0):,} denied, "
                        f"{st.get('cached_denials', 0):,} of them from the local cache"
                        + (f"; errors {errs}" if errs else "") + ")")
+            for where, fig in (("wrk window", r), ("fixed load", r.get("fixed_load") or {})):
+                wk = fig.get("wakeups_per_check")
+                if wk:
+                    out.append(f"{name}, {w} worker{'s' if w > 1 else ''}, {where}: per check "
+                               f"{wk['wakeups_loop']:.3f} wake-ups of a loop thread, "
+                               f"{wk['wakeups_port']:.3f} of asyncio, {wk['spins']:.3f} polls "
+                               f"({wk['spin_hits']:.3f} caught a submit)")
     for impl, c in micro.get("cpu", {}).items():
         s = f"CPU per check, {impl}: hit {c['hit']['raw_us']:.2f} µs raw, {c['hit']['net_us']:.2f} µs net"
         if "submit" in c:

@@ -473,6 +473,15 @@ def measure_window(srv: Server, load) -> tuple[dict, dict]:
                  "lag": merged_lag(stats), "rss_kb": sum(st.get("rss_kb", 0) for st in stats)}
 
 
+def wakeups_per_check(limiter: dict | None, checks: int | None) -> dict | None:
+    """The cross-thread wake-ups per Redis check (rategate's stats(): submit ->
+    loop thread, loop thread -> asyncio) and the loop threads' polls."""
+    keys = ("wakeups_loop", "wakeups_port", "spins", "spin_hits")
+    if not isinstance(limiter, dict) or not checks or any(k not in limiter for k in keys):
+        return None
+    return {k: round(limiter[k] / checks, 3) for k in keys}
+
+
 def window_figures(win: dict, requests: int) -> dict:
     """Per-request figures of a window measured by measure_window."""
     checks = redis_checks(win["limiter"])
@@ -480,6 +489,7 @@ def window_figures(win: dict, requests: int) -> dict:
         "cpu_us_per_req": measure.per_request(win["cpu_s"], requests),
         "redis": measure.redis_split(*win["commandstats"], checks, requests),
         "lag_ms": win["lag"],
+        "wakeups_per_check": wakeups_per_check(win["limiter"], checks),
     }
 
 
@@ -562,7 +572,7 @@ def run_http_case(ctx: Ctx, case: HttpCase, workers: int) -> dict:
         rate = ctx.pace_rate.get(workers)
         if rate:
             pace, pwin = measure_window(srv, lambda: run_pace(ctx, port, rate, tag))
-            fixed = dict(pace, **window_figures(pwin, pace["answered_total"]))
+            fixed = dict(pace, **window_figures(pwin, pace["answered_total"]), limiter_stats=pwin["limiter"])
         if server.poll() is not None:
             raise RuntimeError(f"uvicorn died during the run:\n{procs.tail(log)}")
     finally:

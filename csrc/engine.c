@@ -9,11 +9,13 @@
 #define _GNU_SOURCE /* pthread_setname_np */
 #include "engine.h"
 
+#include <fcntl.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <openssl/sha.h>
 
@@ -110,8 +112,8 @@ flush(rg_shard *s)
                 rg_check_free(first);
                 first = next;
             }
-        } else {
-            rg_port_push(first->port, first, last);
+        } else if (rg_port_push(first->port, first, last)) {
+            atomic_fetch_add_explicit(&s->eng->wakeups_port, 1, memory_order_relaxed);
         }
     }
 }
@@ -408,6 +410,116 @@ requeue_batch(rg_shard *s, rg_batch *b)
             requeue_now(s, b->checks[i]);
 }
 
+/* ---- whether polling pays -------------------------------------------------- */
+
+/* Fixed point for the EWMAs of rg_spin_state: RG_SPIN_ONE is 1. */
+#define RG_SPIN_ONE 1024u
+/* Poll only while at least this share of recent polls caught a submit. */
+#define RG_SPIN_MIN_HITS (RG_SPIN_ONE / 4)
+/* With a low hit rate, still poll once in this many chances: the rate is
+ * only learnt by polling, and traffic changes. */
+#define RG_SPIN_PROBE 16u
+/* How often the running-thread count is sampled: the read is three syscalls
+ * (open, read, close; a few us), so at most 100 a second per shard. */
+#define RG_SPIN_SAMPLE_NS 10000000ull
+
+/* A script call was answered `lat_ns` after it was written (EWMA, 1/8). */
+static void
+spin_reply(rg_shard *s, uint64_t lat_ns)
+{
+    int64_t d = (int64_t)lat_ns - (int64_t)s->spin.reply_ns;
+    s->spin.reply_ns = (uint64_t)((int64_t)s->spin.reply_ns + d / 8);
+}
+
+/* A poll ended; `hit`: it took a check submitted while it ran (the submit
+ * skipped its wake-up syscall, and the check went out without a sleep). */
+static void
+spin_done(rg_shard *s, int hit)
+{
+    s->spin.hits = s->spin.hits - s->spin.hits / 8 + (hit ? RG_SPIN_ONE / 8 : 0);
+    atomic_fetch_add_explicit(&s->eng->spins, 1, memory_order_relaxed);
+    if (hit)
+        atomic_fetch_add_explicit(&s->eng->spin_hits, 1, memory_order_relaxed);
+}
+
+/* Runnable threads on the whole machine, ourselves included: the 4th field
+ * of /proc/loadavg ("0.52 0.58 0.59 3/1234 5678" -> 3), the kernel's
+ * instantaneous count (nr_running).  -1 if it cannot be read. */
+static int
+running_threads(const char *path)
+{
+    char buf[128], *p = buf;
+    ssize_t n;
+    int fd = open(path, O_RDONLY | O_CLOEXEC), i;
+
+    if (fd < 0)
+        return -1;
+    n = read(fd, buf, sizeof(buf) - 1);
+    close(fd);
+    if (n <= 0)
+        return -1;
+    buf[n] = '\0';
+    for (i = 0; i < 3; i++) {
+        p = strchr(p, ' ');
+        if (p == NULL)
+            return -1;
+        p++;
+    }
+    return (int)strtol(p, NULL, 10);
+}
+
+/*
+ * Whether a core is idle, so that polling takes CPU from nobody.  From
+ * /proc/loadavg's running count, sampled at most every RG_SPIN_SAMPLE_NS
+ * and smoothed (EWMA, 1/4: an instantaneous count flickers).  Chosen over
+ * the alternatives because it is cheap and says exactly this: getrusage's
+ * involuntary switches only tell after the poll has taken a core from
+ * someone, and our own process's threads miss the other processes (the
+ * other workers, Redis) that share the cores.  The count is the machine's:
+ * in a container limited by a CPU quota it may call a core idle that the
+ * quota does not give us (then polling costs what it did before this).
+ * Unreadable (no /proc): counted as idle, the behaviour before.
+ */
+static int
+core_idle(rg_shard *s, uint64_t now)
+{
+    if (now - s->spin.sampled_ns >= RG_SPIN_SAMPLE_NS) {
+        int running = running_threads(s->eng->loadavg);
+        unsigned busy = running > s->eng->ncpu ? RG_SPIN_ONE : 0;
+        /* The first sample stands alone; an unreadable one changes nothing. */
+        if (running >= 0)
+            s->spin.busy = s->spin.sampled_ns == 0 ? busy : s->spin.busy - s->spin.busy / 4 + busy / 4;
+        s->spin.sampled_ns = now;
+    }
+    return s->spin.busy < RG_SPIN_ONE / 2;
+}
+
+/*
+ * Whether to poll now (replies are owed; `spin` is the window, the user's
+ * upper bound).  Polling saves the submitter's wake-up syscall and our
+ * wake from epoll, but burns a core meanwhile, so only while it pays:
+ * - a core is idle (never take CPU from a thread that has work);
+ * - replies come within the window (else the poll ends before the reply
+ *   it waits for, and the thread sleeps anyway);
+ * - recent polls caught submits (else it only waits for replies, which
+ *   epoll would deliver at the cost of one wake-up), probing now and then.
+ * RATEGATE_SPIN_ADAPTIVE=0 polls whenever replies are owed, as before
+ * (for A/B measurements).
+ */
+static int
+spin_pays(rg_shard *s, uint64_t spin)
+{
+    if (s->eng->spin_fixed)
+        return 1;
+    if (!core_idle(s, rg_now_ns()) || s->spin.reply_ns > spin)
+        return 0;
+    if (s->spin.hits >= RG_SPIN_MIN_HITS) {
+        s->spin.skipped = 0;
+        return 1;
+    }
+    return ++s->spin.skipped % RG_SPIN_PROBE == 0;
+}
+
 static void
 on_reply(void *owner, rg_conn *c, void *priv, struct redisReply *r)
 {
@@ -432,6 +544,7 @@ on_reply(void *owner, rg_conn *c, void *priv, struct redisReply *r)
         return;
     }
     d->answered = 1;
+    spin_reply(s, rg_now_ns() - b->sent_ns);
     switch (rg_batch_decode(b, r, why, sizeof(why))) {
     case RG_BATCH_NOSCRIPT:
         /* SCRIPT FLUSH, or a failover to a replica without the script:
@@ -1210,9 +1323,9 @@ shard_owes(rg_shard *s)
 
 /*
  * The thread.  Normally it sleeps in uv_run until an event.  With spin_ns,
- * while Redis owes replies (they are microseconds away) it polls instead:
- * uv_run without blocking, the queue, sched_yield, for at most spin_ns.
- * Meanwhile `spinning` tells the Python thread that a wake-up syscall is not
+ * while Redis owes replies (they are microseconds away) and polling pays
+ * (spin_pays) it polls instead: uv_run without blocking, the queue,
+ * sched_yield, for at most spin_ns.  Meanwhile `spinning` tells the Python thread that a wake-up syscall is not
  * needed.  The hand-over is Dekker's: submit() pushes then reads `spinning`;
  * this thread clears `spinning` then re-reads the queue, each with a full
  * fence between, so at least one of the two sees the other and no check is
@@ -1230,13 +1343,16 @@ shard_main(void *arg)
     pthread_setname_np(pthread_self(), name);
 
     for (;;) {
-        if (spin != 0 && !s->closing && shard_owes(s)) {
+        if (spin != 0 && !s->closing && shard_owes(s) && spin_pays(s, spin)) {
             uint64_t until = rg_now_ns() + spin;
+            int hit = 0;
             atomic_store(&s->spinning, 1);
             while (!s->closing && rg_now_ns() < until) {
                 int queued = queue_pending(s);
-                if (queued)
+                if (queued) {
+                    hit = 1;
                     wake_cb(&s->wake);
+                }
                 if (uv_run(&s->loop, UV_RUN_NOWAIT) == 0)
                     break;
                 /* Nothing owed: sleep.  Checks queued since `queued` was read
@@ -1248,9 +1364,11 @@ shard_main(void *arg)
             atomic_store(&s->spinning, 0);
             atomic_thread_fence(memory_order_seq_cst);
             if (queue_pending(s)) {
+                spin_done(s, 1);
                 wake_cb(&s->wake);
                 continue;
             }
+            spin_done(s, hit);
         }
         if (uv_run(&s->loop, UV_RUN_ONCE) == 0)
             break; /* every handle closed: stopped */
@@ -1306,6 +1424,7 @@ shard_init(rg_engine *e, rg_shard *s, int i, char *errbuf, size_t errlen)
     atomic_init(&s->down, 0);
     atomic_init(&s->connected, 0);
     atomic_init(&s->spinning, 0);
+    s->spin.hits = RG_SPIN_ONE; /* poll at first, as before; learn from there */
     if (pthread_mutex_init(&s->mu, NULL) != 0) {
         snprintf(errbuf, errlen, "pthread_mutex_init failed");
         return -1;
@@ -1441,6 +1560,23 @@ conn_cfg(rg_engine *e)
     }
 }
 
+/* The adaptive polling's inputs.  RATEGATE_SPIN_ADAPTIVE=0 restores the
+ * fixed poll (for A/B runs); RATEGATE_TEST_LOADAVG names a file to read
+ * instead of /proc/loadavg (tests pin "every core busy" or "idle" with it). */
+static void
+spin_cfg(rg_engine *e)
+{
+    const char *adaptive = getenv("RATEGATE_SPIN_ADAPTIVE");
+    const char *path = getenv("RATEGATE_TEST_LOADAVG");
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+
+    e->spin_fixed = adaptive != NULL && strcmp(adaptive, "0") == 0;
+    e->ncpu = n > 0 ? (int)n : 1;
+    if (path == NULL || strlen(path) >= sizeof(e->loadavg))
+        path = "/proc/loadavg";
+    snprintf(e->loadavg, sizeof(e->loadavg), "%s", path);
+}
+
 int
 rg_engine_start(rg_engine *e, char *errbuf, size_t errlen)
 {
@@ -1449,6 +1585,7 @@ rg_engine_start(rg_engine *e, char *errbuf, size_t errlen)
 
     rg_fd_install_atfork();
     conn_cfg(e);
+    spin_cfg(e);
     e->shards = calloc((size_t)n, sizeof(rg_shard));
     if (e->shards == NULL) {
         snprintf(errbuf, errlen, "out of memory");
@@ -1508,8 +1645,10 @@ void
 rg_engine_wake(rg_shard *s)
 {
     pthread_mutex_lock(&s->mu);
-    if (!s->stopping)
+    if (!s->stopping) {
         uv_async_send(&s->wake);
+        atomic_fetch_add_explicit(&s->eng->wakeups_loop, 1, memory_order_relaxed);
+    }
     pthread_mutex_unlock(&s->mu);
 }
 

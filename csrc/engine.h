@@ -67,6 +67,16 @@ typedef struct rg_list {
 
 enum rg_dest_state { RG_DOWN, RG_CONNECTING, RG_READY };
 
+/* What a shard learned about whether polling pays (loop thread only; see
+ * spin_pays in engine.c).  Fractions are fixed point, RG_SPIN_ONE = 1. */
+typedef struct rg_spin_state {
+    uint64_t reply_ns;   /* EWMA of a script call's send -> reply time */
+    unsigned hits;       /* EWMA of "a poll caught a submit" */
+    unsigned busy;       /* EWMA of "every core had a runnable thread" */
+    unsigned skipped;    /* polls skipped for a low hit rate since the last probe */
+    uint64_t sampled_ns; /* when `busy` was last sampled */
+} rg_spin_state;
+
 /*
  * One destination of a shard: one Redis server, the connection to it and
  * the script calls it owes replies to.  One per shard for one server or
@@ -144,6 +154,7 @@ typedef struct rg_shard {
     rg_list waiting;           /* queued while connecting */
     rg_list sent;              /* in a batch, awaiting the reply */
     rg_check *done_head, *done_tail; /* finished, pushed to ports at flush */
+    rg_spin_state spin;        /* whether polling pays (see spin_pays in engine.c) */
 } rg_shard;
 
 typedef struct rg_engine {
@@ -152,6 +163,15 @@ typedef struct rg_engine {
     int started;
     atomic_long outstanding; /* queued + waiting + sent-and-unreplied */
     atomic_long reconnects;
+    /* Counted by the loop threads and submit, read by stats (relaxed). */
+    atomic_long wakeups_loop;  /* uv_async_send calls waking a shard (<= 1 eventfd write each) */
+    atomic_long wakeups_port;  /* eventfd writes waking asyncio (port.c) */
+    atomic_long spins;         /* polls started (shard_main) */
+    atomic_long spin_hits;     /* polls that took a check submitted meanwhile */
+    /* Fixed at start from the environment (see rg_engine_start). */
+    int spin_fixed;            /* RATEGATE_SPIN_ADAPTIVE=0: poll whenever replies are owed */
+    int ncpu;                  /* online cores */
+    char loadavg[128];         /* where the running-thread count is read (/proc/loadavg) */
     rg_conn_cfg conn;        /* from cfg, for every connection (set at start) */
     rg_conn_cfg seed_conn[RG_MAX_SEEDS]; /* one per seed (set at start) */
     char xslot_sha[41];      /* SHA1 of rg_script_xslot, hex (set at start) */

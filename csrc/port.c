@@ -52,7 +52,7 @@ rg_port_decref(rg_port *p)
     free(p);
 }
 
-void
+int
 rg_port_push(rg_port *p, rg_check *head, rg_check *tail)
 {
     int wake = 0;
@@ -68,7 +68,7 @@ rg_port_push(rg_port *p, rg_check *head, rg_check *tail)
             rg_check_free(head);
             head = next;
         }
-        return;
+        return 0;
     }
     if (p->tail != NULL)
         p->tail->next = head;
@@ -93,6 +93,7 @@ rg_port_push(rg_port *p, rg_check *head, rg_check *tail)
         (void)r;
         rg_port_decref(p); /* possibly the last: closes the fd after us */
     }
+    return wake;
 }
 
 rg_check *

@@ -590,6 +590,10 @@ engine_tp_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
     self->failure_open = failure_open;
     atomic_init(&self->eng.outstanding, 0);
     atomic_init(&self->eng.reconnects, 0);
+    atomic_init(&self->eng.wakeups_loop, 0);
+    atomic_init(&self->eng.wakeups_port, 0);
+    atomic_init(&self->eng.spins, 0);
+    atomic_init(&self->eng.spin_hits, 0);
     if (pthread_mutex_init(&self->eng.err_mu, NULL) != 0) {
         PyErr_SetString(PyExc_RuntimeError, "pthread_mutex_init failed");
         goto error;
@@ -1079,13 +1083,22 @@ engine_stats(EngineObject *self, PyObject *unused)
     pthread_mutex_lock(&self->eng.err_mu);
     memcpy(err, self->eng.last_error, sizeof(err));
     pthread_mutex_unlock(&self->eng.err_mu);
-    v = Py_BuildValue("{slslsOsNslsn}", "in_flight", atomic_load(&self->eng.outstanding),
+    /* wakeups_*: the syscalls that hand work across threads (submit -> loop
+     * thread, loop thread -> asyncio); spins, spin_hits: the loop threads'
+     * polls and those that caught a submit (engine.c, spin_pays). */
+    v = Py_BuildValue("{slslsOsNslsnslslslsl}", "in_flight", atomic_load(&self->eng.outstanding),
                       "reconnects", atomic_load(&self->eng.reconnects), "connected",
                       connected ? Py_True : Py_False, "last_error",
                       err[0] ? PyUnicode_DecodeUTF8(err, (Py_ssize_t)strlen(err), "replace")
                              : Py_NewRef(Py_None),
                       "threads", (long)self->eng.cfg.nshards, "deny_cache_bytes",
-                      (Py_ssize_t)rg_cache_bytes(&self->cache));
+                      (Py_ssize_t)rg_cache_bytes(&self->cache), "wakeups_loop",
+                      atomic_load_explicit(&self->eng.wakeups_loop, memory_order_relaxed),
+                      "wakeups_port",
+                      atomic_load_explicit(&self->eng.wakeups_port, memory_order_relaxed),
+                      "spins", atomic_load_explicit(&self->eng.spins, memory_order_relaxed),
+                      "spin_hits",
+                      atomic_load_explicit(&self->eng.spin_hits, memory_order_relaxed));
     if (v == NULL || PyDict_Update(d, v) < 0) {
         Py_XDECREF(v);
         Py_DECREF(d);

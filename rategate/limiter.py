@@ -420,9 +420,11 @@ class Limiter:
       ``rediss://`` (``rediss+sentinel://``, ``rediss+cluster://``) URL (redis-py's names; they may also be given in the
       URL's query).  By default the server is verified against the system
       CA store and its certificate must name the host.
-    * ``spin``: while Redis owes replies, the loop thread polls (yielding
+    * ``spin``: while Redis owes replies, the loop thread may poll (yielding
       the CPU each turn) for up to this many seconds instead of sleeping, so
-      handing it a check costs no wake-up syscall.  0 disables it.
+      handing it a check costs no wake-up syscall.  It polls only while that
+      pays: a core is idle, replies come within this window, and recent
+      polls caught submits; so this is the upper bound.  0 disables it.
 
     The engine starts on first use in each process (so a fork after import
     gets its own thread) and is stopped by :meth:`aclose` or at exit.
