@@ -58,6 +58,7 @@ rg_cache_init(rg_cache *c, size_t entries, uint64_t ttl_ns)
     c->nsets = 0;
     c->max_sets = 0;
     c->ttl_ns = ttl_ns;
+    c->refresh_ns = ttl_ns;
     c->sets = NULL;
     c->e = NULL;
     if (entries == 0)
@@ -155,7 +156,17 @@ rg_cache_get(rg_cache *c, uint64_t hash, uint64_t spec, const char *key, size_t 
     if (i < 0)
         return NULL;
     if (now >= c->sets[set].until_ns[i]) {
-        c->sets[set].until_ns[i] = 0; /* expired: free the way */
+        rg_cache_entry *e = &c->e[set * WAYS + (size_t)i];
+        if (now >= e->until_ns) {
+            c->sets[set].until_ns[i] = 0; /* Redis's block is over: free the way */
+            return NULL;
+        }
+        /* Its ttl is over but Redis's block is not: this check asks Redis
+         * (a reset done elsewhere is seen now), and the entry keeps
+         * answering the others for up to refresh_ns, while that answer is
+         * on its way; the answer then puts or forgets the entry.  One Redis
+         * check per key per ttl, however many requests flood it. */
+        c->sets[set].until_ns[i] = now + c->refresh_ns < e->until_ns ? now + c->refresh_ns : e->until_ns;
         return NULL;
     }
     return &c->e[set * WAYS + (size_t)i];

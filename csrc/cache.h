@@ -7,7 +7,9 @@
  * denied from here, in C, with no round trip and no suspension.  The ttl
  * bounds how long a reset done elsewhere (limiter.reset() in another
  * process, an operator deleting keys, FLUSHDB, a Redis restart) goes unseen:
- * a flood costs at most one Redis check per key per ttl per process.
+ * a flood costs one Redis check per key per ttl per process, however many
+ * requests are in flight when the ttl ends (the first asks Redis; the entry
+ * answers the rest meanwhile, for at most refresh_ns).
  *
  * The block is counted from the moment the check was *submitted*, which is
  * before Redis's clock read it, so the cached block always ends no later than
@@ -53,7 +55,9 @@ typedef struct rg_cache_set {
 typedef struct rg_cache {
     size_t nsets;        /* power of two; 0: disabled or freed */
     size_t max_sets;     /* the bound (power of two) */
-    uint64_t ttl_ns;     /* an entry lives at most this long */
+    uint64_t ttl_ns;     /* an entry lives at most this long, then Redis is asked */
+    uint64_t refresh_ns; /* while asked: the others answered from here this long
+                          * at most (the check's deadline; default ttl_ns) */
     rg_cache_set *sets;  /* nsets, 64-byte aligned */
     rg_cache_entry *e;   /* nsets * 4 */
 } rg_cache;

@@ -642,6 +642,11 @@ engine_tp_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
         PyErr_NoMemory();
         goto error;
     }
+    /* While a key's entry is re-asked of Redis, the others are answered
+     * from it for the re-asking check's deadline at most (and never longer
+     * than the ttl), so a reset is still seen within about a ttl. */
+    if (self->eng.cfg.timeout_ns < self->cache.refresh_ns)
+        self->cache.refresh_ns = self->eng.cfg.timeout_ns;
     return (PyObject *)self;
 error:
     Py_DECREF(self);

@@ -152,6 +152,26 @@ async def test_flood_costs_one_redis_check_per_ttl(redis_url: str) -> None:
         await lim.aclose()
 
 
+async def test_a_flood_in_flight_at_the_ttl_asks_redis_once(redis_url: str) -> None:
+    # When a cached denial's ttl ends, the check that finds it asks Redis;
+    # the requests in flight with it are answered from the entry meanwhile,
+    # not all sent to Redis at once (a burst of N concurrent requests per
+    # expiry would cost N Redis checks per key per ttl, not one).
+    lim = rategate.Limiter(redis_url, deny_cache_ttl=0.05, timeout=2.0)
+    try:
+        await lim.hit("b", "1/minute")
+        assert not (await lim.hit("b", "1/minute")).allowed  # from Redis: now cached
+        await asyncio.sleep(0.08)  # the ttl is over (Redis's block is not)
+        before = lim.stats()
+        ds = await asyncio.gather(*(lim.hit("b", "1/minute") for _ in range(50)))
+        after = lim.stats()
+        assert not any(d.allowed for d in ds)
+        asked = (after["checks"] - after["cached_denials"]) - (before["checks"] - before["cached_denials"])
+        assert asked == 1, asked
+    finally:
+        await lim.aclose()
+
+
 async def test_peek_does_not_clear_a_cached_denial(redis_url: str) -> None:
     lim = rategate.Limiter(redis_url)
     try:
