@@ -507,13 +507,16 @@ static int
 check_seconds(const char *name, double v, double lo, double hi)
 {
     PyObject *got;
+    char range[64];
 
     if (v >= lo && v <= hi) /* false for NaN */
         return 0;
+    /* PyErr_Format has no float conversion (3.12+ raise SystemError on
+     * %g, 3.11 copies it verbatim): the bounds are formatted here. */
+    snprintf(range, sizeof(range), "from %g to %g", lo, hi);
     got = PyFloat_FromDouble(v);
     if (got != NULL) {
-        PyErr_Format(PyExc_ValueError, "%s must be a number of seconds from %g to %g, got %R",
-                     name, lo, hi, got);
+        PyErr_Format(PyExc_ValueError, "%s must be a number of seconds %s, got %R", name, range, got);
         Py_DECREF(got);
     }
     return -1;
