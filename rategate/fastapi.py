@@ -20,13 +20,24 @@ which is how FastAPI treats every dependency's headers); a denied one raises
 ``HTTPException(429)`` with ``Retry-After`` and the same headers, which FastAPI
 renders as ``{"detail":"Too Many Requests"}``.
 
+``concurrency=`` (requests of one key in flight) and ``charge=True`` (the
+cost the endpoint reports with :func:`rategate.set_cost`, charged after the
+response) make it a dependency with ``yield``: the slot is given back, and the
+cost charged, in its exit code, which FastAPI runs after the response has been
+sent (its whole body, for a streamed one) on FastAPI >= 0.118, also when the
+endpoint raised or the client went away.  FastAPI 0.106 to 0.117 ran that
+exit code when the endpoint returned, before the response was sent: there a
+streamed body runs after the slot is given back, and a cost reported from
+inside the stream is not charged.  Do not give such a dependency
+``Depends(..., scope="function")``: that also exits before the response.
+
 This module imports FastAPI; the rest of rategate does not need it.  For
 WebSocket routes, and for the fastest path, use :class:`RateLimitMiddleware`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import HTTPException, Request, Response
@@ -34,16 +45,19 @@ from fastapi import HTTPException, Request, Response
 from .counts import counts_for
 from .headers import make_headers, retry_after_header
 from .keys import client_ip
+from .limiter import new_slot_id
 from .middleware import (
     _NAME_ESCAPES,
     DynamicLimits,
     FailureLog,
     ShadowLog,
     _check_cost,
+    _check_concurrency,
     _check_key,
     _check_metrics,
     _decision_type,
     _dummy_rates,
+    charge_reported,
     compile_limits,
     prefixed_key,
 )
@@ -70,7 +84,28 @@ class RateLimit:
     counted in ``limiter.stats()["rules"]`` (and ``metrics``) under the label
     ``"dep:<name>"``, the name being the route's method and template unless
     given.
+
+    ``concurrency``: at most this many requests of one key in flight at once
+    on this route (across every process sharing the store), decided in the
+    same store call as the rates (if either denies, neither is consumed; over
+    it: 429 with ``qu="concurrent-requests"`` in ``RateLimit-Policy``);
+    ``limits`` may then be None.  The slot is given back once the response has
+    been sent, or the endpoint raised; ``concurrency_ttl``: seconds a slot of
+    a process that died is held (keep it above your slowest request).
+    ``charge``: after the response, charge the cost the endpoint reported
+    with :func:`rategate.set_cost` (the difference from what the check
+    consumed) to the same key and rates, fire and forget.  With either, the
+    instance is a dependency with ``yield`` (see the module docstring for
+    when FastAPI runs its exit).
     """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> RateLimit:
+        # FastAPI tells a plain dependency from one with yield by the type
+        # of __call__: only a limit that holds something past the endpoint
+        # pays for the exit stack (the rate-only path stays one await).
+        if cls is RateLimit and (kwargs.get("concurrency") or kwargs.get("charge")):
+            cls = _HoldingRateLimit
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -83,10 +118,26 @@ class RateLimit:
         name: str | None = None,
         shadow: bool = False,
         metrics: Any = None,
+        concurrency: int | None = None,
+        concurrency_ttl: float = 60.0,
+        charge: bool = False,
     ) -> None:
         from .limiter import as_limiter
 
         limiter = as_limiter(limiter, "RateLimit")
+        if not isinstance(charge, bool):
+            raise TypeError(f"RateLimit: charge must be True or False, got {charge!r}")
+        self.concurrency, self.concurrency_ttl = _check_concurrency(concurrency, concurrency_ttl, "RateLimit")
+        if self.concurrency and not hasattr(limiter, "_release_held"):
+            raise ValueError(f"RateLimit: concurrency needs a rategate.Limiter (with release()), got {limiter!r}")
+        if charge and not hasattr(limiter, "charge_nowait"):
+            raise ValueError(f"RateLimit: charge=True needs a rategate.Limiter (with charge_nowait()), got {limiter!r}")
+        if charge and limits is None:
+            raise ValueError(
+                "RateLimit: charge=True charges the reported cost to the rates, but limits is None (only "
+                "a concurrency limit); give rates like \"100000/day\", or drop charge"
+            )
+        self.charge = charge
         if name is not None and (not isinstance(name, str) or not name):
             raise ValueError(f"RateLimit: name must be a non-empty str, got {name!r}")
         if not isinstance(shadow, bool):
@@ -110,12 +161,13 @@ class RateLimit:
             make_headers(headers, _dummy_rates())  # validate the style now
         else:
             try:
-                self._spec, rates = compile_limits(limiter, limits)
+                self._spec, rates = compile_limits(limiter, limits, self.concurrency, self.concurrency_ttl)
             except ValueError as e:
                 raise ValueError(f"RateLimit({limits!r}): {e}") from None
         self.rates = rates
         self._header_style = headers
-        self.headers = None if self._dynamic else make_headers(headers, rates, name or "default")
+        self.headers = None if self._dynamic else make_headers(headers, rates, name or "default",
+                                                                self.concurrency)
         if self.metrics is not None:
             self.metrics.watch(limiter)
         self._Decision = _decision_type()
@@ -128,7 +180,9 @@ class RateLimit:
         self._shadow_log = ShadowLog()
 
     def __repr__(self) -> str:
-        return f"RateLimit({self.limits!r}, name={self.name!r}, headers={self._header_style!r})"
+        c = f", concurrency={self.concurrency}" if self.concurrency else ""
+        c += ", charge=True" if self.charge else ""
+        return f"RateLimit({self.limits!r}, name={self.name!r}, headers={self._header_style!r}{c})"
 
     def _make_prefixes(self, name: str) -> tuple[Any, ...]:
         """(str prefix, bytes prefix, str hashed prefix, bytes hashed prefix,
@@ -141,7 +195,7 @@ class RateLimit:
         elif self.name is not None:
             hdrs = self.headers
         else:
-            hdrs = make_headers(self._header_style, self.rates, name)
+            hdrs = make_headers(self._header_style, self.rates, name, self.concurrency)
         counts = counts_for(self.limiter, "dep:" + name)
         if self.metrics is not None:
             self.metrics.attach(counts)
@@ -150,8 +204,8 @@ class RateLimit:
 
     def _resolved(self, name: str, limits: Any) -> tuple[Any, Any]:
         """(spec, headers) of the rates a limits callable returned for counter ``name``."""
-        spec, rates = compile_limits(self.limiter, limits)
-        return spec, make_headers(self._header_style, rates, name)
+        spec, rates = compile_limits(self.limiter, limits, self.concurrency, self.concurrency_ttl)
+        return spec, make_headers(self._header_style, rates, name, self.concurrency)
 
     def _prefixes_for(self, scope: Any) -> tuple[Any, ...]:
         route = scope.get("route")
@@ -166,16 +220,21 @@ class RateLimit:
         return p
 
     async def __call__(self, request: Request, response: Response) -> None:
-        scope = request.scope
+        await self._decide(request.scope, response)
+
+    async def _decide(self, scope: Any, response: Response) -> tuple[Any, ...] | None:
+        """Check one request: raise HTTPException(429) if denied, add the
+        headers to ``response`` if allowed.  None: not limited; else (key,
+        spec, decision, cost, slot id or None)."""
         k = self.key(scope)
         if k is None:
-            return
+            return None
         p = self._fixed or self._prefixes_for(scope)
         spec, h = self._spec, p[4]
         if p[5] is not None:  # limits from a callable
             r = p[5](scope)
             if r is None:
-                return
+                return None
             spec, h = r
         k = prefixed_key(k, p[0], p[1], p[2], p[3], "RateLimit")
         cost = self.cost
@@ -183,7 +242,12 @@ class RateLimit:
             cost = 1
         elif not isinstance(cost, int):
             cost = cost(scope)
-        d = self._submit(k, spec, cost)
+        sid = None
+        if self.concurrency:
+            sid = new_slot_id()
+            d = self._submit(k, spec, cost, sid)
+        else:
+            d = self._submit(k, spec, cost)
         if type(d) is not self._Decision:
             d = await d
             p[6].note(d, False, self.shadow)
@@ -197,10 +261,44 @@ class RateLimit:
                 self._shadow_log.note(self.name or "", k, d)
             if h is not None and err is None:  # a failure in "open" mode knows no counts
                 response.raw_headers.extend(h.render(d))
-            return
+            return k, spec, d, cost, sid
         pairs = h.render_denied(d) if h is not None else retry_after_header(d)
         raise HTTPException(
             status_code=429,
             detail="Too Many Requests",
             headers={name.decode("latin-1"): value.decode("latin-1") for name, value in pairs},
         )
+
+
+class _HoldingRateLimit(RateLimit):
+    """A :class:`RateLimit` with ``concurrency`` or ``charge``: a dependency
+    with ``yield``, whose exit (after the response, see the module
+    docstring) gives the slot back and charges the reported cost."""
+
+    async def __call__(  # type: ignore[override]  # a yield dependency: FastAPI enters and exits it
+        self, request: Request, response: Response
+    ) -> AsyncIterator[None]:
+        r = await self._decide(request.scope, response)
+        if r is None:
+            yield
+            return
+        k, spec, d, cost, sid = r
+        lim = self.limiter
+        # Taken only if the store itself allowed it (a failure decision in
+        # "open" mode took nothing; shadow mode lets denials through).
+        held = sid is not None and d.allowed and d.error is None
+        if held:
+            lim._took_slot()
+        try:
+            yield
+        finally:
+            # Both fire and forget, so they cost the exit no await: FastAPI
+            # runs it shielded from cancellation, and a client gone away or
+            # an endpoint that raised still gets here.  A cost reported
+            # before the endpoint raised was spent: it is charged too.
+            if held:
+                lim._release_held(k, spec, sid)
+            if self.charge:
+                state = request.scope.get("state")
+                if state:
+                    charge_reported(lim, spec, True, d, k, cost, state)

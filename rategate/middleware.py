@@ -200,6 +200,22 @@ def set_cost(request_or_scope: Any, cost: int) -> None:
     state[COST_KEY] = cost
 
 
+def charge_reported(limiter: Any, spec: Any, rates: Any, d: Any, key: str | bytes, cost: int, state: Any) -> None:
+    """Charge the difference between the cost the app reported (:func:`set_cost`,
+    in ``state``) and what the check ``d`` consumed (``cost``; nothing if it
+    was denied or failed) to ``key``'s buckets of ``spec``, fire and forget:
+    the response has been sent.  Nothing when no int was reported, when
+    ``rates`` is empty (only a concurrency limit) or ``limiter`` cannot
+    charge.  Shared by the middleware and the FastAPI dependency."""
+    actual = state.get(COST_KEY)
+    charge = getattr(limiter, "charge_nowait", None)
+    if isinstance(actual, bool) or not isinstance(actual, int) or not rates or charge is None:
+        return
+    diff = actual - (cost if d.allowed and d.error is None else 0)
+    if diff:
+        charge(key, spec, diff)
+
+
 def _check_concurrency(value: Any, ttl: Any, where: str) -> tuple[int, float]:
     if value is None:
         return 0, 60.0
@@ -744,7 +760,7 @@ class RateLimitMiddleware:
             if rule.charge:  # the app may have reported its actual cost (set_cost)
                 state = scope.get("state")
                 if state and COST_KEY in state:
-                    self._charge_actual(rule, d, k, cost, state)
+                    charge_reported(self.limiter, rule.spec, rule.rates, d, k, cost, state)
             return
         await send({"type": "http.response.start", "status": 429, "headers": _denied_headers(rule, d)})
         await send({"type": "http.response.body", "body": DENIED_BODY})
@@ -780,19 +796,7 @@ class RateLimitMiddleware:
         if rule.charge:
             state = scope.get("state")
             if state and COST_KEY in state:
-                self._charge_actual(rule, d, key, cost, state)
-
-    def _charge_actual(self, rule: Rule, d: Any, key: str | bytes, cost: int, state: Any) -> None:
-        """Charge the difference between the cost the app reported and what
-        the check consumed (nothing if it was denied or failed), fire and
-        forget: the response has been sent."""
-        actual = state.get(COST_KEY)
-        charge = getattr(self.limiter, "charge_nowait", None)
-        if isinstance(actual, bool) or not isinstance(actual, int) or not rule.rates or charge is None:
-            return
-        diff = actual - (cost if d.allowed and d.error is None else 0)
-        if diff:
-            charge(key, rule.spec, diff)
+                charge_reported(self.limiter, rule.spec, rule.rates, d, key, cost, state)
 
     async def _decide(self, scope: Scope, method: str) -> tuple[Rule, Any, Any, Any, int, Any] | None:
         """Check one request: None if it is not limited, else (rule, decision,

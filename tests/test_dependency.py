@@ -10,12 +10,14 @@ from typing import Any
 
 import httpx
 import pytest
-from fastapi import APIRouter, Depends, FastAPI
-from fastapi.responses import PlainTextResponse
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi.responses import PlainTextResponse, StreamingResponse
 
 import rategate
 from rategate.fastapi import RateLimit
 from rategate.keys import header
+
+BOUND = 10.0  # seconds: only a hang fails on it
 
 
 @pytest.fixture
@@ -200,3 +202,172 @@ async def test_incident_line_names_the_cause(own_redis: Any, caplog: pytest.LogC
         assert lines and f"127.0.0.1:{own_redis.port}" in lines[0], lines
     finally:
         await lim.aclose()
+
+
+# -- issue 12: concurrency and charge through the dependency -------------------------------
+def quota_app(lim: Any, gate: asyncio.Event) -> tuple[FastAPI, dict[str, int]]:
+    app = FastAPI()
+    inside = {"now": 0, "max": 0}
+
+    @app.get("/slow", dependencies=[Depends(RateLimit("100/minute", limiter=lim, concurrency=3))])
+    async def slow() -> dict[str, bool]:
+        inside["now"] += 1
+        inside["max"] = max(inside["max"], inside["now"])
+        try:
+            await gate.wait()
+            return {"ok": True}
+        finally:
+            inside["now"] -= 1
+
+    one = RateLimit(None, limiter=lim, concurrency=1, name="one")
+
+    @app.get("/boom", dependencies=[Depends(one)])
+    async def boom() -> None:
+        raise RuntimeError("the endpoint failed")
+
+    @app.get("/teapot", dependencies=[Depends(one)])
+    async def teapot() -> None:
+        raise HTTPException(418)
+
+    tokens = RateLimit("100/hour", limiter=lim, cost=10, charge=True, name="tokens")
+
+    @app.get("/tokens", dependencies=[Depends(tokens)])
+    async def used(request: Request, n: int, fail: bool = False) -> dict[str, bool]:
+        rategate.set_cost(request, n)
+        if fail:
+            raise RuntimeError("failed after the model call")
+        return {"ok": True}
+
+    @app.get("/stream", dependencies=[Depends(tokens)])
+    async def stream(request: Request) -> StreamingResponse:
+        async def gen() -> Any:
+            for _ in range(3):
+                yield b"chunk"
+            rategate.set_cost(request, 50)  # known only once the stream is done
+
+        return StreamingResponse(gen())
+
+    return app, inside
+
+
+@pytest.mark.asyncio
+async def test_dependency_concurrency(limiter: Any) -> None:
+    from test_quota import settle
+
+    gate = asyncio.Event()
+    app, inside = quota_app(limiter, gate)
+    async with client(app) as c:
+        # Eight slow requests of one key at once, limit 3: three get in, the
+        # others are answered 429 at once (while the three are still inside).
+        first = [asyncio.ensure_future(c.get("/slow")) for _ in range(8)]
+        while sum(f.done() for f in first) < 5:
+            await asyncio.sleep(0.01)
+        denied = [f.result() for f in first if f.done()]
+        assert [r.status_code for r in denied] == [429] * 5 and inside["now"] == 3
+        assert denied[0].headers["ratelimit-policy"].startswith('3;qu="concurrent-requests"')
+        assert denied[0].headers["retry-after"] == "1"
+        assert limiter.stats()["slots_held"] == 3
+        gate.set()
+        codes = [(await f).status_code for f in first]
+        assert sorted(codes) == [200] * 3 + [429] * 5
+        assert limiter.stats()["slots_held"] == 0
+        await settle(limiter)
+        r = await c.get("/slow")
+        assert r.status_code == 200 and r.headers["ratelimit-policy"] == '100;w=60, 3;qu="concurrent-requests"'
+        # The endpoint raises (an error, or an HTTPException): the slot comes back all the same.
+        for _ in range(3):
+            with pytest.raises(RuntimeError):
+                await c.get("/boom")
+            assert limiter.stats()["slots_held"] == 0
+            await settle(limiter)
+            assert (await c.get("/teapot")).status_code == 418
+            await settle(limiter)
+    assert inside["max"] == 3
+
+
+@pytest.mark.asyncio
+async def test_dependency_rate_and_concurrency_in_one_check(limiter: Any) -> None:
+    from test_quota import settle
+
+    gate = asyncio.Event()
+    app = FastAPI()
+
+    @app.get("/x", dependencies=[Depends(RateLimit("2/minute", limiter=limiter, concurrency=1))])
+    async def x() -> dict[str, bool]:
+        await gate.wait()
+        return {"ok": True}
+
+    async with client(app) as c:
+        held = asyncio.ensure_future(c.get("/x"))
+        while limiter.stats()["slots_held"] < 1:
+            await asyncio.sleep(0.01)
+        # Denied by the concurrency limit: no token of the rate is taken.
+        assert (await c.get("/x")).status_code == 429
+        gate.set()
+        assert (await held).headers["ratelimit-remaining"] == "1"
+        await settle(limiter)
+        assert (await c.get("/x")).headers["ratelimit-remaining"] == "0"
+        await settle(limiter)
+        r = await c.get("/x")  # denied by the rate now: a long wait, not the concurrency's 1 s
+        assert r.status_code == 429 and int(r.headers["retry-after"]) > 1
+        assert limiter.stats()["slots_held"] == 0
+
+
+@pytest.mark.asyncio
+async def test_dependency_charges_the_reported_cost(limiter: Any) -> None:
+    from test_quota import settle
+
+    app, _ = quota_app(limiter, asyncio.Event())
+    key = "dep:tokens|203.0.113.9"
+
+    async def left() -> int:
+        await settle(limiter)
+        return int((await limiter.hit(key, "100/hour", cost=0)).remaining)
+
+    async with client(app) as c:
+        # Checked with 10, 30 reported: 20 more charged after the response.
+        assert (await c.get("/tokens?n=30")).headers["ratelimit-remaining"] == "90"
+        assert await left() == 70
+        await c.get("/tokens?n=4")  # 6 refunded
+        assert await left() == 66
+        # A streamed response: charged once its stream has ended (50 - 10).
+        r = await c.get("/stream")
+        assert r.content == b"chunk" * 3
+        assert await left() == 16
+        # A cost reported before the endpoint raised was spent: charged (5 - 10).
+        with pytest.raises(RuntimeError):
+            await c.get("/tokens?n=5&fail=true")
+        assert await left() == 11
+        # Into debt: the next request is denied.
+        await c.get("/tokens?n=500")
+        assert await left() == 0
+        r = await c.get("/tokens?n=1")
+        assert r.status_code == 429 and int(r.headers["retry-after"]) > 60
+
+
+def test_dependency_is_a_yield_dependency_only_when_it_holds() -> None:
+    import inspect
+
+    plain = RateLimit("1/minute", limiter="memory://")
+    assert inspect.iscoroutinefunction(type(plain).__call__)
+    for dep in (RateLimit("1/minute", limiter="memory://", concurrency=2),
+                RateLimit("1/minute", limiter="memory://", charge=True)):
+        assert isinstance(dep, RateLimit) and inspect.isasyncgenfunction(type(dep).__call__)
+        assert "concurrency=2" in repr(dep) or "charge=True" in repr(dep)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, words",
+    [
+        ({"concurrency": 0}, ValueError, "concurrency must be an int >= 1"),
+        ({"concurrency": True}, ValueError, "concurrency must be an int >= 1"),
+        ({"concurrency": 2, "concurrency_ttl": -1}, ValueError, "concurrency_ttl must be a number of seconds"),
+        ({"charge": "yes"}, TypeError, "charge must be True or False"),
+        ({"limits": None, "concurrency": 2, "charge": True}, ValueError, "but limits is None"),
+        ({"limits": None}, ValueError, "rates must be given"),
+    ],
+)
+def test_concurrency_and_charge_config_errors(kwargs: dict[str, Any], error: type, words: str) -> None:
+    kwargs.setdefault("limits", "1/minute")
+    with pytest.raises(error, match=re.escape(words)):
+        RateLimit(limiter="memory://", **kwargs)

@@ -1,4 +1,5 @@
-"""Concurrency limits (issue 12 #2) under a real ``uvicorn --workers 4`` and a real redis-server.
+"""Concurrency limits (issue 12 #2) under a real ``uvicorn --workers 4`` and a real redis-server,
+through the middleware and through the FastAPI dependency (a FastAPI app mounted at ``/dep``).
 
 One server for the module (:func:`make_app`).  The app counts the requests
 inside it across every worker in Redis itself (INCR on entry, DECR on exit,
@@ -38,12 +39,14 @@ MAX_SCRIPT = "local n = tonumber(ARGV[1]) if n > tonumber(redis.call('GET', KEYS
 def make_app() -> Any:
     """``uvicorn --factory test_uvicorn_quota:make_app``."""
     import redis.asyncio as aioredis
+    from fastapi import Depends, FastAPI
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse, StreamingResponse
-    from starlette.routing import Route
+    from starlette.routing import Mount, Route
 
     import rategate
+    from rategate.fastapi import RateLimit
 
     url = os.environ["RATEGATE_REDIS_URL"]
     r = aioredis.from_url(url)
@@ -52,8 +55,7 @@ def make_app() -> Any:
     async def pid(request: Request) -> JSONResponse:
         return JSONResponse({"pid": os.getpid()})
 
-    async def slow(request: Request) -> JSONResponse:
-        tag = request.query_params["tag"]
+    async def slow_in(tag: str) -> Any:
         n = await r.incr(f"test:in:{tag}")
         try:
             await r.eval(MAX_SCRIPT, 1, f"test:max:{tag}", n)
@@ -62,15 +64,21 @@ def make_app() -> Any:
             await r.decr(f"test:in:{tag}")
         return JSONResponse({"pid": os.getpid()})
 
+    async def slow(request: Request) -> Any:
+        return await slow_in(request.query_params["tag"])
+
     async def boom(request: Request) -> JSONResponse:
         raise RuntimeError("the app failed")
 
-    async def hang(request: Request) -> StreamingResponse:
+    async def hang_forever() -> Any:
         async def gen() -> Any:
             while True:  # until the client goes away
                 yield b"x" * 1024
                 await asyncio.sleep(0.02)
         return StreamingResponse(gen())
+
+    async def hang(request: Request) -> Any:
+        return await hang_forever()
 
     async def held(request: Request) -> JSONResponse:
         if request.query_params.get("hold"):
@@ -79,8 +87,15 @@ def make_app() -> Any:
             await asyncio.sleep(60)
         return JSONResponse({"pid": os.getpid()})
 
+    # The same endpoints behind the FastAPI dependency (mounted at /dep; no middleware rule covers it).
+    dep = FastAPI()
+    dep.add_api_route("/slow", slow_in, dependencies=[
+        Depends(RateLimit("100000/minute", limiter=limiter, concurrency=LIMIT))])
+    dep.add_api_route("/hang", hang_forever, dependencies=[Depends(RateLimit(None, limiter=limiter, concurrency=1))])
+
     app = Starlette(routes=[Route("/", pid), Route("/health", pid), Route("/slow", slow),
-                            Route("/boom", boom), Route("/hang", hang), Route("/held", held)])
+                            Route("/boom", boom), Route("/hang", hang), Route("/held", held),
+                            Mount("/dep", dep)])
     app.add_middleware(
         rategate.RateLimitMiddleware, limiter=limiter, exempt=["/", "/health"],
         rules={
@@ -159,25 +174,41 @@ def test_slot_freed_when_the_app_raises(server: Uvicorn) -> None:
     assert [get(server, "127.0.0.72", "/boom").status_code for _ in range(5)] == [500] * 5
 
 
-def test_slot_freed_when_the_client_disconnects(server: Uvicorn) -> None:
-    transport = httpx.HTTPTransport(local_address="127.0.0.73")
+@pytest.mark.parametrize("path, source", [("/hang", "127.0.0.73"), ("/dep/hang", "127.0.0.76")],
+                         ids=["middleware", "dependency"])
+def test_slot_freed_when_the_client_disconnects(server: Uvicorn, path: str, source: str) -> None:
+    transport = httpx.HTTPTransport(local_address=source)
     with httpx.Client(base_url=server.url, transport=transport, timeout=10) as c:
-        with c.stream("GET", "/hang") as r:
+        with c.stream("GET", path) as r:
             assert r.status_code == 200
             chunks = r.iter_bytes()  # kept: a dropped iterator closes the response
             next(chunks)
             # In flight: the one slot is taken.
-            assert get(server, "127.0.0.73", "/hang").status_code == 429
+            assert get(server, source, path).status_code == 429
             next(chunks)  # still streaming
-        # Closed mid-stream: the app notices the disconnect and the slot comes back.
+        # Closed mid-stream: the app notices the disconnect (the dependency: the stream fails and
+        # FastAPI runs its exit) and the slot comes back.
     deadline = time.monotonic() + 10
     while True:
-        with httpx.Client(base_url=server.url, transport=httpx.HTTPTransport(local_address="127.0.0.73"),
-                          timeout=10) as c, c.stream("GET", "/hang") as r:
+        with httpx.Client(base_url=server.url, transport=httpx.HTTPTransport(local_address=source),
+                          timeout=10) as c, c.stream("GET", path) as r:
             if r.status_code == 200:
                 break
         assert time.monotonic() < deadline, "the slot of a disconnected client was not given back"
         time.sleep(0.1)
+
+
+def test_dependency_concurrency_across_workers(server: Uvicorn, redis_server: Any) -> None:
+    """RateLimit(concurrency=LIMIT) as a FastAPI dependency: never more than
+    LIMIT in the endpoint at once across the workers, every slot given back."""
+    rc = redis_server.client()
+    rs = burst(server, "127.0.0.75", "/dep/slow?tag=dep", 200)
+    got = collections.Counter(r.status_code for r in rs)
+    assert set(got) <= {200, 429} and got[200] >= LIMIT and got[429] > 0, got
+    assert 1 <= int(rc.get("test:max:dep")) <= LIMIT
+    denied = next(r for r in rs if r.status_code == 429)
+    assert 'qu="concurrent-requests"' in denied.headers["ratelimit-policy"]
+    assert rc.zcard(b"rg:{dep:GET /dep/slow|127.0.0.75}:c") == 0
 
 
 def test_llm_gateway_example(redis_server: Any) -> None:
