@@ -22,6 +22,7 @@ from redis.exceptions import NoScriptError, RedisError
 from rategate._core import SCRIPT  # the same GCRA as rategate, byte for byte
 
 SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()
+OP_HIT = 0  # the script's op code of a hit (enum rg_op in csrc/check.h)
 
 _UNITS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60,
           "h": 3600, "hour": 3600, "d": 86400, "day": 86400}
@@ -48,7 +49,8 @@ class PyRedisLimiter:
         self.rates = parse_rates(rates)
         self.suffixes = [f"{limit}/{round(period * 1000)}" for limit, period in self.rates]
         self.prefix = prefix
-        # the script's ARGV for one check: 1 check; cost; rates; per rate T and tau (µs)
+        # the script's ARGV for one check (csrc/script.c): 1 check; op 0 (a hit); cost;
+        # rates; per rate T and tau (µs).  hit() puts the first three in front of this.
         self.argv: list = [len(self.rates)]
         for limit, period in self.rates:
             t = period * 1e6 / limit
@@ -61,10 +63,10 @@ class PyRedisLimiter:
         """-> [allowed, rate index, remaining, reset_after_us, retry_after_us, block_us]"""
         keys = [f"{self.prefix}:{{{key}}}:{s}" for s in self.suffixes]
         try:
-            return await self.redis.evalsha(SHA, self.nkeys, *keys, 1, cost, *self.argv)
+            return await self.redis.evalsha(SHA, self.nkeys, *keys, 1, OP_HIT, cost, *self.argv)
         except NoScriptError:
             await self.redis.script_load(SCRIPT)
-            return await self.redis.evalsha(SHA, self.nkeys, *keys, 1, cost, *self.argv)
+            return await self.redis.evalsha(SHA, self.nkeys, *keys, 1, OP_HIT, cost, *self.argv)
 
     async def aclose(self) -> None:
         await self.redis.aclose()

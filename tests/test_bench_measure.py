@@ -171,3 +171,22 @@ async def test_the_tls_case_serves_rategate_over_verified_tls(tmp_path: Any) -> 
         assert "cmdstat_evalsha" in (info.decode() if isinstance(info, bytes) else str(info))
     finally:
         r.server.stop()
+
+
+async def test_the_python_redis_peer_decides_like_rategate(redis_url: str) -> None:
+    # The benchmark's hand-written redis.asyncio limiter runs rategate's own
+    # script with its own arguments: when the script's calling convention
+    # changes, this catches a peer that no longer limits (a stale argument
+    # layout once read every hit as a reset: nothing was ever denied).
+    from bench.pyredis_limiter import PyRedisLimiter
+
+    peer = PyRedisLimiter(redis_url, "5/minute")
+    lim = rategate.Limiter(redis_url)
+    try:
+        got = [await peer.hit("peer") for _ in range(7)]
+        want = [await lim.hit("same", "5/minute") for _ in range(7)]
+        assert [r[0] for r in got] == [int(d.allowed) for d in want] == [1] * 5 + [0] * 2
+        assert [r[2] for r in got] == [d.remaining for d in want]
+    finally:
+        await peer.aclose()
+        await lim.aclose()
