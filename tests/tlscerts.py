@@ -78,13 +78,19 @@ _KEY = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
 
 
 def _ca(name: str, cn: str, d: str) -> None:
+    # Key usage and key identifiers: Python 3.13's ssl verifies strictly
+    # (VERIFY_X509_STRICT), and refuses a CA without keyUsage.
     _run("req", "-x509", *_KEY, "-keyout", f"{name}.key", "-out", f"{name}.pem",
-         "-days", "3", "-subj", f"/CN={cn}", cwd=d)
+         "-days", "3", "-subj", f"/CN={cn}",
+         "-addext", "basicConstraints=critical,CA:TRUE",
+         "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+         "-addext", "subjectKeyIdentifier=hash", cwd=d)
 
 
 def _leaf(name: str, cn: str, ext: str, d: str) -> None:
     with open(os.path.join(d, f"{name}.ext"), "w") as f:
-        f.write(ext)
+        f.write(ext + "keyUsage=critical,digitalSignature\n"
+                "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid,issuer\n")
     _run("req", *_KEY, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={cn}", cwd=d)
     _run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
          "-CAcreateserial", "-out", f"{name}.pem", "-days", "3", "-extfile", f"{name}.ext", cwd=d)
