@@ -130,6 +130,11 @@ class RedisServer:
         self.extra_args = list(extra_args or [])
         self.dir = tempfile.mkdtemp(prefix="rategate-redis-")
         self.port = 0 if unix else (port or free_port())
+        # Redis refuses a cluster node whose port is above 55535 unless its
+        # bus port is given (bus = port + 10000 otherwise), and bind(0) hands
+        # out ports up to 60999: give every cluster node a free bus port.
+        self.bus_port = (free_port() if "--cluster-enabled" in self.extra_args
+                         and "--cluster-port" not in self.extra_args else 0)
         self.socket_path = os.path.join(self.dir, "redis.sock") if unix else None
         self._clients: list[redis.Redis] = []
         self._state: dict[str, Any] = {"proc": None, "dir": self.dir}
@@ -145,6 +150,8 @@ class RedisServer:
                     if unix or port or attempt == 4:
                         raise
                     self.port = free_port()
+                    if self.bus_port:
+                        self.bus_port = free_port()
         except BaseException:
             self.close()
             raise
@@ -191,6 +198,8 @@ class RedisServer:
             # DEBUG SLEEP, for the deadline tests; only from loopback.
             "--enable-debug-command", "local",
         ]
+        if self.bus_port:
+            argv += ["--cluster-port", str(self.bus_port)]
         if self.unix:
             argv += ["--unixsocket", self.socket_path or "", "--unixsocketperm", "700"]
         if self.password:

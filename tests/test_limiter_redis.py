@@ -215,6 +215,25 @@ def keyslot() -> Any:
         yield lambda k: int(c.execute_command("CLUSTER", "KEYSLOT", k))
 
 
+def test_a_cluster_node_starts_on_a_port_above_55535() -> None:
+    """bind(0) hands out ports up to 60999; Redis refuses a cluster node above
+    55535 unless its bus port is given, so the fixture gives one (CI hit it)."""
+    import socket
+
+    from redisserver import RedisServer
+
+    for port in range(60999, 55535, -1):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        break
+    with RedisServer(port=port, extra_args=["--cluster-enabled", "yes",
+                                            "--cluster-config-file", "nodes.conf"]) as srv:
+        assert srv.client().execute_command("CLUSTER", "KEYSLOT", "x") == 16287
+
+
 @pytest.mark.parametrize("key", [b"}", b"}x", b"a}", b"{}", b"{", b"x{y}z", b"}{a}", b"plain",
                                  b"\xff}\x00", "ключ}".encode()])
 async def test_every_rate_of_a_check_is_in_one_slot(lim: Any, rc: Any, keyslot: Any, key: bytes) -> None:
