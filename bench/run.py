@@ -90,9 +90,11 @@ HTTP_CASES = [
              what="rategate, Redis killed after the warm-up: fail-closed 429s"),
     HttpCase("rategate-tls", "bench.apps.rategate_app:app", needs=RG, redis="tls",
              what="rategate as in 'rategate', over rediss:// (verified TLS, a private redis-server)"),
-    # Cases other issues add, each one entry here:
-    #   HttpCase("hot-key", "bench.apps.rategate_app:app", needs=RG, env={"BENCH_KEY": "global"}, what=...)
-    #     and its leasing twin with env={"BENCH_KEY": "global", "BENCH_LEASE": "1"}, the app reading them.
+    HttpCase("hot-key", "bench.apps.rategate_app:app", needs=RG, env={"BENCH_KEY": "global"},
+             what="one global limit every request shares (one Redis key), a Redis check per request"),
+    HttpCase("hot-key-lease", "bench.apps.rategate_app:app", needs=RG,
+             env={"BENCH_KEY": "global", "BENCH_LEASE": "1"},
+             what="the same with lease=True: tokens leased in blocks, answered in C"),
 ]
 HTTP_BY_NAME = {c.name: c for c in HTTP_CASES}
 

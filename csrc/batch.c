@@ -201,7 +201,7 @@ rg_batch_write(rg_batch *b, const char *sha, rg_buf *out)
     for (i = 0; i < n; i++) {
         rg_check *c = b->checks[i];
         int nr = rates_sent(c), cc = conc_sent(c);
-        rg_resp_bulk_int(out, c->op + (cc ? RG_OP_CONC_FLAG : 0));
+        rg_resp_bulk_int(out, c->op + (cc ? RG_OP_CONC_FLAG : 0) + (c->lease ? RG_OP_LEASE_FLAG : 0));
         rg_resp_bulk_int(out, (long long)c->cost);
         rg_resp_bulk_int(out, nr);
         for (j = 0; j < nr; j++) {
@@ -282,7 +282,7 @@ rg_batch_decode(rg_batch *b, const redisReply *reply, char *why, size_t whylen)
         /* rate n is the concurrency limit, when there is one */
         if (c->res.rate < 0 || c->res.rate > c->spec->n ||
             (c->res.rate == c->spec->n && c->spec->conc_limit == 0) || c->res.allowed < 0 ||
-            c->res.allowed > 1)
+            c->res.allowed > (c->lease ? c->cost : 1)) /* a lease: the tokens taken */
             ok = 0;
         if (ok && c->op == RG_OP_RESET) {
             /* Deleted: rate 0's bucket is full. */

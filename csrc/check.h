@@ -41,6 +41,10 @@ enum rg_op {
 /* The script's op argument: the op, plus this flag when the check carries a
  * concurrency part (its key, limit, ttl and slot id follow the rates). */
 #define RG_OP_CONC_FLAG 4
+/* ... and this one on a hit that takes a lease (lease.h): the script takes
+ * as many tokens as every rate allows, up to the cost, at least 1, and
+ * answers the number taken as "allowed". */
+#define RG_OP_LEASE_FLAG 8
 
 /* A compiled list of rates, with the strings the Redis script needs. */
 typedef struct rg_spec {
@@ -61,6 +65,11 @@ typedef struct rg_spec {
     double conc_ttl_us;
     char arg_conc[2][24];           /* the script's limit and ttl (us) arguments */
     uint8_t arg_conc_len[2];
+    /* Token leases (lease.h): a check of cost 1 is answered from a block
+     * of at most lease_max tokens taken from Redis, usable lease_ttl_ns. */
+    int lease;
+    int64_t lease_max;
+    uint64_t lease_ttl_ns;
 } rg_spec;
 
 struct rg_port;
@@ -83,6 +92,7 @@ typedef struct rg_check {
     int64_t cost;
     int op;                /* enum rg_op */
     int resent;            /* sent again after its connection dropped (at most once) */
+    int lease;             /* a hit that takes a lease of up to `cost` tokens (lease.h) */
     int err;               /* enum rg_err */
     rg_result res;
     uint32_t keylen;

@@ -220,19 +220,26 @@ static PyObject *
 spec_tp_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
 {
     rg_state *st = rg_state_of_type(tp);
-    static char *kwlist[] = {"", "concurrency", "ttl", NULL};
+    static char *kwlist[] = {"", "concurrency", "ttl", "lease", NULL};
     PyObject *rates;
     SpecObject *self = NULL;
     rg_spec *s = NULL;
     Py_ssize_t i, n;
     long long conc = 0;
     double ttl = 60.0;
+    int lease = 0;
 
     if (st == NULL)
         return NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!|$Ld:Spec", kwlist, &PyTuple_Type, &rates,
-                                     &conc, &ttl))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!|$Ldp:Spec", kwlist, &PyTuple_Type, &rates,
+                                     &conc, &ttl, &lease))
         return NULL;
+    if (lease && conc > 0) {
+        PyErr_SetString(PyExc_ValueError,
+                        "lease=True cannot go with a concurrency limit: a slot is taken in the "
+                        "store for every request, so there is nothing to lease; drop one of them");
+        return NULL;
+    }
     n = PyTuple_GET_SIZE(rates);
     if (conc < 0 || conc > (long long)RG_MAX_LIMIT) {
         PyErr_Format(PyExc_ValueError,
@@ -309,6 +316,22 @@ spec_tp_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
         s->key_id_len[i] = (uint8_t)idlen;
         Py_DECREF(kid);
     }
+    if (lease) {
+        /* lease.h: a sixteenth of the smallest burst per process, usable a
+         * quarter of the shortest period (tau), at most 1 s. */
+        double ttl_us = 1e6;
+        s->lease = 1;
+        s->lease_max = (int64_t)RG_MAX_LIMIT;
+        for (i = 0; i < n; i++) {
+            if (s->rates[i].burst / 16 < s->lease_max)
+                s->lease_max = s->rates[i].burst / 16;
+            if (s->rates[i].tau / 4 < ttl_us)
+                ttl_us = s->rates[i].tau / 4;
+        }
+        if (s->lease_max < 1)
+            s->lease_max = 1;
+        s->lease_ttl_ns = ttl_us < 1.0 ? 1000u : (uint64_t)(ttl_us * 1000.0);
+    }
     if (conc > 0) {
         /* The concurrency limit reports as rate n (see check.h). */
         s->conc_limit = conc;
@@ -354,7 +377,15 @@ spec_ttl(SpecObject *self, void *unused)
     return PyFloat_FromDouble(self->spec->conc_ttl_us / 1e6);
 }
 
+static PyObject *
+spec_lease(SpecObject *self, void *unused)
+{
+    (void)unused;
+    return PyBool_FromLong(self->spec->lease);
+}
+
 static PyGetSetDef spec_getset[] = {
+    {"lease", (getter)spec_lease, NULL, "whether hits of cost 1 are answered from leased tokens", NULL},
     {"concurrency", (getter)spec_concurrency, NULL, "the concurrency limit, 0 if none", NULL},
     {"ttl", (getter)spec_ttl, NULL, "seconds a concurrency slot is held at most", NULL},
     {NULL, NULL, NULL, NULL, NULL},
@@ -557,8 +588,9 @@ rg_counters_dict(rg_state *st, const rg_counters *k)
         }
         Py_DECREF(v);
     }
-    d = Py_BuildValue("{sKsKsKsKsO}", "checks", k->checks, "allowed", k->allowed,
-                      "denied", k->denied, "cached_denials", k->cached, "errors", errs);
+    d = Py_BuildValue("{sKsKsKsKsKsO}", "checks", k->checks, "allowed", k->allowed,
+                      "denied", k->denied, "cached_denials", k->cached, "leased", k->leased,
+                      "errors", errs);
 error:
     Py_XDECREF(errs);
     return d;

@@ -56,6 +56,7 @@ typedef struct {
 /* Counters kept under the GIL by both engines. */
 typedef struct rg_counters {
     unsigned long long checks, allowed, denied, cached;
+    unsigned long long leased; /* allowed from a lease, without Redis (lease.h) */
     unsigned long long errors[RG_ERR__COUNT];
 } rg_counters;
 

@@ -21,6 +21,7 @@
 
 #include "cache.h"
 #include "engine.h"
+#include "lease.h"
 #include "memstore.h"
 #include "port.h"
 
@@ -32,6 +33,7 @@ typedef struct {
     PyObject *module;    /* keeps st alive */
     rg_engine eng;
     rg_cache cache;
+    rg_lease_table lease;
     rg_counters k;
     int failure_open;
     int closed;
@@ -127,6 +129,43 @@ port_unpark(PortObject *p, uint32_t s)
     return f;
 }
 
+static int engine_fire(EngineObject *self, const char *key, size_t keylen, rg_spec *spec,
+                       int op, long long cost, uint64_t hash, const char *sid, size_t sidlen);
+
+/* A lease's take answered (lease.h): the tokens past the request's own go
+ * to the key's lease (or back to Redis if the lease is gone); *r becomes the
+ * request's answer (allowed: the remaining counts what the lease holds).
+ * No Python code runs here. */
+static void
+lease_taken(EngineObject *e, const rg_check *c, rg_result *r)
+{
+    int64_t got = c->err == RG_ERR_NONE && r->allowed >= 1 ? r->allowed : 0;
+    rg_lease *l = rg_lease_find(&e->lease, c->hash, c->spec->id, c->key, c->keylen);
+
+    if (got > 0)
+        r->allowed = 1;
+    if (l != NULL) {
+        l->taking_ns = 0;
+        if (got > 1) {
+            uint64_t until = c->submit_ns + c->spec->lease_ttl_ns, now = rg_now_ns();
+            if (l->tokens > 0 && now < l->expires_ns) {
+                l->tokens += got - 1; /* an earlier take's: the earlier expiry holds */
+                if (until < l->expires_ns)
+                    l->expires_ns = until;
+            } else {
+                l->tokens = got - 1;
+                l->expires_ns = until;
+            }
+            l->remaining = r->remaining;
+            l->rate = r->rate;
+            l->reset_ns = c->submit_ns + (uint64_t)(r->reset_us > 0 ? r->reset_us : 0) * 1000u;
+            r->remaining += l->tokens;
+        }
+    } else if (got > 1) {
+        engine_fire(e, c->key, c->keylen, c->spec, RG_OP_CHARGE, -(got - 1), c->hash, NULL, 0);
+    }
+}
+
 /* Turn a finished check into its Decision, counted, and teach the cache
  * what Redis said about a cost of 1 (see cache.h): denied, or allowed.  A
  * charge is not a check: it is not counted, and only makes the cache
@@ -136,26 +175,30 @@ engine_decide(EngineObject *e, const rg_check *c)
 {
     rg_state *st = e->st;
     rg_counters scratch, *k = c->op == RG_OP_CHARGE ? &scratch : &e->k;
+    rg_result res = c->res;
     PyObject *d;
 
+    if (c->lease)
+        lease_taken(e, c, &res);
     if (c->err != RG_ERR_NONE) {
         d = rg_failure(st, k, c->spec, e->failure_open, c->err);
     } else {
-        if (c->op == RG_OP_HIT && !c->res.allowed && c->res.block_us > 0) {
+        if (c->op == RG_OP_HIT && !res.allowed && res.block_us > 0) {
             /* Counted from submission, which is before Redis read its clock:
              * the cached block ends no later than Redis's (see cache.h). */
             rg_cache_put(&e->cache, c->hash, c->spec->id, c->key, c->keylen,
-                         c->submit_ns + (uint64_t)c->res.block_us * 1000u,
+                         c->submit_ns + (uint64_t)res.block_us * 1000u,
                          c->submit_ns +
-                             (uint64_t)(c->res.reset_us > 0 ? c->res.reset_us : 0) * 1000u,
-                         c->res.rate, rg_now_ns());
-        } else if (c->op == RG_OP_CHARGE || !c->res.allowed || c->cost >= 1 ||
-                   c->res.remaining >= 1) {
+                             (uint64_t)(res.reset_us > 0 ? res.reset_us : 0) * 1000u,
+                         res.rate, rg_now_ns());
+        } else if (c->op == RG_OP_CHARGE || !res.allowed || c->cost >= 1 ||
+                   res.remaining >= 1) {
             /* A cost of 1 is allowed now (a peek that leaves no token says
              * nothing about that, and changes nothing). */
             rg_cache_forget(&e->cache, c->hash, c->spec->id, c->key, c->keylen);
         }
-        d = rg_answer(st, k, c->spec, &c->res, c->cost);
+        /* a lease's take answers its request, of cost 1 */
+        d = rg_answer(st, k, c->spec, &res, c->lease ? 1 : c->cost);
     }
     if (d != NULL && c->done_ns >= c->submit_ns && c->done_ns != 0)
         ((DecisionObject *)d)->latency = (double)(c->done_ns - c->submit_ns) / 1e9;
@@ -673,6 +716,7 @@ engine_after_fork(EngineObject *self)
     PyDict_Clear(self->ports);
     Py_CLEAR(self->last_loop);
     Py_CLEAR(self->last_port);
+    rg_lease_clear(&self->lease); /* the parent holds those tokens */
     self->fork_gen = rg_fork_generation;
 }
 
@@ -791,7 +835,8 @@ engine_ready(EngineObject *self)
  */
 static PyObject *
 engine_enqueue(EngineObject *self, const char *key, size_t keylen, SpecObject *spec,
-               long long cost, int op, uint64_t hash, const char *sid, size_t sidlen)
+               long long cost, int op, uint64_t hash, const char *sid, size_t sidlen,
+               int lease)
 {
     rg_state *st = self->st;
     PortObject *port;
@@ -853,6 +898,7 @@ engine_enqueue(EngineObject *self, const char *key, size_t keylen, SpecObject *s
     rg_spec_incref(spec->spec);
     c->cost = cost;
     c->op = op;
+    c->lease = lease;
     c->submit_ns = now;
     c->deadline_ns = now + self->eng.cfg.timeout_ns;
     /* Wake the shard only onto an empty queue: it takes the whole queue at
@@ -875,6 +921,78 @@ done:
     return res;
 }
 
+/* The denial of a key the deny cache holds (entry e, found at now), counted. */
+static PyObject *
+engine_cached(EngineObject *self, const rg_spec *sp, const rg_cache_entry *e, uint64_t now)
+{
+    self->k.checks++;
+    self->k.cached++;
+    self->k.denied++;
+    return rg_decision_new(self->st, 0, e->rate, sp->rates[e->rate].burst, 0,
+                           e->reset_ns > now ? (double)(e->reset_ns - now) / 1e9 : 0.0,
+                           (double)(e->until_ns - now) / 1e9, RG_ERR_NONE);
+}
+
+/*
+ * submit() of a cost of 1 under a leasing spec (lease.h): a token of the
+ * key's lease if it holds one, answered here; otherwise a take of a block
+ * (one in flight per key), or, while one is in flight, a plain check.
+ * The lease is read and updated with no Python code in between; the
+ * allocations after it (the Decision, the future) may run some, so no
+ * pointer into the table is kept across them.
+ */
+static PyObject *
+engine_leased(EngineObject *self, const char *key, size_t keylen, SpecObject *spec,
+              uint64_t hash)
+{
+    rg_state *st = self->st;
+    rg_spec *sp = spec->spec;
+    uint64_t now = rg_now_ns();
+    rg_lease *l = rg_lease_get(&self->lease, hash, sp->id, key, keylen, now);
+    int64_t refund = 0, block = 0;
+    const rg_cache_entry *e;
+    PyObject *r;
+
+    if (l != NULL) {
+        l->served++;
+        if (l->tokens > 0 && now < l->expires_ns) {
+            long long remaining;
+            int rate = l->rate;
+            double reset = l->reset_ns > now ? (double)(l->reset_ns - now) / 1e9 : 0.0;
+            l->tokens--;
+            remaining = (long long)(l->remaining + l->tokens);
+            self->k.checks++;
+            self->k.allowed++;
+            self->k.leased++;
+            return rg_decision_new(st, 1, rate, sp->rates[rate].burst, remaining, reset, 0.0,
+                                   RG_ERR_NONE);
+        }
+    }
+    /* Over the limit: the deny cache answers (see cache.h), with no take. */
+    e = rg_cache_get(&self->cache, hash, sp->id, key, keylen, now);
+    if (e != NULL)
+        return engine_cached(self, sp, e, now);
+    l = rg_lease_find(&self->lease, hash, sp->id, key, keylen); /* no Python code since */
+    if (l != NULL && l->taking_ns <= now) { /* none in flight (or it can no longer answer) */
+        refund = l->tokens; /* an expired lease's leftovers go back */
+        l->tokens = 0;
+        block = rg_lease_block(l, sp, now);
+        l->taking_ns = now + self->eng.cfg.timeout_ns;
+    }
+    if (refund > 0)
+        engine_fire(self, key, keylen, sp, RG_OP_CHARGE, -refund, hash, NULL, 0);
+    if (block == 0) /* a take is in flight (or no room to lease): a plain check */
+        return engine_enqueue(self, key, keylen, spec, 1, RG_OP_HIT, hash, NULL, 0, 0);
+    r = engine_enqueue(self, key, keylen, spec, block, RG_OP_HIT, hash, NULL, 0, 1);
+    if (r == NULL || Py_IS_TYPE(r, st->DecisionType)) {
+        /* not sent: nothing is in flight */
+        l = rg_lease_find(&self->lease, hash, sp->id, key, keylen);
+        if (l != NULL)
+            l->taking_ns = 0;
+    }
+    return r;
+}
+
 static PyObject *
 engine_submit(EngineObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -891,20 +1009,16 @@ engine_submit(EngineObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (engine_ready(self) < 0)
         return NULL;
     hash = rg_hash(key, (size_t)keylen);
+    if (spec->spec->lease && cost == 1)
+        return engine_leased(self, key, (size_t)keylen, spec, hash);
     /* The cache knows the wait of a cost of 1; a larger cost waits longer
      * by an amount only Redis knows (several rates), so it asks Redis. */
     if (cost == 1) {
         uint64_t now = rg_now_ns();
         const rg_cache_entry *e =
             rg_cache_get(&self->cache, hash, spec->spec->id, key, (size_t)keylen, now);
-        if (e != NULL) {
-            self->k.checks++;
-            self->k.cached++;
-            self->k.denied++;
-            return rg_decision_new(st, 0, e->rate, spec->spec->rates[e->rate].burst, 0,
-                                   e->reset_ns > now ? (double)(e->reset_ns - now) / 1e9 : 0.0,
-                                   (double)(e->until_ns - now) / 1e9, RG_ERR_NONE);
-        }
+        if (e != NULL)
+            return engine_cached(self, spec->spec, e, now);
     }
     if (atomic_load_explicit(&self->eng.shards[(hash >> 40) % (uint64_t)self->eng.cfg.nshards].down,
                              memory_order_relaxed)) {
@@ -914,7 +1028,7 @@ engine_submit(EngineObject *self, PyObject *const *args, Py_ssize_t nargs)
         return rg_failure(st, &self->k, spec->spec, self->failure_open, RG_ERR_UNAVAILABLE);
     }
     return engine_enqueue(self, key, (size_t)keylen, spec, cost, RG_OP_HIT, hash, sid,
-                          (size_t)sidlen);
+                          (size_t)sidlen, 0);
 }
 
 /* charge(key, spec, cost) -> Future[Decision] | Decision: consume cost
@@ -933,15 +1047,57 @@ engine_charge(EngineObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (engine_ready(self) < 0)
         return NULL;
     return engine_enqueue(self, key, (size_t)keylen, spec, cost, RG_OP_CHARGE,
-                          rg_hash(key, (size_t)keylen), NULL, 0);
+                          rg_hash(key, (size_t)keylen), NULL, 0, 0);
 }
 
 /*
- * release(key, spec, slot_id) -> None: give a concurrency slot back, fire
- * and forget: the check carries no port, the loop thread frees it when
- * answered (engine.c flush).  Needs no event loop.  When it cannot be sent
- * (shard down, too many outstanding) the slot is left to expire after the
- * spec's ttl, which bounds every leak anyway.  Returns whether it was sent.
+ * Send one check that nobody waits for (a release, a lease's refund): it
+ * carries no port, the loop thread frees it when answered (engine.c flush).
+ * Needs no event loop and runs no Python code.  When it cannot be sent
+ * (closed, not started, after fork, shard down, too many outstanding, out
+ * of memory) it is dropped: a slot then expires after the spec's ttl, and
+ * leased tokens are as if used (lease.h).  Returns whether it was sent.
+ */
+static int
+engine_fire(EngineObject *self, const char *key, size_t keylen, rg_spec *spec, int op,
+            long long cost, uint64_t hash, const char *sid, size_t sidlen)
+{
+    rg_shard *shard;
+    rg_check *c;
+    uint64_t now;
+
+    if (self->closed || !self->eng.started || self->fork_gen != rg_fork_generation)
+        return 0;
+    shard = &self->eng.shards[(hash >> 40) % (uint64_t)self->eng.cfg.nshards];
+    if (atomic_load_explicit(&shard->down, memory_order_relaxed))
+        return 0;
+    if (atomic_fetch_add_explicit(&self->eng.outstanding, 1, memory_order_relaxed) >=
+        self->eng.cfg.max_pending) {
+        atomic_fetch_sub_explicit(&self->eng.outstanding, 1, memory_order_relaxed);
+        return 0;
+    }
+    c = rg_check_new(key, keylen, sid, sidlen);
+    if (c == NULL) {
+        atomic_fetch_sub_explicit(&self->eng.outstanding, 1, memory_order_relaxed);
+        return 0;
+    }
+    now = rg_now_ns();
+    c->slot = NO_SLOT;
+    c->hash = hash;
+    c->spec = spec;
+    rg_spec_incref(spec);
+    c->op = op;
+    c->cost = cost;
+    c->submit_ns = now;
+    c->deadline_ns = now + self->eng.cfg.timeout_ns;
+    if (rg_engine_submit(&self->eng, shard, c) && rg_shard_needs_wake(shard))
+        rg_engine_wake(shard);
+    return 1;
+}
+
+/*
+ * release(key, spec, slot_id) -> bool: give a concurrency slot back, fire
+ * and forget (engine_fire).  Returns whether it was sent.
  */
 static PyObject *
 engine_release(EngineObject *self, PyObject *const *args, Py_ssize_t nargs)
@@ -949,40 +1105,13 @@ engine_release(EngineObject *self, PyObject *const *args, Py_ssize_t nargs)
     const char *key, *sid;
     Py_ssize_t keylen, sidlen;
     SpecObject *spec;
-    rg_shard *shard;
-    rg_check *c;
-    uint64_t hash, now;
 
     if (rg_parse_release(self->st, args, nargs, &key, &keylen, &spec, &sid, &sidlen) < 0)
         return NULL;
     if (engine_ready(self) < 0)
         return NULL;
-    /* No Python code from here to the push (see engine_enqueue). */
-    hash = rg_hash(key, (size_t)keylen);
-    shard = &self->eng.shards[(hash >> 40) % (uint64_t)self->eng.cfg.nshards];
-    if (atomic_load_explicit(&shard->down, memory_order_relaxed))
-        Py_RETURN_FALSE;
-    if (atomic_fetch_add_explicit(&self->eng.outstanding, 1, memory_order_relaxed) >=
-        self->eng.cfg.max_pending) {
-        atomic_fetch_sub_explicit(&self->eng.outstanding, 1, memory_order_relaxed);
-        Py_RETURN_FALSE;
-    }
-    c = rg_check_new(key, (size_t)keylen, sid, (size_t)sidlen);
-    if (c == NULL) {
-        atomic_fetch_sub_explicit(&self->eng.outstanding, 1, memory_order_relaxed);
-        return PyErr_NoMemory();
-    }
-    now = rg_now_ns();
-    c->slot = NO_SLOT;
-    c->hash = hash;
-    c->spec = spec->spec;
-    rg_spec_incref(spec->spec);
-    c->op = RG_OP_RELEASE;
-    c->submit_ns = now;
-    c->deadline_ns = now + self->eng.cfg.timeout_ns;
-    if (rg_engine_submit(&self->eng, shard, c) && rg_shard_needs_wake(shard))
-        rg_engine_wake(shard);
-    Py_RETURN_TRUE;
+    return PyBool_FromLong(engine_fire(self, key, (size_t)keylen, spec->spec, RG_OP_RELEASE, 0,
+                                       rg_hash(key, (size_t)keylen), sid, (size_t)sidlen));
 }
 
 /* reset(key, spec) -> Future[bool] | False: delete the key's buckets for the
@@ -1002,7 +1131,8 @@ engine_reset(EngineObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     hash = rg_hash(key, (size_t)keylen);
     rg_cache_forget_key(&self->cache, hash, key, (size_t)keylen);
-    return engine_enqueue(self, key, (size_t)keylen, spec, 0, RG_OP_RESET, hash, NULL, 0);
+    rg_lease_forget_key(&self->lease, hash, key, (size_t)keylen);
+    return engine_enqueue(self, key, (size_t)keylen, spec, 0, RG_OP_RESET, hash, NULL, 0, 0);
 }
 /*
  * Stop the threads (every check still held is answered "closed"), then
@@ -1068,6 +1198,7 @@ engine_close(EngineObject *self, PyObject *unused)
     Py_CLEAR(self->last_loop);
     Py_CLEAR(self->last_port);
     rg_cache_free(&self->cache); /* disabled from here: answers still arriving put nothing */
+    rg_lease_free(&self->lease);
     Py_RETURN_NONE;
 }
 
@@ -1156,6 +1287,7 @@ engine_dealloc(EngineObject *self)
     engine_clear(self);
     Py_CLEAR(self->ports);
     rg_cache_free(&self->cache);
+    rg_lease_free(&self->lease);
     rg_engine_free_cfg(&self->eng.cfg);
     if (self->err_mu_ready)
         pthread_mutex_destroy(&self->eng.err_mu);

@@ -23,7 +23,10 @@
  *       consumed), 1 reset (delete the rate keys), 2 charge (consume cost,
  *       which may be negative, without denying: a bucket may go into debt,
  *       up to RG_MAX_DEBT_US, and a refund stops at a full bucket), 3 release
- *       (remove the slot id from the concurrency key).
+ *       (remove the slot id from the concurrency key).  A hit plus
+ *       RG_OP_LEASE_FLAG (8) takes a lease (lease.h): the cost is lowered
+ *       to what every rate's bucket holds (at least 1, which then denies),
+ *       and an allowed answer is the number of tokens taken.
  * Reply: per check six integers: allowed, reported rate (0-based; the
  *       number of rates means the concurrency limit), remaining, reset_us,
  *       retry_us, block_us (see rg_result); a reset or a release answers 1
@@ -85,6 +88,8 @@
     "  local op, cost, nr = A[a] + 0, A[a + 1] + 0, A[a + 2] + 0\n" \
     "  a = a + 3\n" \
     "  local rate, rem, reset, retry, block, allowed = 0, 0, 0, 0, 0, 1\n" \
+    "  local lease = op == 8\n" \
+    "  if lease then op = 0 end\n" \
     "  if op == 0 and nr == 1 then\n" \
     /* the common check: one rate, no concurrency, no tables */ \
     "    local T, tau = A[a] + 0, A[a + 1] + 0\n" \
@@ -97,6 +102,11 @@
     "    else\n" \
     "      v = tonumber(v) or now\n" \
     "      if v < now then v = now end\n" \
+    "      if lease then\n" \
+    /* take what the bucket holds, up to cost; none: decide a cost of 1 */ \
+    "        local n = floor((tau + sl - (v - now)) / T)\n" \
+    "        if n < cost then cost = n < 1 and 1 or n end\n" \
+    "      end\n" \
     "      local nw = v + cost * T\n" \
     "      if nw - now > tau + sl then\n" \
     "        allowed, retry = 0, ceil(nw - now - tau)\n" \
@@ -115,6 +125,18 @@
     "    local conc = op >= 4\n" \
     "    if conc then op = op - 4 end\n" \
     "    local T, tau, t0, nw = {}, {}, {}, {}\n" \
+    "    if lease then\n" \
+    /* several rates: take what every bucket holds, up to cost (a key of \
+     * the wrong type is left to the loop below) */ \
+    "      for j = 1, nr do\n" \
+    "        local T1 = A[a + 2 * j - 2] + 0\n" \
+    "        local v = get(K[k + j - 1])\n" \
+    "        if v then\n" \
+    "          local n = floor((A[a + 2 * j - 1] + (T1 < 2 and T1 / 2 or 1) - (v - now)) / T1)\n" \
+    "          if n < cost then cost = n < 1 and 1 or n end\n" \
+    "        end\n" \
+    "      end\n" \
+    "    end\n" \
     "    if op == 1 then\n" \
     "      for j = 1, nr do\n" \
     "        local r = pcall('DEL', K[k + j - 1])\n" \
@@ -187,6 +209,7 @@
     "    end\n" \
     "    if conc then k = k + 1 end\n" \
     "  end\n" \
+    "  if lease and allowed == 1 then allowed = cost end\n" \
     "  if rem < 0 then rem = 0 end\n" \
     "  if reset > 9e15 then reset = 9e15 end\n" \
     "  if retry > 9e15 then retry = 9e15 end\n" \

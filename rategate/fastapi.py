@@ -96,7 +96,9 @@ class RateLimit:
     with :func:`rategate.set_cost` (the difference from what the check
     consumed) to the same key and rates, fire and forget.  With either, the
     instance is a dependency with ``yield`` (see the module docstring for
-    when FastAPI runs its exit).
+    when FastAPI runs its exit).  ``lease``: answer this route's checks from
+    tokens leased from Redis (see :meth:`rategate.Limiter.compile`), for a
+    hot key; ``None``: the limiter's ``lease``.
     """
 
     def __new__(cls, *args: Any, **kwargs: Any) -> RateLimit:
@@ -121,6 +123,7 @@ class RateLimit:
         concurrency: int | None = None,
         concurrency_ttl: float = 60.0,
         charge: bool = False,
+        lease: bool | None = None,
     ) -> None:
         from .limiter import as_limiter
 
@@ -128,6 +131,12 @@ class RateLimit:
         if not isinstance(charge, bool):
             raise TypeError(f"RateLimit: charge must be True or False, got {charge!r}")
         self.concurrency, self.concurrency_ttl = _check_concurrency(concurrency, concurrency_ttl, "RateLimit")
+        if lease is not None and not isinstance(lease, bool):
+            raise TypeError(f"RateLimit: lease must be True, False or None, got {lease!r}")
+        if lease and self.concurrency:
+            raise ValueError("RateLimit: lease=True cannot go with concurrency (a slot is taken in the "
+                             "store for every request); drop one of them")
+        self.lease = lease
         if self.concurrency and not hasattr(limiter, "_release_held"):
             raise ValueError(f"RateLimit: concurrency needs a rategate.Limiter (with release()), got {limiter!r}")
         if charge and not hasattr(limiter, "charge_nowait"):
@@ -161,7 +170,8 @@ class RateLimit:
             make_headers(headers, _dummy_rates())  # validate the style now
         else:
             try:
-                self._spec, rates = compile_limits(limiter, limits, self.concurrency, self.concurrency_ttl)
+                self._spec, rates = compile_limits(limiter, limits, self.concurrency, self.concurrency_ttl,
+                                                   lease)
             except ValueError as e:
                 raise ValueError(f"RateLimit({limits!r}): {e}") from None
         self.rates = rates
@@ -204,7 +214,7 @@ class RateLimit:
 
     def _resolved(self, name: str, limits: Any) -> tuple[Any, Any]:
         """(spec, headers) of the rates a limits callable returned for counter ``name``."""
-        spec, rates = compile_limits(self.limiter, limits, self.concurrency, self.concurrency_ttl)
+        spec, rates = compile_limits(self.limiter, limits, self.concurrency, self.concurrency_ttl, self.lease)
         return spec, make_headers(self._header_style, rates, name, self.concurrency)
 
     def _prefixes_for(self, scope: Any) -> tuple[Any, ...]:

@@ -95,7 +95,7 @@ _WS_MESSAGES_PREFIX = "%ws:"
 _WS_ACTIONS = ("close", "drop")
 # The options a rule takes (Rule's keyword arguments; a rules dict's keys).
 _RULE_OPTIONS = ("limits", "methods", "key", "cost", "name", "websocket_messages", "websocket_over_limit",
-                 "concurrency", "concurrency_ttl", "charge")
+                 "concurrency", "concurrency_ttl", "charge", "lease")
 # Where the app reports the actual cost of the response it produces (see
 # set_cost): scope["state"][COST_KEY], i.e. request.state's "rategate.cost".
 COST_KEY = "rategate.cost"
@@ -337,11 +337,15 @@ class Rule:
     ``charge``: after the response, charge the actual cost the app reported
     with :func:`set_cost` (the difference from what the check consumed) to
     this rule's rates (``None``: the middleware's ``charge``).
+    ``lease``: answer this rule's checks from tokens leased from Redis (see
+    :meth:`rategate.Limiter.compile`), for a hot key such as one global
+    limit; ``None``: the limiter's ``lease``.
     """
 
     __slots__ = ("path", "regex", "limits", "methods", "key", "cost", "name", "spec", "headers",
                  "sprefix", "bprefix", "shprefix", "bhprefix", "rates", "dynamic", "counts",
-                 "ws_limits", "ws_action", "ws_rule", "concurrency", "concurrency_ttl", "charge")
+                 "ws_limits", "ws_action", "ws_rule", "concurrency", "concurrency_ttl", "charge",
+                 "lease")
 
     def __init__(
         self,
@@ -357,12 +361,19 @@ class Rule:
         concurrency: int | None = None,
         concurrency_ttl: float = 60.0,
         charge: bool | None = None,
+        lease: bool | None = None,
     ) -> None:
         where = f"rule {path!r}"
         if charge is not None and not isinstance(charge, bool):
             raise TypeError(f"{where}: charge must be True, False or None, got {charge!r}")
         self.charge = charge
         self.concurrency, self.concurrency_ttl = _check_concurrency(concurrency, concurrency_ttl, where)
+        if lease is not None and not isinstance(lease, bool):
+            raise TypeError(f"{where}: lease must be True, False or None, got {lease!r}")
+        if lease and self.concurrency:
+            raise ValueError(f"{where}: lease=True cannot go with concurrency (a slot is taken in the "
+                             "store for every request); drop one of them")
+        self.lease = lease
         self.regex: re.Pattern[str] | None = None
         if isinstance(path, re.Pattern):
             if not isinstance(path.pattern, str):
@@ -476,7 +487,7 @@ def _rules_from(rules: Any) -> list[Rule]:
             out.append(Rule(r.path, r.limits, methods=r.methods, key=r.key, cost=r.cost, name=r.name,
                             websocket_messages=r.ws_limits, websocket_over_limit=r.ws_action,
                             concurrency=r.concurrency or None, concurrency_ttl=r.concurrency_ttl,
-                            charge=r.charge))
+                            charge=r.charge, lease=r.lease))
     else:
         raise ValueError(
             "rules must be a dict like {\"/api\": \"10/minute\"} or a list of rategate.Rule, "
@@ -641,7 +652,8 @@ class RateLimitMiddleware:
             r.dynamic = DynamicLimits(r.limits, lambda v: self._resolved(r, v), where)
         else:
             try:
-                r.spec, r.rates = compile_limits(self.limiter, r.limits, r.concurrency, r.concurrency_ttl)
+                r.spec, r.rates = compile_limits(self.limiter, r.limits, r.concurrency, r.concurrency_ttl,
+                                                 r.lease)
             except ValueError as e:
                 raise ValueError(f"{where}: {e}") from None
             r.headers = make_headers(self.header_style, r.rates, r.name, r.concurrency)
@@ -682,7 +694,8 @@ class RateLimitMiddleware:
         a copy, compiled once per distinct value by r.dynamic's cache."""
         out = copy.copy(r)
         out.dynamic = None
-        out.spec, out.rates = compile_limits(self.limiter, limits, r.concurrency, r.concurrency_ttl)
+        out.spec, out.rates = compile_limits(self.limiter, limits, r.concurrency, r.concurrency_ttl,
+                                             r.lease)
         out.headers = make_headers(self.header_style, out.rates, r.name, r.concurrency)
         return out
 
@@ -1064,12 +1077,18 @@ def prefixed_key(k: Any, sp: str, bp: bytes, shp: str, bhp: bytes, owner: Any) -
 
 
 def compile_limits(
-    limiter: Any, limits: Any, concurrency: int = 0, ttl: float = 60.0
+    limiter: Any, limits: Any, concurrency: int = 0, ttl: float = 60.0, lease: bool | None = None
 ) -> tuple[Any, tuple[Any, ...]]:
     """(spec, rates) of ``limits`` for ``limiter``: its compiled Spec, or
-    the parsed rates for a limiter with only hit().  ValueError when bad."""
+    the parsed rates for a limiter with only hit().  ValueError when bad.
+    ``lease``: None leaves it to the limiter."""
     if hasattr(limiter, "compile") and hasattr(limiter, "submit"):
-        spec = limiter.compile(limits, concurrency=concurrency, ttl=ttl) if concurrency else limiter.compile(limits)
+        if concurrency:
+            spec = limiter.compile(limits, concurrency=concurrency, ttl=ttl)
+        elif lease is not None:
+            spec = limiter.compile(limits, lease=lease)
+        else:
+            spec = limiter.compile(limits)
         return spec, tuple(spec.rates)
     from .rates import parse_rates
 

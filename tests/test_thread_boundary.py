@@ -17,7 +17,7 @@ from source_tree import ROOT, needs_source
 pytestmark = needs_source
 CSRC = ROOT / "csrc"
 LOOP_THREAD_FILES = ["engine.c", "engine.h", "conn.c", "conn.h", "topology.c", "topology.h", "batch.c", "batch.h", "port.c", "port.h",
-                     "check.c", "check.h", "gcra.c", "gcra.h", "cache.c", "cache.h",
+                     "check.c", "check.h", "gcra.c", "gcra.h", "cache.c", "cache.h", "lease.c", "lease.h",
                      "memstore.c", "memstore.h", "script.c", "script.h"]
 
 
