@@ -1206,7 +1206,7 @@ static PyObject *
 engine_stats(EngineObject *self, PyObject *unused)
 {
     PyObject *d = rg_counters_dict(self->st, &self->k), *v;
-    int i, connected = self->eng.started ? 1 : 0;
+    int i, connected = 0;
     char err[256];
     (void)unused;
 
@@ -1214,11 +1214,13 @@ engine_stats(EngineObject *self, PyObject *unused)
         return NULL;
     /* The shards exist while started and not closed: close() sets closed
      * before it releases the GIL to stop and free them. */
-    if (self->eng.started && !self->closed && self->fork_gen == rg_fork_generation)
+    /* closed first: close() sets it before it releases the GIL and stops
+     * the engine (writing eng.started) on another thread. */
+    if (!self->closed && self->eng.started && self->fork_gen == rg_fork_generation) {
+        connected = 1;
         for (i = 0; i < self->eng.cfg.nshards; i++)
             connected &= atomic_load(&self->eng.shards[i].connected);
-    else
-        connected = 0;
+    }
     pthread_mutex_lock(&self->eng.err_mu);
     memcpy(err, self->eng.last_error, sizeof(err));
     pthread_mutex_unlock(&self->eng.err_mu);
