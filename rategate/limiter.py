@@ -679,7 +679,8 @@ class Limiter:
         return bool(await r)
 
     def stats(self) -> Dict[str, Any]:
-        """Counters: checks, allowed, denied, cached_denials, errors by kind, in_flight, reconnects,
+        """Counters: checks, allowed, denied, cached_denials, leased (allowed from a lease, with no
+        round trip), errors by kind, in_flight, reconnects,
         connected; ``slots_held``: concurrency slots this process holds now; and ``rules``: per rule label, the decisions of the middlewares and FastAPI
         dependencies using this limiter, by outcome (see :mod:`rategate.counts`)."""
         stats: Dict[str, Any] = self._engine.stats()

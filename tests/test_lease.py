@@ -79,6 +79,12 @@ def test_rules_take_lease(redis_url: str) -> None:
     assert mw.default is not None and mw.default.spec.lease is False
     mw2 = RateLimitMiddleware(app, limiter=lim, rules=[Rule("/hot", "1000/second", lease=True)])
     assert mw2.rules[0].spec.lease is True
+    from rategate.fastapi import RateLimit
+
+    assert RateLimit("1000/second", limiter=lim, lease=True)._spec.lease is True
+    assert RateLimit("1000/second", limiter=lim)._spec.lease is False
+    with pytest.raises(ValueError, match="lease=True cannot go with concurrency"):
+        RateLimit("1000/second", limiter=lim, lease=True, concurrency=2)
     lim.close()
 
 
