@@ -1,5 +1,5 @@
 """The app of test_uvicorn_lease: one global limit every request of /global
-shares (a hot key), leased; ``/stats`` (exempt) answers with the worker's pid
+shares (a hot key; the query string names another, for a fresh run), leased; ``/stats`` (exempt) answers with the worker's pid
 and its limiter's counters.  RATEGATE_REDIS_URL, RATEGATE_LEASE_LIMIT."""
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ async def stats(request: Any) -> JSONResponse:
 
 
 async def ok(request: Any) -> PlainTextResponse:
-    return PlainTextResponse(str(os.getpid()))
+    """The worker's pid, and in x-leased how many of its checks leases answered so far."""
+    return PlainTextResponse(str(os.getpid()), headers={"x-leased": str(limiter.stats()["leased"])})
 
 
 app = Starlette(routes=[Route("/health", ok), Route("/stats", stats), Route("/global", ok)])
@@ -30,6 +31,6 @@ app.add_middleware(
     rategate.RateLimitMiddleware,
     limiter=limiter,
     rules=[rategate.Rule("/global", os.environ.get("RATEGATE_LEASE_LIMIT", "200/minute"),
-                         key=lambda scope: "everyone", lease=True)],
+                         key=lambda scope: scope["query_string"] or b"everyone", lease=True)],
     exempt=["/health", "/stats"],
 )

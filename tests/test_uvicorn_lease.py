@@ -23,14 +23,14 @@ from test_uvicorn import Uvicorn  # noqa: E402
 BURST, PER_S, WORKERS, N, CONNS = 200, 200 / 60, 4, 1200, 100
 
 
-async def _hammer(url: str) -> tuple[list[httpx.Response], float]:
+async def _hammer(url: str, bucket: str) -> tuple[list[httpx.Response], float]:
     limits = httpx.Limits(max_connections=CONNS, max_keepalive_connections=CONNS)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as c:
         sem = asyncio.Semaphore(CONNS)
 
         async def one() -> httpx.Response:
             async with sem:
-                return await c.get("/global")
+                return await c.get("/global?" + bucket)
 
         t0 = time.monotonic()
         rs = await asyncio.gather(*(one() for _ in range(N)))
@@ -47,15 +47,22 @@ def test_four_workers_leasing_one_global_limit(redis_server: Any) -> None:
     redis_server.flushall()
     srv = Uvicorn("lease_app:app", workers=WORKERS, env={"RATEGATE_REDIS_URL": redis_server.url})
     try:
-        rs, elapsed = asyncio.run(_hammer(srv.url))
+        # The kernel hands each connection to whichever worker accepts first;
+        # on a busy machine one worker can take a whole burst.  Each run is a
+        # fresh key (its own full bucket); runs repeat (bounded) until the
+        # admitted requests came from several workers.
+        for run in range(5):
+            rs, elapsed = asyncio.run(_hammer(srv.url, f"run{run}"))
+            admitted = [r for r in rs if r.status_code == 200]
+            assert all(r.status_code in (200, 429) for r in rs)
+            assert len(admitted) <= BURST + int(elapsed * PER_S), (run, len(admitted), elapsed)
+            assert len(admitted) >= BURST - WORKERS * (BURST // 16), (run, len(admitted), elapsed)
+            if len({r.text for r in admitted}) >= 2:
+                break
+        # Several workers admitted, each from its own leases.
+        assert len({r.text for r in admitted}) >= 2, {r.text for r in admitted}
         stats = asyncio.run(_stats(srv.url))
     finally:
         srv.stop()
-    admitted = [r for r in rs if r.status_code == 200]
-    assert all(r.status_code in (200, 429) for r in rs)
-    assert len(admitted) <= BURST + int(elapsed * PER_S), (len(admitted), elapsed)
-    assert len(admitted) >= BURST - WORKERS * (BURST // 16), (len(admitted), elapsed)
-    # Several workers admitted, each from its own leases.
-    assert len({r.text for r in admitted}) >= 2, {r.text for r in admitted}
-    assert sum(s["leased"] for s in stats.values()) > 0, stats
+    assert max(int(r.headers["x-leased"]) for r in admitted) > 0
     assert all(not any(s["errors"].values()) for s in stats.values()), stats
