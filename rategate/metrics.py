@@ -23,6 +23,8 @@ Exposed (``namespace`` ``"rategate"`` by default):
   submit to decision, measured on the loop thread (``Decision.latency``):
   decisions answered at once (memory://, the local over-limit cache, the
   failure mode while Redis is down) have none and are not observed;
+- ``rategate_leased_checks_total``: checks answered from token leases
+  (``lease=True``), with no round trip;
 - ``rategate_redis_reconnects_total``, ``rategate_redis_up`` (1: every
   watched limiter is connected), ``rategate_checks_in_flight``,
   ``rategate_concurrency_slots_held`` (slots of concurrency limits held by
@@ -108,6 +110,7 @@ class PrometheusMetrics:
                                      "Check latency, submit to decision, on the loop thread",
                                      ["rule"], buckets=LATENCY_BUCKETS, **kw)
             self.reconnects = Counter("redis_reconnects", "Reconnections to Redis", **kw)
+            self.leased = Counter("leased_checks", "Checks answered from token leases, without Redis", **kw)
             self.redis_up = Gauge("redis_up", "1 if every limiter is connected to Redis, else 0",
                                   multiprocess_mode="livemin", **kw)
             self.in_flight = Gauge("checks_in_flight", "Checks sent and not yet answered",
@@ -120,7 +123,8 @@ class PrometheusMetrics:
                 "PrometheusMetrics per process (at module level) and pass it to every middleware, "
                 "or give another registry= or namespace="
             ) from None
-        self._limiters: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+        # limiter -> its (reconnects, leased) counts already added to the counters
+        self._limiters: weakref.WeakKeyDictionary[Any, tuple[int, int]] = weakref.WeakKeyDictionary()
         self._attached: dict[int, RuleCounts] = {}
         self._next_refresh = 0.0
 
@@ -158,7 +162,8 @@ class PrometheusMetrics:
         """Report ``limiter``'s connection figures (reconnects, up, in flight)."""
         if hasattr(limiter, "stats") and limiter not in self._limiters:
             try:
-                self._limiters[limiter] = int(limiter.stats().get("reconnects", 0))
+                st = limiter.stats()
+                self._limiters[limiter] = (int(st.get("reconnects", 0)), int(st.get("leased", 0)))
             except TypeError:  # pragma: no cover - not weak-referenceable: not watched
                 return
             self.refresh()  # this process's gauges exist from now on, with true values
@@ -178,10 +183,12 @@ class PrometheusMetrics:
             # nothing yet (an idle worker) says nothing about Redis.
             if not s.get("connected", True) and s.get("checks", 1):
                 up = 0
-            n = int(s.get("reconnects", 0))
-            if n > seen:
-                self.reconnects.inc(n - seen)
-            self._limiters[lim] = n  # lower after a fork: start again from there
+            n, leased = int(s.get("reconnects", 0)), int(s.get("leased", 0))
+            if n > seen[0]:
+                self.reconnects.inc(n - seen[0])
+            if leased > seen[1]:
+                self.leased.inc(leased - seen[1])
+            self._limiters[lim] = (n, leased)  # lower after a fork: start again from there
         self.redis_up.set(up)
         self.in_flight.set(in_flight)
         self.slots.set(slots)

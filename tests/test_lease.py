@@ -219,3 +219,27 @@ def test_memory_accepts_lease_and_answers_as_ever() -> None:
 
     assert asyncio.run(go()) == [True, True, True, False]
     assert lim.stats()["leased"] == 0
+
+
+async def test_leased_checks_are_a_metric(redis_url: str, make_limiter: Any) -> None:
+    import httpx
+    from prometheus_client import CollectorRegistry
+
+    from rategate.metrics import PrometheusMetrics
+
+    async def ok(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    reg = CollectorRegistry()
+    m = PrometheusMetrics(registry=reg)
+    lim = make_limiter(redis_url, timeout=5.0)
+    mw = RateLimitMiddleware(ok, limiter=lim, rules=[Rule("/", "1000/minute", key=lambda s: "all", lease=True)],
+                             metrics=m)
+    transport = httpx.ASGITransport(app=mw, client=("203.0.113.9", 1))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        assert [(await c.get("/")).status_code for _ in range(50)] == [200] * 50
+    m.render()  # a scrape reads stats()
+    leased = lim.stats()["leased"]
+    assert leased >= 30
+    assert reg.get_sample_value("rategate_leased_checks_total") == leased
