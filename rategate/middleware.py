@@ -769,11 +769,11 @@ class RateLimitMiddleware:
             if sid is not None:
                 await self._run_holding(rule, d, k, cost, sid, scope, receive, send)
                 return
-            await self.app(scope, receive, send)
-            if rule.charge:  # the app may have reported its actual cost (set_cost)
-                state = scope.get("state")
-                if state and COST_KEY in state:
-                    charge_reported(self.limiter, rule.spec, rule.rates, d, k, cost, state)
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                if rule.charge:
+                    self._charge_reported(rule, d, k, cost, scope)
             return
         await send({"type": "http.response.start", "status": 429, "headers": _denied_headers(rule, d)})
         await send({"type": "http.response.body", "body": DENIED_BODY})
@@ -806,10 +806,15 @@ class RateLimitMiddleware:
             await self.app(scope, receive_watching if held else receive, send)
         finally:
             release()
-        if rule.charge:
-            state = scope.get("state")
-            if state and COST_KEY in state:
-                charge_reported(self.limiter, rule.spec, rule.rates, d, key, cost, state)
+            if rule.charge:
+                self._charge_reported(rule, d, key, cost, scope)
+
+    def _charge_reported(self, rule: Rule, d: Any, key: str | bytes, cost: int, scope: Scope) -> None:
+        """After the app (also when it raised: what it reported was spent),
+        charge the cost it reported with set_cost, if any (fire and forget)."""
+        state = scope.get("state")
+        if state and COST_KEY in state:
+            charge_reported(self.limiter, rule.spec, rule.rates, d, key, cost, state)
 
     async def _decide(self, scope: Scope, method: str) -> tuple[Rule, Any, Any, Any, int, Any] | None:
         """Check one request: None if it is not limited, else (rule, decision,

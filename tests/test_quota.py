@@ -223,6 +223,10 @@ def make_app(lim: Any, gate: asyncio.Event | None = None) -> Any:
         rategate.set_cost(request, int(request.query_params["used"]))
         return JSONResponse({"ok": True})
 
+    async def spent(request: Request) -> JSONResponse:
+        rategate.set_cost(request, int(request.query_params["used"]))
+        raise RuntimeError("the app failed after spending")
+
     async def stream(request: Request) -> StreamingResponse:
         async def gen() -> Any:
             for i in range(3):
@@ -231,13 +235,14 @@ def make_app(lim: Any, gate: asyncio.Event | None = None) -> Any:
         return StreamingResponse(gen())
 
     app = Starlette(routes=[Route("/slow", slow), Route("/boom", boom), Route("/tokens", tokens),
-                            Route("/stream", stream), Route("/nocharge", tokens)])
+                            Route("/stream", stream), Route("/nocharge", tokens), Route("/spent", spent)])
     mw = rategate.RateLimitMiddleware(app, limiter=lim, rules=[
         Rule("/slow", "100/minute", concurrency=2),
         Rule("/boom", None, concurrency=1),
         Rule("/tokens", "100/hour", cost=10, charge=True),
         Rule("/stream", "100/hour", cost=10, charge=True),
         Rule("/nocharge", "100/hour", cost=10),
+        Rule("/spent", "100/hour", cost=10, charge=True),
     ])
     return mw, inside
 
@@ -297,6 +302,11 @@ async def test_middleware_charges_the_reported_cost(storage_url: str, make_limit
         await c.get("/nocharge?used=60")
         await settle(lim)
         assert (await lim.hit("/nocharge|203.0.113.7", "100/hour", cost=0)).remaining == 90
+        # The app reported 30, then raised: what it reported was spent all the same.
+        with pytest.raises(RuntimeError, match="after spending"):
+            await c.get("/spent?used=30")
+        await settle(lim)
+        assert (await lim.hit("/spent|203.0.113.7", "100/hour", cost=0)).remaining == 70
         # Into debt: the next request is denied.
         await c.get("/tokens?used=500")
         await settle(lim)
