@@ -10,8 +10,8 @@
  * - Never over the limit: a token is handed out only after Redis granted it
  *   to this process, so the requests admitted across all processes never
  *   exceed what Redis granted.  A lease is usable only for ttl_ns after its
- *   take was submitted (a quarter of the shortest rate's period, at most
- *   1 s), so an admission happens at most ttl_ns after Redis counted it: in
+ *   take was submitted (a quarter of the shortest refill time, tau: a
+ *   rate's period when its burst is its limit; at most 1 s), so an admission happens at most ttl_ns after Redis counted it: in
  *   any window W, at most what the limit allows in W + ttl_ns, and from a
  *   full bucket, at most burst + rate * t by time t, exactly as without
  *   leases.

@@ -541,8 +541,8 @@ class Limiter:
         tokens from Redis in one check and answers checks of cost 1 from it
         in C, with no round trip.  The block is about 100 ms of this
         process's own rate of that key, at most a sixteenth of the smallest
-        burst, and usable for a quarter of the shortest period (at most
-        1 s); what is left is given back.  Never more than the limit is
+        burst, and usable for a quarter of the shortest time a rate takes to
+        refill its bucket (its period when burst = limit; at most 1 s); what is left is given back.  Never more than the limit is
         admitted across all processes (from a full bucket: at most burst +
         rate * t by time t); tokens parked in other processes' leases can
         deny what a lone process would allow, by at most a sixteenth of the
