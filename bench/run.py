@@ -763,7 +763,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--quick", action="store_true",
                    help="short run (3 s per case, 1 s warm-up, one round, shorter micro-benchmarks): "
-                        "under 2 minutes")
+                        "about 3.5 minutes on 2 cores")
     p.add_argument("--duration", type=float,
                    help="seconds of measurement per HTTP case, whole (default 10, quick 3)")
     p.add_argument("--warmup", type=float, help="seconds of warm-up per HTTP case, whole, 0 = none "
