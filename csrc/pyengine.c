@@ -972,7 +972,7 @@ engine_leased(EngineObject *self, const char *key, size_t keylen, SpecObject *sp
     e = rg_cache_get(&self->cache, hash, sp->id, key, keylen, now);
     if (e != NULL)
         return engine_cached(self, sp, e, now);
-    l = rg_lease_find(&self->lease, hash, sp->id, key, keylen); /* no Python code since */
+    /* l is still valid: no Python code since rg_lease_get */
     if (l != NULL && l->taking_ns <= now) { /* none in flight (or it can no longer answer) */
         refund = l->tokens; /* an expired lease's leftovers go back */
         l->tokens = 0;
