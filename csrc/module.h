@@ -98,6 +98,13 @@ int rg_parse_release(rg_state *st, PyObject *const *args, Py_ssize_t nargs,
 int rg_parse_reset(rg_state *st, PyObject *const *args, Py_ssize_t nargs,
                    const char **key, Py_ssize_t *keylen, SpecObject **spec);
 
+/* Add the denial summary (topk.h) to a stats() dict: "top_denied" (at most
+ * `max` keys, most denied first: {"key", "denials", "overcount",
+ * "truncated"}), "denials_summarized" and "denied_clients_1m". */
+struct rg_denials;
+int rg_denials_into(PyObject *d, const struct rg_denials *den, size_t max, uint64_t now_ns);
+#define RG_DENIALS_SHOWN 16
+
 int rg_engine_types_init(PyObject *module, rg_state *st);
 
 /* Bumped in the child after fork(): engines started before it are gone. */

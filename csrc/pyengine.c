@@ -24,6 +24,7 @@
 #include "lease.h"
 #include "memstore.h"
 #include "port.h"
+#include "topk.h"
 
 typedef struct PortObject PortObject;
 
@@ -35,6 +36,7 @@ typedef struct {
     rg_cache cache;
     rg_lease_table lease;
     rg_counters k;
+    rg_denials denials;  /* the keys denied most, distinct clients (topk.h) */
     int failure_open;
     int closed;
     unsigned long fork_gen;
@@ -197,6 +199,8 @@ engine_decide(EngineObject *e, const rg_check *c)
              * nothing about that, and changes nothing). */
             rg_cache_forget(&e->cache, c->hash, c->spec->id, c->key, c->keylen);
         }
+        if (c->op == RG_OP_HIT && !res.allowed)
+            rg_denials_note(&e->denials, c->hash, c->key, c->keylen, rg_now_ns());
         /* a lease's take answers its request, of cost 1 */
         d = rg_answer(st, k, c->spec, &res, c->lease ? 1 : c->cost);
     }
@@ -717,6 +721,7 @@ engine_after_fork(EngineObject *self)
     Py_CLEAR(self->last_loop);
     Py_CLEAR(self->last_port);
     rg_lease_clear(&self->lease); /* the parent holds those tokens */
+    rg_denials_clear(&self->denials); /* the parent's denials */
     self->fork_gen = rg_fork_generation;
 }
 
@@ -923,8 +928,10 @@ done:
 
 /* The denial of a key the deny cache holds (entry e, found at now), counted. */
 static PyObject *
-engine_cached(EngineObject *self, const rg_spec *sp, const rg_cache_entry *e, uint64_t now)
+engine_cached(EngineObject *self, const rg_spec *sp, const rg_cache_entry *e, uint64_t now,
+              const char *key, size_t keylen, uint64_t hash)
 {
+    rg_denials_note(&self->denials, hash, key, keylen, now);
     self->k.checks++;
     self->k.cached++;
     self->k.denied++;
@@ -971,7 +978,7 @@ engine_leased(EngineObject *self, const char *key, size_t keylen, SpecObject *sp
     /* Over the limit: the deny cache answers (see cache.h), with no take. */
     e = rg_cache_get(&self->cache, hash, sp->id, key, keylen, now);
     if (e != NULL)
-        return engine_cached(self, sp, e, now);
+        return engine_cached(self, sp, e, now, key, keylen, hash);
     /* l is still valid: no Python code since rg_lease_get */
     if (l != NULL && l->taking_ns <= now) { /* none in flight (or it can no longer answer) */
         refund = l->tokens; /* an expired lease's leftovers go back */
@@ -1018,7 +1025,7 @@ engine_submit(EngineObject *self, PyObject *const *args, Py_ssize_t nargs)
         const rg_cache_entry *e =
             rg_cache_get(&self->cache, hash, spec->spec->id, key, (size_t)keylen, now);
         if (e != NULL)
-            return engine_cached(self, spec->spec, e, now);
+            return engine_cached(self, spec->spec, e, now, key, (size_t)keylen, hash);
     }
     if (atomic_load_explicit(&self->eng.shards[(hash >> 40) % (uint64_t)self->eng.cfg.nshards].down,
                              memory_order_relaxed)) {
@@ -1240,7 +1247,7 @@ engine_stats(EngineObject *self, PyObject *unused)
                       "spins", atomic_load_explicit(&self->eng.spins, memory_order_relaxed),
                       "spin_hits",
                       atomic_load_explicit(&self->eng.spin_hits, memory_order_relaxed));
-    if (v == NULL || PyDict_Update(d, v) < 0) {
+    if (v == NULL || PyDict_Update(d, v) < 0 || rg_denials_into(d, &self->denials, RG_DENIALS_SHOWN, rg_now_ns()) < 0) {
         Py_XDECREF(v);
         Py_DECREF(d);
         return NULL;
@@ -1290,6 +1297,7 @@ engine_dealloc(EngineObject *self)
     Py_CLEAR(self->ports);
     rg_cache_free(&self->cache);
     rg_lease_free(&self->lease);
+    rg_denials_free(&self->denials);
     rg_engine_free_cfg(&self->eng.cfg);
     if (self->err_mu_ready)
         pthread_mutex_destroy(&self->eng.err_mu);
@@ -1343,6 +1351,7 @@ typedef struct {
     PyObject *module;
     rg_memstore mem;
     rg_counters k;
+    rg_denials denials;
     int failure_open;
     int closed;
 } MemoryEngineObject;
@@ -1393,15 +1402,19 @@ mem_submit(MemoryEngineObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t keylen, sidlen;
     SpecObject *spec;
     long long cost;
+    uint64_t now;
     rg_result r;
 
     if (rg_parse_submit(self->st, args, nargs, &key, &keylen, &spec, &cost) < 0 ||
         rg_parse_sid(spec, args, nargs, &sid, &sidlen) < 0 || mem_ready(self) < 0)
         return NULL;
     self->k.checks++;
+    now = rg_now_ns();
     if (rg_memstore_op(&self->mem, RG_OP_HIT, spec->spec, key, (size_t)keylen, sid,
-                       (size_t)sidlen, cost, rg_now_ns(), &r) < 0)
+                       (size_t)sidlen, cost, now, &r) < 0)
         return rg_failure(self->st, &self->k, spec->spec, self->failure_open, RG_ERR_OVERLOADED);
+    if (!r.allowed)
+        rg_denials_note(&self->denials, rg_hash(key, (size_t)keylen), key, (size_t)keylen, now);
     return rg_answer(self->st, &self->k, spec->spec, &r, cost);
 }
 
@@ -1476,7 +1489,7 @@ mem_stats(MemoryEngineObject *self, PyObject *unused)
     v = Py_BuildValue("{sisisOsOsnsi}", "in_flight", 0, "reconnects", 0, "connected", Py_True,
                       "last_error", Py_None, "keys", (Py_ssize_t)rg_memstore_size(&self->mem),
                       "threads", 0);
-    if (v == NULL || PyDict_Update(d, v) < 0) {
+    if (v == NULL || PyDict_Update(d, v) < 0 || rg_denials_into(d, &self->denials, RG_DENIALS_SHOWN, rg_now_ns()) < 0) {
         Py_XDECREF(v);
         Py_DECREF(d);
         return NULL;
@@ -1490,6 +1503,7 @@ mem_dealloc(MemoryEngineObject *self)
 {
     PyTypeObject *tp = Py_TYPE(self);
     rg_memstore_free(&self->mem);
+    rg_denials_free(&self->denials);
     Py_CLEAR(self->module);
     tp->tp_free((PyObject *)self);
     Py_DECREF(tp);

@@ -18,7 +18,7 @@ pytestmark = needs_source
 CSRC = ROOT / "csrc"
 LOOP_THREAD_FILES = ["engine.c", "engine.h", "conn.c", "conn.h", "topology.c", "topology.h", "batch.c", "batch.h", "port.c", "port.h",
                      "check.c", "check.h", "gcra.c", "gcra.h", "cache.c", "cache.h", "lease.c", "lease.h",
-                     "memstore.c", "memstore.h", "script.c", "script.h"]
+                     "memstore.c", "memstore.h", "script.c", "script.h", "topk.c", "topk.h"]
 
 
 def _code(path: Path) -> str:
