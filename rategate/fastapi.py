@@ -80,7 +80,9 @@ class RateLimit:
     ``"x-ratelimit"`` or ``None``.  ``name``: share one counter between the
     routes that give the same name (default: the route's method and template).
     ``shadow``: count and log, never raise.  ``metrics``: a
-    :class:`rategate.metrics.PrometheusMetrics`, or None.  Decisions are
+    :class:`rategate.metrics.PrometheusMetrics`, or None.  ``denial_log``:
+    as the middleware's (True: enforced denials to the logger
+    ``rategate.denials``, rate-limited; False: not logged).  Decisions are
     counted in ``limiter.stats()["rules"]`` (and ``metrics``) under the label
     ``"dep:<name>"``, the name being the route's method and template unless
     given.
@@ -124,9 +126,12 @@ class RateLimit:
         concurrency_ttl: float = 60.0,
         charge: bool = False,
         lease: bool | None = None,
+        denial_log: Any = True,
     ) -> None:
+        from .denials import denial_log_option
         from .limiter import as_limiter
 
+        self._denial_log = denial_log_option(denial_log, "RateLimit")
         limiter = as_limiter(limiter, "RateLimit")
         if not isinstance(charge, bool):
             raise TypeError(f"RateLimit: charge must be True or False, got {charge!r}")
@@ -154,6 +159,7 @@ class RateLimit:
         self.limiter = limiter
         self.limits = limits
         self.key = _check_key(key, "RateLimit") or client_ip()
+        self._redact = getattr(self.key, "redact", None)
         self.cost = _check_cost(cost, "RateLimit")
         self.name = name
         self.shadow = shadow
@@ -207,6 +213,8 @@ class RateLimit:
         else:
             hdrs = make_headers(self._header_style, self.rates, name, self.concurrency)
         counts = counts_for(self.limiter, "dep:" + name)
+        if self._redact is not None and hasattr(self.limiter, "_redact_keys"):
+            self.limiter._redact_keys(esc, self._redact)
         if self.metrics is not None:
             self.metrics.attach(counts)
         return (esc + "|", (esc + "|").encode("utf-8", "surrogatepass"),
@@ -272,6 +280,8 @@ class RateLimit:
             if h is not None and err is None:  # a failure in "open" mode knows no counts
                 response.raw_headers.extend(h.render(d))
             return k, spec, d, cost, sid
+        if self._denial_log is not None and err is None:
+            self._denial_log.note(p[6].name, k, scope.get("path", ""), d.retry_after, self._redact)
         pairs = h.render_denied(d) if h is not None else retry_after_header(d)
         raise HTTPException(
             status_code=429,

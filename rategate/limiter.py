@@ -490,6 +490,9 @@ class Limiter:
         # Per-rule decision counts of the middlewares and dependencies using
         # this limiter (rategate.counts), by rule label; in stats()["rules"].
         self._rule_counts: Dict[str, RuleCounts] = {}
+        # escaped rule name -> its key function's redact (rategate.denials):
+        # how stats()["top_denied"] shows that rule's clients.
+        self._redacts: Dict[str, Any] = {}
         self._closed = False
         if cfg["kind"] == "memory":
             self._engine: Any = _core.MemoryEngine(failure_mode == "open")
@@ -682,11 +685,31 @@ class Limiter:
         """Counters: checks, allowed, denied, cached_denials, leased (allowed from a lease, with no
         round trip), errors by kind, in_flight, reconnects,
         connected; ``slots_held``: concurrency slots this process holds now; and ``rules``: per rule label, the decisions of the middlewares and FastAPI
-        dependencies using this limiter, by outcome (see :mod:`rategate.counts`)."""
+        dependencies using this limiter, by outcome (see :mod:`rategate.counts`).
+
+        The denial summary of this process (csrc/topk.h): ``top_denied``, the
+        16 keys denied most since the process started (Space-Saving over 64
+        counters: a key denied more than 1/64 of all denials is always
+        there), most first, each ``{"rule", "client", "denials",
+        "overcount"}`` (``denials`` over-counts by at most ``overcount``; a
+        secret key shown as its key function's ``redact`` says, see
+        :mod:`rategate.denials`); ``denials_summarized``, the denials fed to
+        it; ``denied_clients_1m``, an estimate (HyperLogLog, about 3 %) of the
+        distinct clients denied in the last minute."""
         stats: Dict[str, Any] = self._engine.stats()
+        if "top_denied" in stats:
+            from .denials import describe_top
+
+            stats["top_denied"] = describe_top(stats["top_denied"], self._redacts)
         stats["slots_held"] = self._slots_held
         stats["rules"] = {name: c.as_dict() for name, c in list(self._rule_counts.items())}
         return stats
+
+    def _redact_keys(self, escaped_rule: str, redact: Any) -> None:
+        """Show the clients of rule ``escaped_rule`` (its name as in the
+        store key) through ``redact`` in stats()["top_denied"]."""
+        if len(self._redacts) < MAX_RULE_LABELS:
+            self._redacts[escaped_rule] = redact
 
     def rule_counts(self, name: str) -> RuleCounts:
         """The decision counts of rule label ``name`` (created on first use), shared by every

@@ -49,6 +49,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Union
 
 from .counts import RuleCounts, counts_for
+from .denials import denial_log_option
 from .headers import RateLimitHeaders, make_headers, retry_after_header
 from .keys import MAX_KEY_LENGTH, client_ip, key_digest
 from .limiter import new_slot_id
@@ -345,7 +346,7 @@ class Rule:
     __slots__ = ("path", "regex", "limits", "methods", "key", "cost", "name", "spec", "headers",
                  "sprefix", "bprefix", "shprefix", "bhprefix", "rates", "dynamic", "counts",
                  "ws_limits", "ws_action", "ws_rule", "concurrency", "concurrency_ttl", "charge",
-                 "lease")
+                 "lease", "redact")
 
     def __init__(
         self,
@@ -417,6 +418,7 @@ class Rule:
         self.dynamic: DynamicLimits | None = None  # set when limits is a callable
         self.counts: RuleCounts | None = None
         self.ws_rule: Rule | None = None  # the rule of its WebSocket messages
+        self.redact: Any = None  # the key function's redact (rategate.denials), if any
 
     def __repr__(self) -> str:
         p = f"re.compile({self.regex.pattern!r})" if self.regex is not None else repr(self.path)
@@ -528,7 +530,10 @@ class RateLimitMiddleware:
     :class:`rategate.metrics.PrometheusMetrics`, or None), ``charge``
     (default False: after each response, charge the actual cost the app
     reported with :func:`set_cost` to the rule's rates; per rule with
-    ``Rule(charge=...)``).
+    ``Rule(charge=...)``), ``denial_log`` (True, the default: enforced
+    denials go to the logger ``rategate.denials``, rate-limited, through the
+    process's :data:`rategate.denials.DEFAULT`; False: not logged; or a
+    :class:`rategate.denials.DenialLog`).
 
     Every decision is counted per rule in ``limiter.stats()["rules"]`` (and
     in ``metrics``), labelled ``"<namespace>:<rule name>"`` (or the name
@@ -553,8 +558,10 @@ class RateLimitMiddleware:
         websocket_over_limit: str = "close",
         metrics: Any = None,
         charge: bool = False,
+        denial_log: Any = True,
     ) -> None:
         self.app = app
+        self._denial_log = denial_log_option(denial_log, "RateLimitMiddleware")
         if not isinstance(charge, bool):
             raise TypeError(f"charge must be True or False, got {charge!r}")
         self.charge = charge
@@ -663,6 +670,9 @@ class RateLimitMiddleware:
         r.set_prefixes(name)
         if r.key is None:
             r.key = self.key
+        r.redact = getattr(r.key, "redact", None)
+        if r.redact is not None and hasattr(self.limiter, "_redact_keys"):
+            self.limiter._redact_keys(name, r.redact)
         if r.cost is None:
             r.cost = self.cost
         if r.charge is None:
@@ -682,6 +692,8 @@ class RateLimitMiddleware:
             except ValueError as e:
                 raise ValueError(f"{where}: websocket_messages: {e}") from None
             m.set_prefixes(_WS_MESSAGES_PREFIX + name)
+            if r.redact is not None and hasattr(self.limiter, "_redact_keys"):
+                self.limiter._redact_keys(_WS_MESSAGES_PREFIX + name, r.redact)
 
     def _counts(self, label: str) -> RuleCounts:
         c = counts_for(self.limiter, label)
@@ -775,6 +787,8 @@ class RateLimitMiddleware:
                 if rule.charge:
                     self._charge_reported(rule, d, k, cost, scope)
             return
+        if self._denial_log is not None and d.error is None:
+            self._denial_log.note(rule.counts.name, k, scope["path"], d.retry_after, rule.redact)  # type: ignore[union-attr]
         await send({"type": "http.response.start", "status": 429, "headers": _denied_headers(rule, d)})
         await send({"type": "http.response.body", "body": DENIED_BODY})
 
@@ -899,6 +913,8 @@ class RateLimitMiddleware:
         # Denied.  Wait for the handshake request (websocket.connect), then
         # answer it with a 429 if the server can send HTTP responses for
         # WebSockets, else reject it (servers answer that with a 403).
+        if self._denial_log is not None and d.error is None:
+            self._denial_log.note(rule.counts.name, k, scope["path"], d.retry_after, rule.redact)  # type: ignore[union-attr]
         message = await receive()
         if message["type"] != "websocket.connect":
             return  # the client went away
@@ -928,6 +944,7 @@ class RateLimitMiddleware:
         submit, spec, decision, cached = self._submit, m.spec, self._Decision, self._sync_cached
         drop = m.ws_action == "drop"
         closed = False
+        denials, label, path = self._denial_log, m.counts.name, scope["path"]  # type: ignore[union-attr]
 
         async def receive_limited() -> Message:
             nonlocal closed
@@ -939,9 +956,12 @@ class RateLimitMiddleware:
                 if type(d) is decision:  # answered at once: no suspension
                     verdict = self._settle(m, mk, d, cached)
                 else:
-                    verdict = self._settle(m, mk, await d, False)
+                    d = await d
+                    verdict = self._settle(m, mk, d, False)
                 if verdict is not _DENY:
                     return message
+                if denials is not None and d.error is None:
+                    denials.note(label, mk, path, d.retry_after, m.redact)
                 if drop:
                     continue
                 closed = True
