@@ -118,15 +118,15 @@ item_increment(rg_topk *t, int16_t i)
     it->count = c + 1;
 }
 
+/* By hash and length (see topk.h): no byte comparison on the hot path. */
 static int16_t
-topk_find(const rg_topk *t, uint64_t hash, const char *key, size_t keylen)
+topk_find(const rg_topk *t, uint64_t hash, size_t keylen)
 {
     int16_t i = t->index[hash & (RG_TOPK_INDEX - 1)];
-    size_t kept = keylen < RG_TOPK_KEYMAX ? keylen : RG_TOPK_KEYMAX;
 
     while (i >= 0) {
         const rg_topk_item *it = &t->items[i];
-        if (it->hash == hash && it->keylen == keylen && memcmp(it->key, key, kept) == 0)
+        if (it->hash == hash && it->keylen == keylen)
             return i;
         i = it->chain;
     }
@@ -157,15 +157,17 @@ item_set_key(rg_topk *t, int16_t i, uint64_t hash, const char *key, size_t keyle
     *head = i;
 }
 
-static void
-topk_add(rg_topk *t, uint64_t hash, const char *key, size_t keylen)
+/* Count a denial of key; returns its counter. */
+static rg_topk_item *
+topk_add(rg_topk *t, uint64_t hash, const char *key, size_t keylen, int *is_new)
 {
-    int16_t i = topk_find(t, hash, key, keylen);
+    int16_t i = topk_find(t, hash, keylen);
 
     t->total++;
+    *is_new = i < 0;
     if (i >= 0) {
         item_increment(t, i);
-        return;
+        return &t->items[i];
     }
     if (t->used < RG_TOPK_K) {
         i = t->used++;
@@ -175,7 +177,7 @@ topk_add(rg_topk *t, uint64_t hash, const char *key, size_t keylen)
         if (t->min < 0 || t->buckets[t->min].count != 1)
             bucket_new(t, 1, -1);
         item_append(t, t->min, i);
-        return;
+        return &t->items[i];
     }
     /* Full: the oldest counter of the least count c takes the new key, at
      * c + 1 with an error of c. */
@@ -184,6 +186,7 @@ topk_add(rg_topk *t, uint64_t hash, const char *key, size_t keylen)
     item_set_key(t, i, hash, key, keylen);
     t->items[i].error = t->buckets[t->min].count;
     item_increment(t, i);
+    return &t->items[i];
 }
 
 /* ---- distinct clients: a ring of HyperLogLogs ------------------------------ */
@@ -205,13 +208,11 @@ rg_client_hash(const char *key, size_t keylen)
     return h;
 }
 
-#define SLOT_NS ((uint64_t)RG_HLL_SLOT_S * 1000000000ULL)
 #define NREG (1u << RG_HLL_P)
 
 static void
-hll_add(rg_hll_ring *r, uint64_t h, uint64_t now_ns)
+hll_add(rg_hll_ring *r, uint64_t h, uint64_t epoch)
 {
-    uint64_t epoch = now_ns / SLOT_NS;
     size_t s = (size_t)(epoch % RG_HLL_SLOTS);
     uint32_t idx = (uint32_t)(h >> (64 - RG_HLL_P));
     /* the rank of the first 1 bit after the index bits (a guard bit bounds it) */
@@ -228,7 +229,7 @@ hll_add(rg_hll_ring *r, uint64_t h, uint64_t now_ns)
 static uint64_t
 hll_estimate(const rg_hll_ring *r, uint64_t now_ns)
 {
-    uint64_t cur = now_ns / SLOT_NS;
+    uint64_t cur = now_ns >> RG_HLL_SLOT_SHIFT;
     int live[RG_HLL_SLOTS], n = 0, s;
     double m = (double)NREG, sum = 0.0, e;
     uint32_t j, zeros = 0;
@@ -272,8 +273,9 @@ client_part(const char *key, size_t keylen, const char **out, size_t *outlen)
 void
 rg_denials_note(rg_denials *d, uint64_t hash, const char *key, size_t keylen, uint64_t now_ns)
 {
-    const char *client;
-    size_t clientlen;
+    uint64_t epoch = now_ns >> RG_HLL_SLOT_SHIFT;
+    rg_topk_item *it;
+    int is_new;
 
     if (d->top == NULL) {
         if (d->off)
@@ -287,9 +289,17 @@ rg_denials_note(rg_denials *d, uint64_t hash, const char *key, size_t keylen, ui
         }
         topk_init(d->top);
     }
-    topk_add(d->top, hash, key, keylen);
-    client_part(key, keylen, &client, &clientlen);
-    hll_add(d->recent, rg_client_hash(client, clientlen), now_ns);
+    it = topk_add(d->top, hash, key, keylen, &is_new);
+    if (is_new) {
+        const char *client;
+        size_t clientlen;
+        client_part(key, keylen, &client, &clientlen);
+        it->client_hash = rg_client_hash(client, clientlen);
+    } else if (it->epoch == epoch) {
+        return; /* its client is in this slot's registers already */
+    }
+    it->epoch = epoch;
+    hll_add(d->recent, it->client_hash, epoch);
 }
 
 size_t

@@ -14,13 +14,18 @@
  * error, and any key denied more than N / RG_TOPK_K times out of N denials
  * is in the summary.  The counters sit in buckets of equal count, kept in
  * ascending order, so an increment moves a counter to the next bucket: no
- * search, no allocation.  Keys longer than RG_TOPK_KEYMAX are kept by their
- * first RG_TOPK_KEYMAX bytes, their length and their hash.
+ * search, no allocation.  A key is known by its 64-bit hash and its length
+ * (the caller's hash, seeded per process: two keys taken for one is a
+ * 2^-64 chance, and cannot be aimed at); its first RG_TOPK_KEYMAX bytes are
+ * kept to show it.
  *
  * Distinct clients: a HyperLogLog (Flajolet et al. 2007) of 2^RG_HLL_P
- * one-byte registers per RG_HLL_SLOT_S seconds, RG_HLL_SLOTS of them in a
- * ring; the estimate is the union of the slots of the last minute (the
- * current one and those before it: between 55 and 60 s).  Standard error
+ * one-byte registers per 2^RG_HLL_SLOT_SHIFT ns (4.3 s), RG_HLL_SLOTS of
+ * them in a ring; the estimate is the union of the slots of the last
+ * minute (the current one and those before it: between 55.8 and 60.1 s).
+ * A key counted in the top keys remembers its client's hash and the slot it
+ * last reached, so a flood from one client costs the estimate nothing after
+ * its first denial in each slot.  Standard error
  * about 1.04 / sqrt(2^RG_HLL_P) (3.3 %), and exact-ish below a few hundred
  * (linear counting).  A client is the part of the key after the first '|'
  * or '#' (rategate/admin.py: a middleware key is "<rule>|<client>" or
@@ -29,7 +34,7 @@
  * client denied under two rules counts once.
  *
  * Memory: nothing until the first denial, then about 21 KiB for the top keys
- * and 12 KiB for the estimate, per engine, whatever the flood.  Plain C,
+ * and 14 KiB for the estimate, per engine, whatever the flood.  Plain C,
  * no Python.h: used only with the GIL held (where decisions are made), so it
  * has no lock.  A failed allocation leaves the summary off (it is
  * statistics, never a reason to fail a check).
@@ -45,13 +50,15 @@
 #define RG_TOPK_INDEX 128   /* hash chains (power of two, >= 2 * K) */
 
 #define RG_HLL_P 10
-#define RG_HLL_SLOTS 12
-#define RG_HLL_SLOT_S 5
+#define RG_HLL_SLOTS 14
+#define RG_HLL_SLOT_SHIFT 32 /* a slot is 2^32 ns, 4.3 s: 14 of them, 60.1 s */
 
 typedef struct rg_topk_item {
     uint64_t hash;
     uint64_t count; /* an over-estimate: the true count is in [count - error, count] */
     uint64_t error;
+    uint64_t client_hash; /* rg_client_hash of its client */
+    uint64_t epoch;       /* the last slot its client was added to the estimate */
     int16_t bucket;       /* the bucket holding it; -1: unused */
     int16_t prev, next;   /* within its bucket, oldest first */
     int16_t chain;        /* next in its hash chain */
@@ -76,7 +83,7 @@ typedef struct rg_topk {
 } rg_topk;
 
 typedef struct rg_hll_ring {
-    uint64_t epoch[RG_HLL_SLOTS]; /* now / RG_HLL_SLOT_S of the slot's registers */
+    uint64_t epoch[RG_HLL_SLOTS]; /* now >> RG_HLL_SLOT_SHIFT of the slot's registers */
     uint8_t reg[RG_HLL_SLOTS][1u << RG_HLL_P];
 } rg_hll_ring;
 

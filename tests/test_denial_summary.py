@@ -25,8 +25,8 @@ from rategate import _core
 K = 64
 KEYMAX = 256
 HLL_P = 10
-SLOTS = 12
-SLOT_NS = 5 * 10**9
+SLOTS = 14
+SLOT_SHIFT = 32
 M64 = (1 << 64) - 1
 
 
@@ -85,7 +85,7 @@ def hll_estimate(keys: list[bytes], times: list[int], now: int) -> int:
     regs = [[0] * m for _ in range(SLOTS)]
     for key, t in zip(keys, times):
         h = client_hash(client_part(key))
-        epoch = t // SLOT_NS
+        epoch = t >> SLOT_SHIFT
         s = epoch % SLOTS
         if epochs[s] != epoch:
             regs[s] = [0] * m
@@ -94,7 +94,7 @@ def hll_estimate(keys: list[bytes], times: list[int], now: int) -> int:
         w = ((h << HLL_P) & M64) | (1 << (HLL_P - 1))
         rho = 64 - w.bit_length() + 1
         regs[s][idx] = max(regs[s][idx], rho)
-    cur = now // SLOT_NS
+    cur = now >> SLOT_SHIFT
     live = [s for s in range(SLOTS) if epochs[s] <= cur and cur - epochs[s] < SLOTS]
     total = 0.0
     zeros = 0
