@@ -4,6 +4,7 @@ from ._core import Decision, Spec
 from .headers import RateLimitHeaders
 from .keys import client_ip, header
 from .limiter import ConcurrencyLimitExceeded, Limiter, Slot
+from .live import LiveLimits
 from .middleware import RateLimitMiddleware, Rule, set_cost
 from .rates import Rate, parse_rates
 
@@ -13,6 +14,7 @@ __all__ = [
     "ConcurrencyLimitExceeded",
     "Decision",
     "Limiter",
+    "LiveLimits",
     "Rate",
     "RateLimitHeaders",
     "RateLimitMiddleware",
