@@ -1,5 +1,7 @@
 """rategate: rate limiting for ASGI apps, with a C core that checks GCRA limits in Redis off the event loop."""
 
+from typing import TYPE_CHECKING
+
 from ._core import Decision, Spec
 from .headers import RateLimitHeaders
 from .keys import client_ip, header
@@ -9,7 +11,10 @@ from .middleware import RateLimitMiddleware, Rule, set_cost
 from .rates import Rate, parse_rates
 
 # RateLimit (the FastAPI dependency) is left out of __all__ and imported on
-# first use, so Starlette-only users need not install FastAPI.
+# first use, so Starlette-only users need not install FastAPI (type checkers
+# see it as it is).
+if TYPE_CHECKING:  # pragma: no cover
+    from .fastapi import RateLimit as RateLimit
 __all__ = [
     "ConcurrencyLimitExceeded",
     "Decision",

@@ -14,21 +14,34 @@ class Decision:
     """The answer to one check (immutable)."""
 
     @property
-    def allowed(self) -> bool: ...
+    def allowed(self) -> bool:
+        """Whether the check was allowed (its cost consumed)."""
     @property
-    def limit(self) -> int: ...
+    def limit(self) -> int:
+        """The bucket size (burst) of the reported rate: with several rates,
+        the one closest to its limit."""
     @property
-    def remaining(self) -> int: ...
+    def remaining(self) -> int:
+        """Tokens left in that rate's bucket after this check."""
     @property
-    def reset_after(self) -> float: ...
+    def reset_after(self) -> float:
+        """Seconds until that bucket is full again."""
     @property
-    def retry_after(self) -> float: ...
+    def retry_after(self) -> float:
+        """0 when allowed; else seconds until this cost would be allowed
+        (``math.inf``: never, the cost is larger than the bucket)."""
     @property
-    def error(self) -> Optional[str]: ...
+    def error(self) -> Optional[str]:
+        """None, or why the failure mode decided: ``"timeout"``,
+        ``"unavailable"``, ``"overloaded"``, ``"closed"``, ``"redis_error"``."""
     @property
-    def rate(self) -> int: ...
+    def rate(self) -> int:
+        """The index of the reported rate in the spec's rates (the number
+        of rates: the concurrency limit)."""
     @property
-    def latency(self) -> Optional[float]: ...
+    def latency(self) -> Optional[float]:
+        """Seconds from submit to decision, stamped on the loop thread; None
+        when answered at once (the deny cache, memory://, the failure mode)."""
     def __new__(
         cls,
         allowed: bool,
@@ -45,13 +58,17 @@ class Spec:
     """A compiled tuple of rates."""
 
     @property
-    def rates(self) -> Tuple[Rate, ...]: ...
+    def rates(self) -> Tuple[Rate, ...]:
+        """The rates, decided together (a denial by any consumes from none)."""
     @property
-    def concurrency(self) -> int: ...
+    def concurrency(self) -> int:
+        """At most this many holders of a key at once (0: no such limit)."""
     @property
-    def ttl(self) -> float: ...
+    def ttl(self) -> float:
+        """Seconds a concurrency slot lives if its holder dies."""
     @property
-    def lease(self) -> bool: ...
+    def lease(self) -> bool:
+        """Whether checks of cost 1 are answered from leased tokens."""
     def __new__(cls, rates: Tuple[Rate, ...], /, *, concurrency: int = 0, ttl: float = 60.0,
                 lease: bool = False) -> "Spec": ...
 
