@@ -408,15 +408,16 @@ async def reset(limiter: Any, args: argparse.Namespace, url: str) -> tuple[int, 
 
 
 async def blocked(limiter: Any, args: argparse.Namespace, url: str) -> tuple[int, dict[str, Any], list[str]]:
-    found, complete = await limiter.blocked(rule=args.rule, namespace=args.namespace, limit=args.limit,
-                                            budget=args.budget)
+    from .buckets import blocked as find_blocked
+
+    notes: list[str] = []
+    found, complete = await find_blocked(limiter, args.rule, args.namespace, args.limit, args.budget, notes)
     docs = [_bucket_doc(b) for b in found]
-    lines = [f"{d['rule']:<24} {d['client']:<40} {d['rate']:<14} retry after {d['retry_after']:.2f} s"
+    lines = [f"{d['rule'] or '-':<24} {d['client']:<40} {d['rate']:<14} retry after {d['retry_after']:.2f} s"
              for d in docs] or ["no client is over a limit"]
     if not complete:
-        lines.append(f"PARTIAL: stopped early ({getattr(limiter, '_last_scan_note', '') or 'time budget'}); "
-                     "there may be more")
-    doc = {"ok": True, "complete": complete, "blocked": docs}
+        lines.append(f"PARTIAL: stopped early ({'; '.join(notes)}); there may be more")
+    doc = {"ok": True, "complete": complete, "blocked": docs, "notes": notes}
     return (EXIT_OK if complete else EXIT_PARTIAL), doc, lines
 
 

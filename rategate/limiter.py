@@ -705,6 +705,34 @@ class Limiter:
         stats["rules"] = {name: c.as_dict() for name, c in list(self._rule_counts.items())}
         return stats
 
+    async def buckets(self, client: Union[str, bytes], *, rule: Optional[str] = None,
+                      namespace: Optional[str] = None) -> List[Any]:
+        """The buckets of ``client`` (the key the key function returns: an IP
+        address, ``x-api-key=<value>``) under every rule, or ``rule`` (its name
+        or label, as ``reset_client`` takes it), across every process sharing
+        the store: a list of :class:`rategate.buckets.Bucket` (rule, rate,
+        tokens left now, time to full, retry-after; concurrency slots held).
+        A client with full buckets has none (a full bucket leaves nothing in
+        the store).  Redis: found with ``SCAN`` (never ``KEYS``) on every
+        master, O(keys in the store); memory:// and shm://: the engine's
+        table.  ``ConnectionError`` when the store cannot be reached."""
+        from .buckets import buckets
+
+        return await buckets(self, client, rule, namespace)
+
+    async def blocked(self, *, rule: Optional[str] = None, namespace: Optional[str] = None,
+                      limit: int = 100, budget: float = 10.0) -> Tuple[List[Any], bool]:
+        """The clients over a limit right now (a request of cost 1 would be
+        denied), across every process sharing the store, most blocked (the
+        longest retry-after) first, at most ``limit``: ``(buckets,
+        complete)``.  Redis: ``SCAN`` with the key prefix (of ``rule``, or of
+        ``namespace``'s rules) on every master, never ``KEYS``; it stops after
+        ``budget`` seconds, or when a master cannot be scanned, with
+        ``complete`` False."""
+        from .buckets import blocked
+
+        return await blocked(self, rule, namespace, limit, budget)
+
     def _redact_keys(self, escaped_rule: str, redact: Any) -> None:
         """Show the clients of rule ``escaped_rule`` (its name as in the
         store key) through ``redact`` in stats()["top_denied"]."""
