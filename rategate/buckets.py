@@ -120,8 +120,8 @@ async def _read_page(limiter: Any, page: list[bytes]) -> list[Bucket]:
     """The Buckets of one SCAN page (keys of one node): their values against
     that node's clock, every read pipelined."""
     engine = limiter._engine
-    parsed = [(k, admin.parse_redis_key(k)) for k in page]
-    parsed = [(k, p) for k, p in parsed if p is not None]
+    parsed: list[tuple[bytes, tuple[bytes, bytes]]] = [
+        (k, p) for k in page if (p := admin.parse_redis_key(k)) is not None]
     if not parsed:
         return []
     sec, usec = await engine.command([b"TIME"], key=parsed[0][0])
