@@ -26,7 +26,7 @@ import asyncio
 import heapq
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any, Optional, Union
 
 from . import admin
@@ -59,9 +59,11 @@ class Bucket:
     time_to_full: float = 0.0
     retry_after: float = 0.0
     slots: int = 0
+    raw_key: bytes = field(default=b"", repr=False, compare=False)  # the key as bytes (key is its text)
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields as plain data (what ``rategate --json`` prints)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "raw_key"}
 
 
 def _text(b: Union[str, bytes]) -> str:
@@ -86,21 +88,23 @@ def _bucket(store_key: bytes, key_id: bytes, value: float, redis_key: bytes) -> 
         part, hashed, who = split
         rule, client = _label(part), ("#" if hashed else "") + _text(who)
     if key_id == admin.CONCURRENCY_ID:
-        return Bucket(rule, client, None, _text(redis_key), kind="concurrency", slots=int(value))
+        return Bucket(rule, client, None, _text(redis_key), kind="concurrency", slots=int(value),
+                      raw_key=redis_key)
     rate = admin.rate_of(key_id)
     if rate is None:
         return None
-    return _rate_bucket(rule, client, rate, _text(redis_key), max(0.0, value))
+    return _rate_bucket(rule, client, rate, redis_key, max(0.0, value))
 
 
-def _rate_bucket(rule: Optional[str], client: str, rate: Rate, key: str, x: float) -> Bucket:
+def _rate_bucket(rule: Optional[str], client: str, rate: Rate, key: bytes, x: float) -> Bucket:
     burst = rate.burst if rate.burst is not None else rate.limit
     t = rate.period * 1e6 / rate.limit
     tau = burst * t
     slack = t / 2 if t < 2.0 else 1.0
     tokens = max(0, math.floor((tau - x + slack) / t))
     retry = math.ceil(x + t - tau) / 1e6 if x + t > tau + slack else 0.0
-    return Bucket(rule, client, str(rate), key, tokens=tokens, time_to_full=x / 1e6, retry_after=retry)
+    return Bucket(rule, client, str(rate), _text(key), tokens=tokens, time_to_full=x / 1e6, retry_after=retry,
+                  raw_key=key)
 
 
 # -- reading the store -----------------------------------------------------------------

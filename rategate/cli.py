@@ -377,34 +377,61 @@ async def ping(limiter: Any, args: argparse.Namespace, url: str) -> tuple[int, d
 
 
 def _bucket_doc(b: Any) -> dict[str, Any]:
+    if isinstance(b, (bytes, str)):
+        return {"key": b.decode("utf-8", "backslashreplace") if isinstance(b, bytes) else b}
     return b.as_dict() if hasattr(b, "as_dict") else dict(vars(b))
 
 
+def _cut(text: str, n: int = 60) -> str:
+    """A client key for a terminal line: long ones cut (--json has them whole)."""
+    return text if len(text) <= n else text[:n - 3] + "..."
+
+
 def _bucket_line(b: dict[str, Any]) -> str:
+    rule = b.get("rule") or "-"
     if b.get("kind") == "concurrency":
-        return f"{b['rule']:<24} {'concurrency':<14} slots held {b.get('slots', 0)}"
+        return f"{rule:<24} {'concurrency':<14} {b.get('slots', 0)} slots held (requests in flight)"
     ra = b.get("retry_after", 0.0)
-    state = f"BLOCKED, retry after {ra:.2f} s" if ra else "allowed"
-    return (f"{b['rule']:<24} {b['rate']:<14} {b.get('tokens', 0):>8} tokens left, full in "
+    state = f"BLOCKED, retry after {ra:.2f} s" if ra else "not blocked"
+    return (f"{rule:<24} {b['rate']:<14} {b.get('tokens', 0):>6} tokens left, full in "
             f"{b.get('time_to_full', 0.0):.2f} s, {state}")
 
 
 async def show(limiter: Any, args: argparse.Namespace, url: str) -> tuple[int, dict[str, Any], list[str]]:
     buckets = await limiter.buckets(args.client, rule=args.rule, namespace=args.namespace)
     docs = [_bucket_doc(b) for b in buckets]
-    lines = [_bucket_line(b) for b in docs] or [f"no buckets for client {args.client!r}"
-                                               + (f" under rule {args.rule!r}" if args.rule else "")
-                                               + " (a full bucket leaves nothing in the store)"]
+    head = [f"client {_cut(args.client)}: {len(docs)} bucket{'s' if len(docs) != 1 else ''}"
+            + (f" under rule {args.rule!r}" if args.rule else "")]
+    lines = head + [_bucket_line(b) for b in docs] if docs else [
+        f"no buckets for client {_cut(args.client)!r}" + (f" under rule {args.rule!r}" if args.rule else "")
+        + ": it is not limited now (a full bucket leaves nothing in the store)"]
     return EXIT_OK, {"ok": True, "client": args.client, "buckets": docs}, lines
 
 
 async def reset(limiter: Any, args: argparse.Namespace, url: str) -> tuple[int, dict[str, Any], list[str]]:
-    removed = await limiter.reset_client(args.client, rule=args.rule, namespace=args.namespace)
-    docs = [r if isinstance(r, (str, dict)) else _bucket_doc(r) for r in removed]
-    lines = [f"removed {d if isinstance(d, str) else d.get('key', d)}" for d in docs]
-    lines.append(f"{len(docs)} removed; processes with a deny cache see it within their deny_cache_ttl "
-                 "(1 s by default)" if docs else f"nothing to remove for client {args.client!r}")
-    return EXIT_OK, {"ok": True, "client": args.client, "removed": docs}, lines
+    """The client's buckets (Limiter.reset_client), then its concurrency slot
+    sets (Redis: DEL), so a client locked out by leaked slots is let in too."""
+    removed = [_bucket_doc(r)["key"] for r in
+               await limiter.reset_client(args.client, rule=args.rule, namespace=args.namespace)]
+    left = []
+    for b in await limiter.buckets(args.client, rule=args.rule, namespace=args.namespace):
+        if b.kind != "concurrency":
+            continue
+        if limiter.kind == "redis":
+            await limiter._engine.command([b"DEL", b.raw_key], key=b.raw_key)
+            removed.append(b.key)
+        else:
+            left.append(b.key)
+    lines = [f"removed {k}" for k in removed]
+    if removed:
+        lines.append(f"{len(removed)} removed: the client's next request is allowed (processes that cached "
+                     "its denial see this within their deny_cache_ttl, 1 s by default)")
+    else:
+        lines.append(f"nothing to remove for client {_cut(args.client)!r}: it is not limited now")
+    for k in left:
+        lines.append(f"left {k}: this store's slots are requests in flight; they are given back when "
+                     "those end, or expire after their ttl")
+    return EXIT_OK, {"ok": True, "client": args.client, "removed": removed, "left": left}, lines
 
 
 async def blocked(limiter: Any, args: argparse.Namespace, url: str) -> tuple[int, dict[str, Any], list[str]]:
@@ -413,8 +440,8 @@ async def blocked(limiter: Any, args: argparse.Namespace, url: str) -> tuple[int
     notes: list[str] = []
     found, complete = await find_blocked(limiter, args.rule, args.namespace, args.limit, args.budget, notes)
     docs = [_bucket_doc(b) for b in found]
-    lines = [f"{d['rule'] or '-':<24} {d['client']:<40} {d['rate']:<14} retry after {d['retry_after']:.2f} s"
-             for d in docs] or ["no client is over a limit"]
+    lines = [f"{d['rule'] or '-':<24} {_cut(d['client'], 40):<40} {d['rate']:<14} retry after "
+             f"{d['retry_after']:.2f} s" for d in docs] or ["no client is over a limit"]
     if not complete:
         lines.append(f"PARTIAL: stopped early ({'; '.join(notes)}); there may be more")
     doc = {"ok": True, "complete": complete, "blocked": docs, "notes": notes}
