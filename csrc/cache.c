@@ -19,7 +19,12 @@ rg_hash_seed(uint64_t seed)
 uint64_t
 rg_hash(const char *key, size_t len)
 {
-    uint64_t h = hash_seed;
+    return rg_hash_from(hash_seed, key, len);
+}
+
+uint64_t
+rg_hash_from(uint64_t h, const char *key, size_t len)
+{
     size_t i;
     for (i = 0; i < len; i++) {
         h ^= (unsigned char)key[i];

@@ -3,6 +3,8 @@
  */
 #include "topk.h"
 
+#include "cache.h"
+
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -194,18 +196,7 @@ topk_add(rg_topk *t, uint64_t hash, const char *key, size_t keylen, int *is_new)
 uint64_t
 rg_client_hash(const char *key, size_t keylen)
 {
-    uint64_t h = 0xcbf29ce484222325ULL;
-    size_t i;
-    for (i = 0; i < keylen; i++) {
-        h ^= (unsigned char)key[i];
-        h *= 0x100000001b3ULL;
-    }
-    h ^= h >> 30;
-    h *= 0xbf58476d1ce4e5b9ULL;
-    h ^= h >> 27;
-    h *= 0x94d049bb133111ebULL;
-    h ^= h >> 31;
-    return h;
+    return rg_hash_from(0xcbf29ce484222325ULL, key, keylen);
 }
 
 #define NREG (1u << RG_HLL_P)

@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from asgi_call import get, ok_app
 from redisserver import RedisServer, free_port
 from source_tree import HAVE_SOURCE, ROOT
 from test_uvicorn import Uvicorn
@@ -161,26 +162,6 @@ def test_ping_fails_with_the_cause(store: tuple[Store, Uvicorn]) -> None:
 
 
 # -- the Limiter methods, in process -------------------------------------------------
-async def ok_app(scope: Any, receive: Any, send: Any) -> None:
-    await send({"type": "http.response.start", "status": 200, "headers": []})
-    await send({"type": "http.response.body", "body": b"ok"})
-
-
-async def get(app: Any, ip: str, path: str = "/") -> int:
-    scope = {"type": "http", "method": "GET", "path": path, "raw_path": path.encode(), "root_path": "",
-             "query_string": b"", "headers": [], "client": (ip, 1), "server": ("t", 80), "scheme": "http",
-             "http_version": "1.1", "asgi": {"version": "3.0"}}
-    out: list[int] = []
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(m: dict[str, Any]) -> None:
-        if m["type"] == "http.response.start":
-            out.append(m["status"])
-
-    await app(scope, receive, send)
-    return out[0]
 
 
 @pytest.mark.parametrize("store_kind", ["memory", "redis"])

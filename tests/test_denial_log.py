@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 import pytest
+from asgi_call import get, ok_app
 
 import rategate
 from rategate.denials import DenialLog, client_of, hashed
@@ -131,27 +132,6 @@ def test_options_are_checked() -> None:
 
 
 # -- through the middleware ----------------------------------------------------------
-async def ok_app(scope: Any, receive: Any, send: Any) -> None:
-    await send({"type": "http.response.start", "status": 200, "headers": []})
-    await send({"type": "http.response.body", "body": b"ok"})
-
-
-async def request(app: Any, ip: str, path: str = "/", headers: list[tuple[bytes, bytes]] | None = None) -> int:
-    """One HTTP request through the ASGI app; its status."""
-    scope = {"type": "http", "method": "GET", "path": path, "raw_path": path.encode(), "root_path": "",
-             "query_string": b"", "headers": headers or [], "client": (ip, 1234), "server": ("t", 80),
-             "scheme": "http", "http_version": "1.1", "asgi": {"version": "3.0"}}
-    status: list[int] = []
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(m: dict[str, Any]) -> None:
-        if m["type"] == "http.response.start":
-            status.append(m["status"])
-
-    await app(scope, receive, send)
-    return status[0]
 
 
 @pytest.mark.parametrize("store", ["memory", "redis"])
@@ -168,11 +148,11 @@ async def test_a_flood_from_10000_clients(store: str, request_fixture: Any, make
     statuses = []
     for i in range(10_000):
         ip = f"198.51.{i // 256}.{i % 256}"
-        statuses += [await request(mw, ip), await request(mw, ip)]  # allowed, then denied
+        statuses += [await get(mw, ip), await get(mw, ip)]  # allowed, then denied
         if i % 100 == 0:
             for n, h in enumerate(heavy):
                 for _ in range(3 * (n + 1)):
-                    await request(mw, h)
+                    await get(mw, h)
     elapsed = time.monotonic() - t0
     assert statuses.count(429) == 10_000
     n = len(lines(caplog))
@@ -222,12 +202,12 @@ async def test_off_per_middleware_and_not_for_shadow_or_failures(make_limiter: A
     lim = make_limiter("memory://")
     off = rategate.RateLimitMiddleware(ok_app, limiter=lim, limits="1/minute", denial_log=False)
     shadow = rategate.RateLimitMiddleware(ok_app, limiter=lim, limits="1/minute", shadow=True, namespace="s")
-    assert [await request(off, "10.1.1.1") for _ in range(3)] == [200, 429, 429]
-    assert [await request(shadow, "10.1.1.1") for _ in range(3)] == [200, 200, 200]
+    assert [await get(off, "10.1.1.1") for _ in range(3)] == [200, 429, 429]
+    assert [await get(shadow, "10.1.1.1") for _ in range(3)] == [200, 200, 200]
     own_redis.stop()
     down = rategate.RateLimitMiddleware(ok_app, limiter=make_limiter(own_redis.url, connect_timeout=0.2),
                                         limits="1/minute", namespace="d")
-    assert await request(down, "10.1.1.1") == 429  # the failure mode, not a denial of the client
+    assert await get(down, "10.1.1.1") == 429  # the failure mode, not a denial of the client
     assert lines(caplog) == []
 
 
@@ -242,7 +222,7 @@ async def test_the_gauge_of_clients_denied_in_the_last_minute(make_limiter: Any)
     mw = rategate.RateLimitMiddleware(ok_app, limiter=lim, limits="1/minute", metrics=m, denial_log=False)
     for i in range(30):
         for _ in range(2 if i % 3 else 5):
-            await request(mw, f"203.0.113.{i}")
+            await get(mw, f"203.0.113.{i}")
     m.refresh()
     assert reg.get_sample_value("rategate_denied_clients_last_minute") == 30
     body, _ = m.render()

@@ -14,6 +14,7 @@ import os
 from typing import Any
 
 import pytest
+from asgi_call import get, ok_app
 
 import rategate
 from rategate import _core
@@ -33,28 +34,6 @@ def write(path: Any, text: str) -> None:
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
-
-
-async def ok_app(scope: Any, receive: Any, send: Any) -> None:
-    await send({"type": "http.response.start", "status": 200, "headers": []})
-    await send({"type": "http.response.body", "body": b"ok"})
-
-
-async def get(app: Any, path: str = "/", ip: str = "203.0.113.5") -> int:
-    scope = {"type": "http", "method": "GET", "path": path, "raw_path": path.encode(), "root_path": "",
-             "query_string": b"", "headers": [], "client": (ip, 1), "server": ("t", 80), "scheme": "http",
-             "http_version": "1.1", "asgi": {"version": "3.0"}}
-    out: list[int] = []
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(m: dict[str, Any]) -> None:
-        if m["type"] == "http.response.start":
-            out.append(m["status"])
-
-    await app(scope, receive, send)
-    return out[0]
 
 
 def test_a_file_is_read_again_when_it_changes(tmp_path: Any) -> None:
@@ -129,16 +108,16 @@ async def test_a_new_rate_is_a_new_full_bucket(store: str, tmp_path: Any, make_l
     live = rategate.LiveLimits.from_file(path, clock=clock)
     mw = rategate.RateLimitMiddleware(ok_app, limiter=make_limiter(url, timeout=1.0),
                                       limits=live.rule("default"), denial_log=False)
-    assert [await get(mw) for _ in range(3)] == [200, 200, 429]
+    assert [await get(mw, "203.0.113.5") for _ in range(3)] == [200, 200, 429]
     write(path, 'default = "3/minute"\n')
     clock.t += 1.0
-    assert [await get(mw) for _ in range(4)] == [200, 200, 200, 429]
+    assert [await get(mw, "203.0.113.5") for _ in range(4)] == [200, 200, 200, 429]
     write(path, 'default = "2/minute"\n')
     clock.t += 1.0
-    assert await get(mw) == 429  # the 2/minute bucket is still empty
+    assert await get(mw, "203.0.113.5") == 429  # the 2/minute bucket is still empty
     write(path, 'default = "none"\n')
     clock.t += 1.0
-    assert [await get(mw) for _ in range(5)] == [200] * 5  # not limited
+    assert [await get(mw, "203.0.113.5") for _ in range(5)] == [200] * 5  # not limited
 
 
 needs_command = pytest.mark.skipif(not hasattr(_core.Engine, "command"),
