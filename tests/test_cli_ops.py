@@ -164,7 +164,10 @@ def test_ping_fails_with_the_cause(store: tuple[Store, Uvicorn]) -> None:
 # -- the Limiter methods, in process -------------------------------------------------
 
 
-@pytest.mark.parametrize("store_kind", ["memory", "redis"])
+@pytest.mark.parametrize("store_kind", [
+    pytest.param("memory", marks=pytest.mark.skipif(not hasattr(rategate._core.MemoryEngine, "entries"),
+                                                    reason="MemoryEngine.entries() (Seam 2) has not landed")),
+    "redis"])
 async def test_the_limiter_methods(store_kind: str, make_limiter: Any, request: pytest.FixtureRequest) -> None:
     url = "memory://" if store_kind == "memory" else request.getfixturevalue("redis_url")
     lim = make_limiter(url, timeout=2.0)
