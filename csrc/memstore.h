@@ -51,5 +51,9 @@ int rg_memstore_op(rg_memstore *m, int op, const rg_spec *spec, const char *key,
 void rg_memstore_delete(rg_memstore *m, const rg_spec *spec, const char *key,
                         size_t keylen);
 size_t rg_memstore_size(const rg_memstore *m);
+/* Forget every bucket and concurrency slot set (limiter.clear()); returns
+ * how many were live at now_ns (a full bucket left in the table is the same
+ * as none, as a Redis key past its TTL).  Keeps the table: cannot fail. */
+size_t rg_memstore_clear(rg_memstore *m, uint64_t now_ns);
 
 #endif

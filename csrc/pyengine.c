@@ -1134,6 +1134,17 @@ engine_reset(EngineObject *self, PyObject *const *args, Py_ssize_t nargs)
     rg_lease_forget_key(&self->lease, hash, key, (size_t)keylen);
     return engine_enqueue(self, key, (size_t)keylen, spec, 0, RG_OP_RESET, hash, NULL, 0, 0);
 }
+/* forget_local() -> None: forget every key in this process's deny cache and
+ * drop its leases (limiter.clear() deleted the buckets they speak of). */
+static PyObject *
+engine_forget_local(EngineObject *self, PyObject *unused)
+{
+    (void)unused;
+    rg_cache_forget_all(&self->cache);
+    rg_lease_clear(&self->lease);
+    Py_RETURN_NONE;
+}
+
 /*
  * Stop the threads (every check still held is answered "closed"), then
  * resolve what the ports hold: directly for the running loop's port or a
@@ -1307,6 +1318,8 @@ static PyMethodDef engine_methods[] = {
      "charge(key, spec, cost) -> Decision | Future[Decision]"},
     {"release", (PyCFunction)(void (*)(void))engine_release, METH_FASTCALL,
      "release(key, spec, slot_id) -> bool (sent)"},
+    {"forget_local", (PyCFunction)engine_forget_local, METH_NOARGS,
+     "forget_local() -> None: empty this process's deny cache and leases"},
     {"close", (PyCFunction)engine_close, METH_NOARGS, "Stop and join the loop threads."},
     {"stats", (PyCFunction)engine_stats, METH_NOARGS, "Counters."},
     {NULL, NULL, 0, NULL},
@@ -1457,6 +1470,16 @@ mem_reset(MemoryEngineObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_TRUE;
 }
 
+/* clear() -> int: forget every bucket and slot set; how many were live. */
+static PyObject *
+mem_clear(MemoryEngineObject *self, PyObject *unused)
+{
+    (void)unused;
+    if (mem_ready(self) < 0)
+        return NULL;
+    return PyLong_FromSize_t(rg_memstore_clear(&self->mem, rg_now_ns()));
+}
+
 static PyObject *
 mem_close(MemoryEngineObject *self, PyObject *unused)
 {
@@ -1504,6 +1527,8 @@ static PyMethodDef mem_methods[] = {
      "charge(key, spec, cost) -> Decision"},
     {"release", (PyCFunction)(void (*)(void))mem_release, METH_FASTCALL,
      "release(key, spec, slot_id) -> True"},
+    {"clear", (PyCFunction)mem_clear, METH_NOARGS,
+     "clear() -> int: forget every bucket and slot set (how many were live)"},
     {"close", (PyCFunction)mem_close, METH_NOARGS, "Forget every bucket."},
     {"stats", (PyCFunction)mem_stats, METH_NOARGS, "Counters."},
     {NULL, NULL, 0, NULL},
