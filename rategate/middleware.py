@@ -123,7 +123,7 @@ def route_path(scope: Scope) -> str:
             return "/"
         if path[n] == "/":
             return path[n:]
-    return path
+    return path or "/"
 
 
 # -- one request, several checkers: the per-request record (Seam 4) ---------------------
