@@ -136,11 +136,15 @@ class IncidentLog:
         """Write every pending line now, budget or not (at shutdown); an open
         incident gets a line with its counts so far."""
         now = self.clock()
-        self._write(now, True)
+        if self.ended:
+            self._line(self._ended(self.ended))
+            self.ended = []
         inc = self.incident
-        if inc is not None and inc.failed() and inc.last_line != now:
+        if inc is not None:
             self._line(self._still(inc, now, "at shutdown"))
+            inc.opened = True
             inc.last_line = now
+        self.active = inc is not None
 
     # -- lines -------------------------------------------------------------------------
     def _take(self, now: float) -> bool:
