@@ -47,7 +47,7 @@ import logging
 import re
 import time
 from http import HTTPStatus
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Union
 
 from .admin import MESSAGES_PREFIX, NAME_ESCAPES, prefixed_key, rule_part
@@ -58,7 +58,7 @@ from .keys import client_ip
 from .limiter import new_slot_id, shown_url
 
 if TYPE_CHECKING:  # pragma: no cover
-    from starlette.types import ASGIApp, Message, Receive, Scope, Send
+    from starlette.types import Message, Receive, Scope, Send
 
 __all__ = ["COST_KEY", "RECORD_KEY", "DynamicLimits", "RateLimitMiddleware", "Rule", "ShadowLog", "route_path",
            "set_cost"]
@@ -100,6 +100,10 @@ COST_KEY = "rategate.cost"
 _DISCONNECTS = frozenset({"http.disconnect", "websocket.disconnect"})
 
 RateSpec = Any  # str | Rate | list of them (see rategate.rates.parse_rates)
+# What the middleware wraps, for type checkers: any ASGI app.  Starlette,
+# Litestar, Quart (hypercorn's types) and Django each type scopes and messages
+# their own way; the middleware takes and is an app of any of them.
+AnyASGIApp = Callable[[Any, Any, Any], Awaitable[Any]]
 
 
 _DYNAMIC = object()  # Rule.spec of a rule whose limits are a callable (see Rule.dynamic)
@@ -677,7 +681,7 @@ class RateLimitMiddleware:
 
     def __init__(
         self,
-        app: ASGIApp,
+        app: AnyASGIApp,
         limiter: Any,
         limits: RateSpec | None = None,
         rules: Mapping[Any, Any] | Iterable[Rule] | None = None,
@@ -898,7 +902,7 @@ class RateLimitMiddleware:
         return None if e is _PASS else e
 
     # -- the request -----------------------------------------------------------
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         kind = scope["type"]
         if kind != "http" or not self.enabled:
             if not self.enabled:
