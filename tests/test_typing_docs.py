@@ -221,10 +221,13 @@ def test_examples_type_check(results: dict[str, list[str]]) -> None:
 def test_the_checkers_catch_a_wrong_call(tmp_path: pytest.TempPathFactory) -> None:
     """The harness fails a block that misuses the API (it is not a test that cannot fail)."""
     pytest.importorskip("basedpyright")
-    bad = Block("bad.md:1", 'app.add_middleware(rategate.RateLimitMiddleware, limiter=limiter, limits=5)\n'
-                            'x: int = rategate.RateLimit("1/s", limiter=limiter)\n')
-    errs = check([bad], [], str(tmp_path))["bad.md:1"]
-    assert any(e.startswith("mypy") for e in errs) and any(e.startswith("pyright") for e in errs), errs
+    bad = Block("bad.md:1", 'x: int = rategate.RateLimit("1/s", limiter=limiter)\n')
+    # Limiter.submit is typed (it was Any): its result is no str.
+    submit = Block("bad.md:2", 'y: str = limiter.submit("k", limiter.compile("1/s"), 1)\n')
+    errs = check([bad, submit], [], str(tmp_path))
+    for source in ("bad.md:1", "bad.md:2"):
+        assert any(e.startswith("mypy") for e in errs[source]), errs
+        assert any(e.startswith("pyright") for e in errs[source]), errs
 
 
 def main(argv: list[str]) -> int:
