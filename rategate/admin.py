@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Iterable
-from typing import TYPE_CHECKING, Any, Union
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
 
 from .keys import MAX_KEY_LENGTH, key_digest
 from .rates import Rate
