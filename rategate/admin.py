@@ -255,7 +255,8 @@ def client_patterns(client: str | bytes) -> list[bytes]:
 
 # -- the store -----------------------------------------------------------------------
 def _redis(limiter: Any) -> bool:
-    return getattr(limiter, "kind", "memory") != "memory"
+    """A Redis engine (it takes commands); memory:// and shm:// keep their table in this host."""
+    return hasattr(limiter._engine, "command")
 
 
 async def scan(limiter: Limiter, match: bytes, *, key: bytes | None = None,
