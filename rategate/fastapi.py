@@ -73,6 +73,7 @@ from .middleware import (
     record_add,
     record_find,
     record_new,
+    record_offer,
     register,
 )
 
@@ -286,6 +287,7 @@ class RateLimit:
             if seen is not None:  # checked (and charged) by an outer checker
                 if not seen.allowed and not self.shadow:
                     self._deny(rec, seen, h)
+                self._join(scope, rec, k, spec, seen, h, response, seen=True)
                 return None
         cost = self.cost
         if cost is None:
@@ -314,13 +316,16 @@ class RateLimit:
         return None  # pragma: no cover - _deny raises
 
     def _join(self, scope: Any, rec: list[Any] | None, k: Any, spec: Any, d: Any, h: Any,
-              response: Response) -> None:
-        """Put an allowed decision in the request's record; render the
-        record's headers into ``response`` unless a middleware's send wrapper
-        does (see the record in rategate.middleware)."""
+              response: Response, seen: bool = False) -> None:
+        """Put an allowed decision in the request's record (``seen``: the
+        limit is there already, only offer its headers); render the record's
+        headers into ``response`` unless a middleware's send wrapper does (see
+        the record in rategate.middleware)."""
         if rec is None:
             rec = record_new(scope, self.limiter, k, spec, d, h)
             changed = True
+        elif seen:
+            changed = record_offer(rec, d, h)
         else:
             changed = record_add(rec, self.limiter, k, spec, d, h)
         if rec[R_MODE] == OPEN and rec[R_BEST] is not None:

@@ -143,8 +143,8 @@ def route_path(scope: Scope) -> str:
 #   (as given to submit: "default|203.0.113.9"), and the same Spec object or
 #   one with equal rates and concurrency; a checker that meets it uses the
 #   recorded decision (no store call, no counting, no log, no slot, no charge;
-#   the first checker's cost and charge= apply) and applies its own verdict
-#   (its shadow=);
+#   the first checker's cost and charge= apply), applies its own verdict (its
+#   shadow=), and offers its own renderer for the headers (record_offer);
 # - a different limit is checked and joins the record;
 # - the response carries one set of rate-limit headers: those of the most
 #   restrictive decision among the record's entries that have headers to show
@@ -176,10 +176,15 @@ def route_path(scope: Scope) -> str:
 #                Spec, Decision
 #
 # The first checker makes the record when it allows the request (a denial
-# answers at once: no later checker runs).  The common case, one middleware
-# and one rule, costs one list, a dict store and the send wrapper it always
-# needed.  csrc/gate.c mirrors these functions (record_find, record_add,
-# more_restrictive, the wrapper) and must give byte-identical responses.
+# answers at once: no later checker runs); a checker that denies sets DONE on
+# a record that exists.  The common case, one middleware and one rule, costs
+# one list, a dict store and the send wrapper it always needed (inlined in
+# RateLimitMiddleware.__call__; measured with bench/middleware_cost.py and
+# callgrind: no more instructions per request than before the record).
+# csrc/gate.c mirrors these functions (record_new, record_find, record_offer,
+# record_add, more_restrictive, _rendering and RateLimitMiddleware._join) and
+# must give byte-identical responses; it reads and writes the same list, so a
+# C checker and a Python one (a dependency) share a request.
 RECORD_KEY = "rategate.record"
 R_BEST, R_HEADERS, R_MODE, R_ADDED, R_ENTRIES = 0, 1, 2, 3, 4
 OPEN, WRAPPED, DEPENDENCY, DONE = 0, 1, 2, 3
@@ -228,15 +233,23 @@ def more_restrictive(d: Any, best: Any) -> bool:
     return bool(d.remaining < best.remaining)
 
 
-def record_add(rec: list[Any], limiter: Any, key: Any, spec: Any, d: Any, h: RateLimitHeaders | None) -> bool:
-    """Add the limit (limiter, key, spec) decided ``d``; True if its headers
-    (renderer ``h``) became the response's."""
-    rec += (limiter, key, spec, d)
+def record_offer(rec: list[Any], d: Any, h: RateLimitHeaders | None) -> bool:
+    """Offer decision ``d`` with renderer ``h`` for the response's headers;
+    True if they became the response's (the most restrictive so far)."""
     if h is not None and d.error is None and more_restrictive(d, rec[R_BEST]):
         rec[R_BEST] = d
         rec[R_HEADERS] = h
         return True
     return False
+
+
+def record_add(rec: list[Any], limiter: Any, key: Any, spec: Any, d: Any, h: RateLimitHeaders | None) -> bool:
+    """Add the limit (limiter, key, spec) decided ``d`` and offer its headers
+    (renderer ``h``); True if they became the response's.  A checker that
+    meets a limit already recorded only offers its renderer (record_offer):
+    an outer checker with ``headers=None`` leaves the choice to an inner one."""
+    rec += (limiter, key, spec, d)
+    return record_offer(rec, d, h)
 
 
 def _rendering(rec: list[Any], send: Send, starts: frozenset[str]) -> Send:
@@ -976,7 +989,9 @@ class RateLimitMiddleware:
         to show (see the record, above)."""
         if rec is None:
             rec = record_new(scope, self.limiter, k, rule.spec, d, rule.headers)
-        elif not seen:
+        elif seen:
+            record_offer(rec, d, rule.headers)
+        else:
             record_add(rec, self.limiter, k, rule.spec, d, rule.headers)
         if rec[R_MODE] == OPEN and rec[R_BEST] is not None:
             rec[R_MODE] = WRAPPED

@@ -101,6 +101,18 @@ async def test_outer_without_headers_inner_with(make_limiter: Any) -> None:
 
 
 @pytest.mark.asyncio
+async def test_the_same_limit_outer_without_headers_inner_with(make_limiter: Any) -> None:
+    """The inner checker meets the limit the outer one charged, and shows its headers."""
+    lim = make_limiter("memory://")
+    app = nested_app(lim, {"limits": "3/minute", "headers": None}, {"limits": "3/minute", "headers": "draft-11"})
+    async with client(app) as c:
+        rs = [await c.get("/v2/hello") for _ in range(2)]
+    assert [one_set(r) for r in rs] == [{"ratelimit-policy": '"default";q=3;w=60', "ratelimit": f'"default";r={n};t={t}'}
+                                        for n, t in ((2, 20), (1, 40))]
+    assert lim.stats()["checks"] == 2
+
+
+@pytest.mark.asyncio
 async def test_shadow_outside_enforcing_inside_on_the_same_limit(make_limiter: Any) -> None:
     lim = make_limiter("memory://")
     app = nested_app(lim, {"limits": "2/minute", "shadow": True}, {"limits": "2/minute"})
