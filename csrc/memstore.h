@@ -52,4 +52,16 @@ void rg_memstore_delete(rg_memstore *m, const rg_spec *spec, const char *key,
                         size_t keylen);
 size_t rg_memstore_size(const rg_memstore *m);
 
+/* Seam 2 (clear, entries).  An entry is live when a rate's bucket is not
+ * full, or a concurrency key holds a slot that has not expired. */
+
+/* Remove every entry (the table keeps its size); how many were live. */
+size_t rg_memstore_clear(rg_memstore *m, uint64_t now_ns);
+/* The next live entry from *i (start at 0; NULL at the end), *value: the
+ * microseconds until a rate's bucket is full, or a key's live slots.  Its
+ * key is "key\0key_id" (the key_id never holds a NUL: it is after the
+ * last one). */
+const rg_mem_entry *rg_memstore_next(const rg_memstore *m, size_t *i, uint64_t now_ns,
+                                     double *value);
+
 #endif

@@ -1457,6 +1457,54 @@ mem_reset(MemoryEngineObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_TRUE;
 }
 
+/* clear() -> int: every bucket and concurrency slot set removed; how many
+ * live ones went (Seam 2). */
+static PyObject *
+mem_clear_all(MemoryEngineObject *self, PyObject *unused)
+{
+    (void)unused;
+    if (mem_ready(self) < 0)
+        return NULL;
+    return PyLong_FromSize_t(rg_memstore_clear(&self->mem, rg_now_ns()));
+}
+
+/* entries(prefix=b"") -> [(key, key_id, value)] (Seam 2): every live entry
+ * whose key starts with prefix; value: microseconds until a rate's bucket is
+ * full, or a key's live slots (key_id b"c").  Builds bytes only: no Python
+ * code runs while the table is walked. */
+static PyObject *
+mem_entries(MemoryEngineObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    const char *prefix;
+    Py_ssize_t plen;
+    const rg_mem_entry *e;
+    uint64_t now = rg_now_ns();
+    size_t i = 0;
+    double v;
+    PyObject *out;
+
+    if (rg_parse_prefix(args, nargs, &prefix, &plen) < 0 || mem_ready(self) < 0)
+        return NULL;
+    if ((out = PyList_New(0)) == NULL)
+        return NULL;
+    while ((e = rg_memstore_next(&self->mem, &i, now, &v)) != NULL) {
+        const char *nul = memrchr(e->key, '\0', e->keylen);
+        size_t kl = (size_t)(nul - e->key);
+        PyObject *t;
+        if (kl < (size_t)plen || memcmp(e->key, prefix, (size_t)plen) != 0)
+            continue;
+        t = Py_BuildValue("(y#y#d)", e->key, (Py_ssize_t)kl, nul + 1,
+                          (Py_ssize_t)(e->keylen - kl - 1), v);
+        if (t == NULL || PyList_Append(out, t) < 0) {
+            Py_XDECREF(t);
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_DECREF(t);
+    }
+    return out;
+}
+
 static PyObject *
 mem_close(MemoryEngineObject *self, PyObject *unused)
 {
@@ -1504,6 +1552,10 @@ static PyMethodDef mem_methods[] = {
      "charge(key, spec, cost) -> Decision"},
     {"release", (PyCFunction)(void (*)(void))mem_release, METH_FASTCALL,
      "release(key, spec, slot_id) -> True"},
+    {"clear", (PyCFunction)mem_clear_all, METH_NOARGS,
+     "clear() -> int: remove every bucket and concurrency slot set; how many live ones went"},
+    {"entries", (PyCFunction)(void (*)(void))mem_entries, METH_FASTCALL,
+     "entries(prefix=b'') -> [(key, key_id, value)]"},
     {"close", (PyCFunction)mem_close, METH_NOARGS, "Forget every bucket."},
     {"stats", (PyCFunction)mem_stats, METH_NOARGS, "Counters."},
     {NULL, NULL, 0, NULL},
