@@ -581,8 +581,8 @@ class RateLimitMiddleware:
         self.metrics = _check_metrics(metrics, "RateLimitMiddleware")
         # A Decision returned by submit() at once, denied and without error,
         # came from the core's local over-limit cache, except on memory://
-        # (which answers every check at once).
-        self._sync_cached = getattr(limiter, "kind", "memory") != "memory"
+        # and shm:// (which answer every check at once, from the store).
+        self._sync_cached = getattr(limiter, "kind", "memory") not in ("memory", "shm")
         self.key = _check_key(key, "RateLimitMiddleware") or client_ip()
         self.cost = _check_cost(cost, "RateLimitMiddleware")
 
@@ -991,12 +991,13 @@ class FailureLog:
     def _cause(self, err: str) -> str:
         if err == "timeout":
             return "no answer within the check's deadline"
-        if err == "overloaded":
-            return "too many checks outstanding (max_pending)"
         try:
-            last = self.cause().get("last_error") if self.cause is not None else None
+            stats = self.cause() if self.cause is not None else {}
         except Exception:  # a limiter closing in another thread: no cause, still a line
-            last = None
+            stats = {}
+        if err == "overloaded":  # shm:// says why (a full segment); Redis: max_pending
+            return str(stats.get("overloaded_cause") or "too many checks outstanding (max_pending)")
+        last = stats.get("last_error")
         return str(last) if last else ""
 
     def note(self, d: Any) -> None:
