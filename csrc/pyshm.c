@@ -474,7 +474,21 @@ mod_shm_size(PyObject *module, PyObject *arg)
     return PyLong_FromUnsignedLongLong(rg_shm_size_for(c));
 }
 
+/* _shm_test_euid(uid) -> None: the tests' stand-in for another user
+ * (shmstore.h); -1 restores geteuid(). */
+static PyObject *
+mod_shm_test_euid(PyObject *module, PyObject *arg)
+{
+    long uid = PyLong_AsLong(arg);
+    (void)module;
+    if (uid == -1 && PyErr_Occurred())
+        return NULL;
+    rg_shm_test_euid = uid < 0 ? -1 : uid;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef shm_functions[] = {
+    {"_shm_test_euid", mod_shm_test_euid, METH_O, "For tests: the euid the owner check uses."},
     {"shm_unlink", mod_shm_unlink, METH_O, "shm_unlink(name) -> bool"},
     {"shm_size", mod_shm_size, METH_O, "shm_size(capacity) -> bytes of such a segment"},
     {NULL, NULL, 0, NULL},

@@ -1163,6 +1163,14 @@ undo:
     return rc;
 }
 
+long rg_shm_test_euid = -1;
+
+static unsigned
+euid(void)
+{
+    return rg_shm_test_euid >= 0 ? (unsigned)rg_shm_test_euid : (unsigned)geteuid();
+}
+
 static int
 attach(rg_shm *s, int fd, const char *name, uint64_t capacity, char *err, size_t errsize)
 {
@@ -1180,12 +1188,12 @@ attach(rg_shm *s, int fd, const char *name, uint64_t capacity, char *err, size_t
                       strerror(errno));
             goto out;
         }
-        if (sb.st_uid != geteuid()) {
+        if (sb.st_uid != euid()) {
             rc = fail(err, errsize, RG_SHM_EPERM,
                       "the shm segment %s belongs to another user (uid %u; this process runs as "
                       "uid %u): every process sharing shm://%s must run as one user. Run this one "
                       "as uid %u, or use another NAME (or remove it as its owner: rm %s)",
-                      s->path, (unsigned)sb.st_uid, (unsigned)geteuid(), name,
+                      s->path, (unsigned)sb.st_uid, euid(), name,
                       (unsigned)sb.st_uid, s->path);
             goto out;
         }

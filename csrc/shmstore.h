@@ -131,6 +131,10 @@ typedef struct rg_shm {
     int test_hang;
 } rg_shm;
 
+/* For the tests of the owner check when they cannot run as another user:
+ * the euid a segment's owner is compared with (-1: geteuid()). */
+extern long rg_shm_test_euid;
+
 /* The shm_open name of NAME ("/rategate.NAME"); 0, or -1 if NAME is not
  * 1 to RG_SHM_NAME_MAX of [A-Za-z0-9._-] starting with a letter or digit. */
 int rg_shm_name(const char *name, char *out, size_t outsize);
