@@ -304,6 +304,17 @@ entry_is(const rg_shm_entry *e, const shm_key *k, const shm_id *id)
            memcmp(e->k, k->k, k->klen) == 0 && memcmp(e->id, id->p, id->len) == 0;
 }
 
+/* Whether an entry's lengths and kind are ones we write: the walks over
+ * every entry (scans, entries(), clear()) read only those, so a segment
+ * scribbled on by another program of the same user is never read past an
+ * entry.  (A look-up compares the lengths with its own first.) */
+static int
+entry_sane(const rg_shm_entry *e)
+{
+    return e->klen <= RG_SHM_KMAX && e->idlen <= RG_SHM_IDMAX && e->kind >= RG_SHM_RATE &&
+           e->kind <= RG_SHM_SLOT;
+}
+
 static int
 entry_has_key(const rg_shm_entry *e, const shm_key *k)
 {
@@ -651,7 +662,8 @@ slots_scan(shm_txn *t, const shm_key *k, uint64_t *n, double *minexp)
     for (g = t->first; g < last; g++) {
         const rg_shm_entry *e = &t->s->entries[g];
         double x;
-        if (set_of(t->s, g)->fp[g % W] == 0 || e->kind != RG_SHM_SLOT || !entry_has_key(e, k))
+        if (set_of(t->s, g)->fp[g % W] == 0 || e->kind != RG_SHM_SLOT || !entry_sane(e) ||
+            !entry_has_key(e, k))
             continue;
         x = *exp_of(t->s, g);
         if (x <= t->now) {
@@ -848,7 +860,7 @@ count_slots(shm_txn *t, uint32_t *count)
     for (g = t->first; g < last; g++) {
         const rg_shm_entry *e = &t->s->entries[g];
         int64_t hg;
-        if (set_of(t->s, g)->fp[g % W] != 0 && e->kind == RG_SHM_SLOT &&
+        if (set_of(t->s, g)->fp[g % W] != 0 && e->kind == RG_SHM_SLOT && entry_sane(e) &&
             *exp_of(t->s, g) > t->now && (hg = head_of(t, e)) >= 0)
             count[(uint64_t)hg - t->first]++;
     }
@@ -930,7 +942,7 @@ rg_shm_entries(rg_shm *s, const char *prefix, size_t plen, uint64_t timeout_ns,
             const rg_shm_entry *e = &s->entries[g];
             double x = *exp_of(s, g), v;
             rg_shm_item *it;
-            if (set_of(s, g)->fp[g % W] == 0)
+            if (set_of(s, g)->fp[g % W] == 0 || !entry_sane(e))
                 continue;
             if (e->kind == RG_SHM_RATE && x > t.now)
                 v = x - t.now;

@@ -420,6 +420,26 @@ def test_foreign_layouts_are_refused(shm_name: str, offset: int, data: bytes, sa
     assert "rm " + path(shm_name) in str(e.value) or "shm_unlink" in str(e.value)
 
 
+def test_entries_scribbled_on_are_never_read_past(shm_name: str) -> None:
+    """Another program of the same user writes into a live segment: lengths
+    past an entry are skipped by every walk, never followed (ASan checks)."""
+    lim = rategate.Limiter(f"shm://{shm_name}?capacity=64")
+    spec = lim.compile("10/hour; 20/hour", concurrency=2)
+    assert lim.submit("k", spec, 1, b"s").allowed
+    with open(path(shm_name), "rb") as f:
+        head = f.read(96)
+    entries_off, = struct.unpack_from("<Q", head, 88)
+    slots = lim.stats()["shm"]["slots"]
+    for i in range(slots):  # every entry's klen (a u16 at 28) and idlen (a u8 at 32)
+        patch(shm_name, entries_off + i * 256 + 28, struct.pack("<H", 0xFFFF))
+        patch(shm_name, entries_off + i * 256 + 32, b"\xff")
+    assert lim._engine.entries() == []
+    d = lim.submit("k", spec, 1, b"t")  # its old entries no longer match: new ones
+    assert d.allowed and d.error is None
+    assert lim._engine.clear() >= 1
+    lim.close()
+
+
 def test_a_file_that_is_not_a_segment_is_refused(shm_name: str) -> None:
     fd = os.open(path(shm_name), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
     os.write(fd, b"#!/bin/sh\necho hello\n" + b"\0" * 8192)
