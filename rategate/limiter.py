@@ -455,7 +455,10 @@ class Limiter:
     also ``rediss://`` (TLS), ``redis+sentinel://s1:26379,s2:26379/mymaster/0``
     (the master Sentinel names, followed across failovers),
     ``redis+cluster://n1:7000,n2:7001`` (Redis Cluster), ``rediss+sentinel://``
-    and ``rediss+cluster://``, ``unix:///path.sock`` and ``memory://``.
+    and ``rediss+cluster://``, ``unix:///path.sock``, ``memory://``, and
+    ``shm://NAME[?capacity=N]`` (every process of this host that opens NAME
+    shares its buckets in a shared memory segment, decided at once in C; see
+    docs/shm.md).
 
     * ``timeout``: the deadline of one check, in seconds; past it the
       failure mode decides (``error="timeout"``).
