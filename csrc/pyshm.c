@@ -338,14 +338,15 @@ shm_stats(ShmEngineObject *self, PyObject *unused)
             goto error;
     }
     v = Py_BuildValue(
-        "{sisisOsOsKsisOs{sOsssKsKsKsIsKsKsKsK}}", "in_flight", 0, "reconnects", 0, "connected",
+        "{sisisOsOsKsisOs{sOsssKsKsKsIsKsKsKsKsK}}", "in_flight", 0, "reconnects", 0, "connected",
         self->closed ? Py_False : Py_True, "last_error", Py_None, "keys",
         (unsigned long long)in.live, "threads", 0, "overloaded_cause", cause ? cause : Py_None,
         "shm", "name", self->name, "path", self->shm.path, "capacity",
         (unsigned long long)in.capacity, "slots", (unsigned long long)in.slots, "bytes",
         (unsigned long long)in.bytes, "stripes", (unsigned)in.nstripes, "live",
         (unsigned long long)in.live, "overloaded", (unsigned long long)in.full, "recovered",
-        (unsigned long long)in.recovered, "evicted", (unsigned long long)in.evicted);
+        (unsigned long long)in.recovered, "evicted", (unsigned long long)in.evicted, "lock_waits",
+        (unsigned long long)in.waits);
     if (v == NULL || PyDict_Update(d, v) < 0)
         goto error;
     Py_DECREF(v);

@@ -601,6 +601,7 @@ lock(rg_shm *s, rg_shm_stripe *st, uint64_t timeout_ns)
     int rc = pthread_mutex_trylock(&st->mu);
     if (rc == EBUSY) {
         struct timespec ts;
+        __atomic_fetch_add(&s->hdr->waits, 1, __ATOMIC_RELAXED);
         clock_gettime(CLOCK_REALTIME, &ts);
         ts.tv_sec += (time_t)(timeout_ns / 1000000000u);
         ts.tv_nsec += (long)(timeout_ns % 1000000000u);
@@ -993,6 +994,7 @@ rg_shm_info_get(rg_shm *s, rg_shm_info *out)
     out->full = __atomic_load_n(&s->hdr->full, __ATOMIC_RELAXED);
     out->recovered = __atomic_load_n(&s->hdr->recovered, __ATOMIC_RELAXED);
     out->evicted = __atomic_load_n(&s->hdr->evicted, __ATOMIC_RELAXED);
+    out->waits = __atomic_load_n(&s->hdr->waits, __ATOMIC_RELAXED);
     out->live = 0;
     for (g = 0; g < slots; g++)
         if (load_fp(s, g) != 0 && load_exp(s, g) > now)

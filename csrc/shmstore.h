@@ -70,6 +70,7 @@ typedef struct rg_shm_header {
     uint64_t full;          /* checks that found no room (overloaded) */
     uint64_t recovered;     /* locks taken over from a process that died holding them */
     uint64_t evicted;       /* entries of full buckets reused for new ones */
+    uint64_t waits;         /* operations that found their stripe's lock held */
 } rg_shm_header;
 
 /* The journal of a stripe: the writes of the operation in progress, for
@@ -185,7 +186,7 @@ int rg_shm_entries(rg_shm *s, const char *prefix, size_t plen, uint64_t timeout_
                    rg_shm_item **items, size_t *n);
 
 typedef struct rg_shm_info {
-    uint64_t capacity, slots, live, full, recovered, evicted, bytes;
+    uint64_t capacity, slots, live, full, recovered, evicted, waits, bytes;
     uint32_t nstripes;
 } rg_shm_info;
 /* A snapshot without locks (counts may be a moment old). */

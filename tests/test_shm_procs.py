@@ -159,6 +159,7 @@ def test_a_stopped_holder_costs_a_timeout_not_a_hang(shm_name: str) -> None:
         answered = sum(closed.submit(f"other{i}", spec, 1).error is None for i in range(200))
         assert answered >= 150, answered
         assert closed.stats()["errors"]["timeout"] >= 1
+        assert closed.stats()["shm"]["lock_waits"] >= 2  # the two checks that waited
         assert closed._engine.reset("k", spec) is False  # could not be had in time
         with pytest.raises(TimeoutError, match="held past the Limiter's timeout"):
             closed._engine.clear()
