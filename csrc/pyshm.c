@@ -38,7 +38,7 @@ typedef struct {
 } ShmEngineObject;
 
 static PyObject *
-shm_error(int kind, const char *msg)
+shm_error(int kind, int err, const char *msg)
 {
     PyObject *e;
     switch (kind) {
@@ -47,7 +47,7 @@ shm_error(int kind, const char *msg)
         return NULL;
     case RG_SHM_EOS:
         /* OSError(errno, msg) picks the subclass (FileNotFoundError, ...). */
-        e = PyObject_CallFunction(PyExc_OSError, "is", errno, msg);
+        e = PyObject_CallFunction(PyExc_OSError, "is", err, msg);
         if (e != NULL) {
             PyErr_SetObject((PyObject *)Py_TYPE(e), e);
             Py_DECREF(e);
@@ -65,7 +65,7 @@ shm_tp_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
     static char *kwlist[] = {"name", "capacity", "failure_open", "timeout", NULL};
     const char *name;
     unsigned long long capacity = 0;
-    int failure_open = 0, rc;
+    int failure_open = 0, rc, saved_errno;
     double timeout = 0.05;
     char err[1024];
     rg_state *st = rg_state_of_type(tp);
@@ -77,9 +77,11 @@ shm_tp_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
                                      &failure_open, &timeout))
         return NULL;
     if (!(timeout >= SHM_MIN_SECONDS && timeout <= SHM_MAX_SECONDS)) { /* false for NaN */
-        PyErr_Format(PyExc_ValueError,
-                     "timeout must be a number of seconds from 1e-06 to 86400, got %R",
-                     PyTuple_GET_SIZE(args) > 3 ? PyTuple_GET_ITEM(args, 3) : Py_None);
+        PyObject *t = PyFloat_FromDouble(timeout);
+        if (t != NULL)
+            PyErr_Format(PyExc_ValueError,
+                         "timeout must be a number of seconds from 1e-06 to 86400, got %R", t);
+        Py_XDECREF(t);
         return NULL;
     }
     self = (ShmEngineObject *)tp->tp_alloc(tp, 0);
@@ -99,10 +101,11 @@ shm_tp_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
     /* May wait (bounded) for another process to finish creating it. */
     Py_BEGIN_ALLOW_THREADS
     rc = rg_shm_open(&self->shm, name, capacity, err, sizeof(err));
+    saved_errno = errno;
     Py_END_ALLOW_THREADS
     if (rc != 0) {
         Py_DECREF(self);
-        return shm_error(rc, err);
+        return shm_error(rc, saved_errno, err);
     }
     self->closed = 0;
     return (PyObject *)self;
@@ -362,11 +365,12 @@ error:
 static PyObject *
 shm_do_unlink(PyObject *name)
 {
-    const char *s = PyUnicode_Check(name) ? PyUnicode_AsUTF8(name) : NULL;
+    Py_ssize_t n = 0;
+    const char *s = PyUnicode_Check(name) ? PyUnicode_AsUTF8AndSize(name, &n) : NULL;
     char buf[16 + RG_SHM_NAME_MAX];
     int rc;
 
-    if (s == NULL || rg_shm_name(s, buf, sizeof(buf)) < 0) {
+    if (s == NULL || (size_t)n != strlen(s) || rg_shm_name(s, buf, sizeof(buf)) < 0) {
         if (!PyErr_Occurred() || PyErr_ExceptionMatches(PyExc_UnicodeError)) {
             PyErr_Clear();
             PyErr_Format(PyExc_ValueError,
