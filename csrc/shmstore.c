@@ -128,6 +128,10 @@
 #include <time.h>
 #include <unistd.h>
 
+#if defined(__SANITIZE_THREAD__)
+#include <sanitizer/tsan_interface.h>
+#endif
+
 #define HEADER_SIZE 4096u
 #define OPEN_WAIT_NS 5000000000ULL /* for a creator to finish initialising */
 #define W RG_SHM_WAYS
@@ -610,6 +614,17 @@ lock(rg_shm *s, rg_shm_stripe *st, uint64_t timeout_ns)
             ts.tv_nsec -= 1000000000L;
         }
         rc = pthread_mutex_timedlock(&st->mu, &ts);
+#if defined(__SANITIZE_THREAD__)
+        /* ThreadSanitizer's timedlock interceptor records a lock only when
+         * it returns 0 (its trylock and lock interceptors take EOWNERDEAD
+         * too): tell it we hold this one, or our unlock is reported as the
+         * unlock of an unlocked mutex.  (GCC 12's libtsan has no clocklock
+         * interceptor, which handles it, so timedlock it is.) */
+        if (rc == EOWNERDEAD) {
+            __tsan_mutex_pre_lock(&st->mu, __tsan_mutex_try_lock);
+            __tsan_mutex_post_lock(&st->mu, __tsan_mutex_try_lock, 0);
+        }
+#endif
     }
     if (rc == EOWNERDEAD) {
         recover(s, st);

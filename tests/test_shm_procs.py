@@ -145,6 +145,34 @@ def test_killed_holding_the_lock_concurrency(shm_name: str, stage: int, consumed
     lim.close()
 
 
+def test_a_waiter_takes_the_lock_over_when_its_holder_dies(shm_name: str) -> None:
+    """A process blocked waiting for the lock (pthread_mutex_timedlock) when
+    the holder is killed gets it (EOWNERDEAD), finishes the dead one's
+    committed check and makes its own.  (Under ThreadSanitizer this is the
+    path its timedlock interceptor does not record: the worker would exit 66.)"""
+    holder = hold_lock(shm_name, "k", "10/hour", 2)
+    watch = rategate.Limiter(f"shm://{shm_name}")
+    waits = watch.stats()["shm"]["lock_waits"]
+    waiter = start("flood", shm_name, "k", "1", "10/hour", env={"START": "1"})
+    try:
+        assert waiter.stdout is not None and waiter.stdout.readline() == "ready\n"
+        assert waiter.stdin is not None
+        waiter.stdin.write("\n")
+        waiter.stdin.flush()
+        deadline = time.monotonic() + 20
+        while watch.stats()["shm"]["lock_waits"] == waits:  # it found the lock held: waiting
+            assert waiter.poll() is None and time.monotonic() < deadline
+            time.sleep(0.005)
+        time.sleep(0.05)
+    finally:
+        stop(holder)
+    out, _ = waiter.communicate(timeout=30)
+    assert (waiter.returncode, out.split()) == (0, ["1", "0"])  # allowed, no failure
+    assert watch.submit("k", watch.compile("10/hour"), 0).remaining == 8  # both checks counted
+    assert watch.stats()["shm"]["recovered"] == 1
+    watch.close()
+
+
 def test_a_stopped_holder_costs_a_timeout_not_a_hang(shm_name: str) -> None:
     p = hold_lock(shm_name, "k", "10/hour", 2)
     try:
