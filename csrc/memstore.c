@@ -47,6 +47,27 @@ rg_memstore_size(const rg_memstore *m)
     return m->used;
 }
 
+size_t
+rg_memstore_clear(rg_memstore *m, uint64_t now_ns)
+{
+    double now = (double)(now_ns - m->t0_ns) / 1000.0;
+    size_t i, live = 0;
+
+    if (m->e == NULL)
+        return 0;
+    for (i = 0; i < m->cap; i++) {
+        rg_mem_entry *e = &m->e[i];
+        if (e->hash == 0)
+            continue;
+        if (e->tat > now)
+            live++;
+        entry_free(e);
+    }
+    memset(m->e, 0, m->cap * sizeof(rg_mem_entry));
+    m->used = 0;
+    return live;
+}
+
 static rg_mem_entry *
 slot_for(rg_mem_entry *tab, size_t cap, uint64_t h, const char *k, size_t kl)
 {
@@ -304,24 +325,6 @@ entry_live(const rg_mem_entry *e, double now, double *value)
             n++;
     *value = (double)n;
     return n > 0;
-}
-
-size_t
-rg_memstore_clear(rg_memstore *m, uint64_t now_ns)
-{
-    double now = (double)(now_ns - m->t0_ns) / 1000.0, v;
-    size_t i, n = 0;
-
-    for (i = 0; i < m->cap; i++) {
-        rg_mem_entry *e = &m->e[i];
-        if (e->hash == 0)
-            continue;
-        n += (size_t)entry_live(e, now, &v);
-        entry_free(e);
-        memset(e, 0, sizeof(*e));
-    }
-    m->used = 0;
-    return n;
 }
 
 const rg_mem_entry *

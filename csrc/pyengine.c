@@ -1965,15 +1965,42 @@ mem_reset(MemoryEngineObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_TRUE;
 }
 
-/* clear() -> int: every bucket and concurrency slot set removed; how many
- * live ones went (Seam 2). */
+/* clear() -> int: forget every bucket and slot set; how many were live. */
 static PyObject *
-mem_clear_all(MemoryEngineObject *self, PyObject *unused)
+mem_clear(MemoryEngineObject *self, PyObject *unused)
 {
     (void)unused;
     if (mem_ready(self) < 0)
         return NULL;
     return PyLong_FromSize_t(rg_memstore_clear(&self->mem, rg_now_ns()));
+}
+
+static PyObject *
+mem_close(MemoryEngineObject *self, PyObject *unused)
+{
+    (void)unused;
+    self->closed = 1;
+    rg_memstore_free(&self->mem);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+mem_stats(MemoryEngineObject *self, PyObject *unused)
+{
+    PyObject *d = rg_counters_dict(self->st, &self->k), *v;
+    (void)unused;
+    if (d == NULL)
+        return NULL;
+    v = Py_BuildValue("{sisisOsOsnsi}", "in_flight", 0, "reconnects", 0, "connected", Py_True,
+                      "last_error", Py_None, "keys", (Py_ssize_t)rg_memstore_size(&self->mem),
+                      "threads", 0);
+    if (v == NULL || PyDict_Update(d, v) < 0) {
+        Py_XDECREF(v);
+        Py_DECREF(d);
+        return NULL;
+    }
+    Py_DECREF(v);
+    return d;
 }
 
 /* entries(prefix=b"") -> [(key, key_id, value)] (Seam 2): every live entry
@@ -2013,34 +2040,6 @@ mem_entries(MemoryEngineObject *self, PyObject *const *args, Py_ssize_t nargs)
     return out;
 }
 
-static PyObject *
-mem_close(MemoryEngineObject *self, PyObject *unused)
-{
-    (void)unused;
-    self->closed = 1;
-    rg_memstore_free(&self->mem);
-    Py_RETURN_NONE;
-}
-
-static PyObject *
-mem_stats(MemoryEngineObject *self, PyObject *unused)
-{
-    PyObject *d = rg_counters_dict(self->st, &self->k), *v;
-    (void)unused;
-    if (d == NULL)
-        return NULL;
-    v = Py_BuildValue("{sisisOsOsnsi}", "in_flight", 0, "reconnects", 0, "connected", Py_True,
-                      "last_error", Py_None, "keys", (Py_ssize_t)rg_memstore_size(&self->mem),
-                      "threads", 0);
-    if (v == NULL || PyDict_Update(d, v) < 0) {
-        Py_XDECREF(v);
-        Py_DECREF(d);
-        return NULL;
-    }
-    Py_DECREF(v);
-    return d;
-}
-
 static void
 mem_dealloc(MemoryEngineObject *self)
 {
@@ -2060,12 +2059,12 @@ static PyMethodDef mem_methods[] = {
      "charge(key, spec, cost) -> Decision"},
     {"release", (PyCFunction)(void (*)(void))mem_release, METH_FASTCALL,
      "release(key, spec, slot_id) -> True"},
-    {"clear", (PyCFunction)mem_clear_all, METH_NOARGS,
-     "clear() -> int: remove every bucket and concurrency slot set; how many live ones went"},
-    {"entries", (PyCFunction)(void (*)(void))mem_entries, METH_FASTCALL,
-     "entries(prefix=b'') -> [(key, key_id, value)]"},
+    {"clear", (PyCFunction)mem_clear, METH_NOARGS,
+     "clear() -> int: forget every bucket and slot set (how many were live)"},
     {"close", (PyCFunction)mem_close, METH_NOARGS, "Forget every bucket."},
     {"stats", (PyCFunction)mem_stats, METH_NOARGS, "Counters."},
+    {"entries", (PyCFunction)(void (*)(void))mem_entries, METH_FASTCALL,
+     "entries(prefix=b'') -> [(key, key_id, value)]"},
     {NULL, NULL, 0, NULL},
 };
 
