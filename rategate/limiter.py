@@ -720,6 +720,14 @@ class Limiter:
         after its ttl)."""
         self._engine.release(key, spec, slot_id)
 
+    def unlink(self) -> bool:
+        """shm:// only: remove the segment's name (:func:`shm_unlink`); True
+        if it was there.  This Limiter, and every process that has the
+        segment open, keep using it; the next to open the NAME makes a new one."""
+        if self.kind != "shm":
+            raise ValueError(f"unlink() is for shm:// limiters (a segment to remove); this one is {self.storage!r}")
+        return bool(self._engine.unlink())
+
     # The count of slots this process holds (stats()["slots_held"]), kept by
     # Slot and the middleware around the slots they take and give back.
     def _took_slot(self) -> None:
@@ -741,14 +749,6 @@ class Limiter:
         if isinstance(r, bool):
             return r
         return bool(await r)
-
-    def unlink(self) -> bool:
-        """shm:// only: remove the segment's name (:func:`shm_unlink`); True
-        if it was there.  This Limiter, and every process that has the
-        segment open, keep using it; the next to open the NAME makes a new one."""
-        if self.kind != "shm":
-            raise ValueError(f"unlink() is for shm:// limiters (a segment to remove); this one is {self.storage!r}")
-        return bool(self._engine.unlink())
 
     def stats(self) -> Dict[str, Any]:
         """Counters: checks, allowed, denied, cached_denials, leased (allowed from a lease, with no
