@@ -307,3 +307,32 @@ rg_memstore_delete(rg_memstore *m, const rg_spec *spec, const char *key, size_t 
             free(k);
     }
 }
+
+/* Whether e is live at now, and its value (see memstore.h). */
+static int
+entry_live(const rg_mem_entry *e, double now, double *value)
+{
+    uint32_t i, n = 0;
+    if (e->hash == 0 || e->tat <= now)
+        return 0;
+    /* "key\0c" is a concurrency key: no key_id is "c". */
+    if (!(e->keylen >= 2 && e->key[e->keylen - 2] == '\0' && e->key[e->keylen - 1] == 'c')) {
+        *value = e->tat - now;
+        return 1;
+    }
+    for (i = 0; i < e->nsl; i++)
+        if (e->sl[i].exp > now)
+            n++;
+    *value = (double)n;
+    return n > 0;
+}
+
+const rg_mem_entry *
+rg_memstore_next(const rg_memstore *m, size_t *i, uint64_t now_ns, double *value)
+{
+    double now = (double)(now_ns - m->t0_ns) / 1000.0;
+    for (; *i < m->cap; (*i)++)
+        if (entry_live(&m->e[*i], now, value))
+            return &m->e[(*i)++];
+    return NULL;
+}

@@ -2017,6 +2017,43 @@ mem_stats(MemoryEngineObject *self, PyObject *unused)
     return d;
 }
 
+/* entries(prefix=b"") -> [(key, key_id, value)] (Seam 2): every live entry
+ * whose key starts with prefix; value: microseconds until a rate's bucket is
+ * full, or a key's live slots (key_id b"c").  Builds bytes only: no Python
+ * code runs while the table is walked. */
+static PyObject *
+mem_entries(MemoryEngineObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    const char *prefix;
+    Py_ssize_t plen;
+    const rg_mem_entry *e;
+    uint64_t now = rg_now_ns();
+    size_t i = 0;
+    double v;
+    PyObject *out;
+
+    if (rg_parse_prefix(args, nargs, &prefix, &plen) < 0 || mem_ready(self) < 0)
+        return NULL;
+    if ((out = PyList_New(0)) == NULL)
+        return NULL;
+    while ((e = rg_memstore_next(&self->mem, &i, now, &v)) != NULL) {
+        const char *nul = memrchr(e->key, '\0', e->keylen);
+        size_t kl = (size_t)(nul - e->key);
+        PyObject *t;
+        if (kl < (size_t)plen || memcmp(e->key, prefix, (size_t)plen) != 0)
+            continue;
+        t = Py_BuildValue("(y#y#d)", e->key, (Py_ssize_t)kl, nul + 1,
+                          (Py_ssize_t)(e->keylen - kl - 1), v);
+        if (t == NULL || PyList_Append(out, t) < 0) {
+            Py_XDECREF(t);
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_DECREF(t);
+    }
+    return out;
+}
+
 static void
 mem_dealloc(MemoryEngineObject *self)
 {
@@ -2040,6 +2077,8 @@ static PyMethodDef mem_methods[] = {
      "clear() -> int: forget every bucket and slot set (how many were live)"},
     {"close", (PyCFunction)mem_close, METH_NOARGS, "Forget every bucket."},
     {"stats", (PyCFunction)mem_stats, METH_NOARGS, "Counters."},
+    {"entries", (PyCFunction)(void (*)(void))mem_entries, METH_FASTCALL,
+     "entries(prefix=b'') -> [(key, key_id, value)]"},
     {NULL, NULL, 0, NULL},
 };
 

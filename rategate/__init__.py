@@ -5,7 +5,7 @@ from typing import TYPE_CHECKING
 from ._core import Decision, Spec
 from .headers import RateLimitHeaders
 from .keys import client_ip, header
-from .limiter import ConcurrencyLimitExceeded, Limiter, Slot
+from .limiter import ConcurrencyLimitExceeded, Limiter, Slot, shm_unlink
 from .middleware import RateLimitMiddleware, Rule, set_cost
 from .rates import Rate, parse_rates
 
@@ -23,6 +23,7 @@ __all__ = [
     "header",
     "parse_rates",
     "set_cost",
+    "shm_unlink",
     "__version__",
 ]
 __version__ = "0.1.0"

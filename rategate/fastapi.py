@@ -189,7 +189,7 @@ class RateLimit:
         self.name = name
         self.shadow = shadow
         self.metrics = _check_metrics(metrics, "RateLimit")
-        self._sync_cached = getattr(limiter, "kind", "memory") != "memory"
+        self._sync_cached = getattr(limiter, "kind", "memory") not in ("memory", "shm")
         if hasattr(limiter, "compile") and hasattr(limiter, "submit"):
             self._submit = limiter.submit
         else:

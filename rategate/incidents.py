@@ -182,13 +182,15 @@ class IncidentLog:
         logger.warning("%s", text)
 
     def _cause(self, err: str) -> str:
-        why = _WHY.get(err)
-        if why is not None:
-            return why
+        if err == "timeout":
+            return _WHY[err]
         try:
-            last = self.cause().get("last_error") if self.cause is not None else None
+            stats = self.cause() if self.cause is not None else {}
         except Exception:  # a limiter closing in another thread: no cause, still a line
-            last = None
+            stats = {}
+        if err == "overloaded":  # shm:// says why (a full segment); Redis: max_pending
+            return str(stats.get("overloaded_cause") or _WHY[err])
+        last = stats.get("last_error")
         return str(last) if last else ""
 
     @staticmethod

@@ -24,7 +24,8 @@ from .counts import RuleCounts
 from .incidents import IncidentLog
 from .rates import Rate, RateLike, parse_rates
 
-__all__ = ["ConcurrencyLimitExceeded", "Limiter", "Decision", "Slot", "as_limiter", "parse_storage_url"]
+__all__ = ["ConcurrencyLimitExceeded", "Limiter", "Decision", "Slot", "as_limiter", "parse_storage_url",
+           "shm_unlink"]
 
 logger = logging.getLogger("rategate")
 
@@ -332,6 +333,59 @@ def _parse_sentinel_url(url: str, u: Any, scheme: str, ssl: Optional[Dict[str, A
             "sentinel_password": query.get("sentinel_password"), **tls}
 
 
+# shm://NAME (csrc/shmstore.c): the segment /dev/shm/rategate.NAME.
+SHM_NAME_MAX: int = _core.SHM_NAME_MAX
+_SHM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
+_SHM_MAX_CAPACITY = 100_000_000
+
+
+def shm_name(name: Any) -> str:
+    """``name`` if it can name a shm:// segment; ValueError naming it otherwise."""
+    if not isinstance(name, str) or not 1 <= len(name) <= SHM_NAME_MAX or not _SHM_NAME.match(name):
+        raise ValueError(
+            f"bad shm name {name!r}: 1 to {SHM_NAME_MAX} letters, digits, '.', '_' or '-', starting "
+            "with a letter or digit (the segment is /dev/shm/rategate.NAME)"
+        )
+    return name
+
+
+def _parse_shm_url(url: str, u: Any) -> Dict[str, Any]:
+    """shm://NAME[?capacity=N]: a shared memory segment of this host."""
+    example = "write it like shm://myapp or shm://myapp?capacity=100000"
+    if u.path or not u.netloc:
+        raise ValueError(
+            f"bad storage URL {url!r}: shm:// takes one NAME and no path ({example})"
+            if u.netloc else f"bad storage URL {url!r}: no NAME after shm:// ({example})"
+        )
+    try:
+        name = shm_name(unquote(u.netloc))
+    except ValueError as e:
+        raise ValueError(f"bad storage URL {url!r}: {e}") from None
+    query = _query(url, u, "shm", ("capacity",))
+    capacity = 0  # the existing segment's, or the default for a new one
+    if "capacity" in query:
+        v = query["capacity"].replace("_", "")
+        if not v.isdigit() or not 1 <= int(v) <= _SHM_MAX_CAPACITY:
+            raise ValueError(
+                f"bad storage URL {url!r}: capacity={query['capacity']!r} must be a number of "
+                f"buckets from 1 to {_SHM_MAX_CAPACITY:,} (default {_core.SHM_DEFAULT_CAPACITY}: "
+                f"about {_core.shm_size(_core.SHM_DEFAULT_CAPACITY) >> 20} MiB)"
+            )
+        capacity = int(v)
+    return {"kind": "shm", "name": name, "capacity": capacity}
+
+
+def shm_unlink(name: str) -> bool:
+    """Remove the segment of ``shm://NAME`` (the file /dev/shm/rategate.NAME).
+
+    True if it was there, False if there was none.  Processes that have it
+    open keep using it (and each other's buckets); the next process to open
+    NAME makes a new, empty one.  So unlink once every process using it has
+    stopped (a deploy that changes ``capacity``, a test), not under load.
+    """
+    return bool(_core.shm_unlink(shm_name(name)))
+
+
 def parse_storage_url(url: str, ssl: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Split a storage URL into engine arguments; ValueError names the bad part.
 
@@ -354,6 +408,8 @@ def parse_storage_url(url: str, ssl: Optional[Dict[str, Any]] = None) -> Dict[st
         if u.netloc or u.path or u.query:
             raise ValueError(f"bad storage URL {url!r}: memory:// takes nothing after it")
         return {"kind": "memory"}
+    if scheme == "shm":
+        return _parse_shm_url(url, u)
     if scheme in ("redis", "rediss", "unix"):
         user = unquote(u.username) if u.username else None
         password = unquote(u.password) if u.password is not None else None
@@ -424,7 +480,7 @@ def parse_storage_url(url: str, ssl: Optional[Dict[str, Any]] = None) -> Dict[st
     if scheme == "redis+tls":
         raise ValueError(f"bad storage URL {url!r}: for TLS write rediss://")
     raise ValueError(
-        f"bad storage URL {url!r}: unknown scheme {u.scheme!r}; use redis://, rediss://, redis+sentinel://, redis+cluster:// (rediss+ for TLS), unix:// or memory://"
+        f"bad storage URL {url!r}: unknown scheme {u.scheme!r}; use redis://, rediss://, redis+sentinel://, redis+cluster:// (rediss+ for TLS), unix://, shm://NAME or memory://"
     )
 
 
@@ -435,7 +491,10 @@ class Limiter:
     also ``rediss://`` (TLS), ``redis+sentinel://s1:26379,s2:26379/mymaster/0``
     (the master Sentinel names, followed across failovers),
     ``redis+cluster://n1:7000,n2:7001`` (Redis Cluster), ``rediss+sentinel://``
-    and ``rediss+cluster://``, ``unix:///path.sock`` and ``memory://``.
+    and ``rediss+cluster://``, ``unix:///path.sock``, ``memory://``, and
+    ``shm://NAME[?capacity=N]`` (every process of this host that opens NAME
+    shares its buckets in a shared memory segment, decided at once in C; see
+    docs/shm.md).
 
     * ``timeout``: the deadline of one check, in seconds; past it the
       failure mode decides (``error="timeout"``).
@@ -538,6 +597,10 @@ class Limiter:
         self._closed = False
         if cfg["kind"] == "memory":
             self._engine: Any = _core.MemoryEngine(failure_mode == "open")
+        elif cfg["kind"] == "shm":
+            # Decided in the caller's thread; `timeout` bounds the wait for a
+            # lock that a stopped process holds.
+            self._engine = _core.ShmEngine(cfg["name"], cfg["capacity"], failure_mode == "open", timeout)
         else:
             self._engine = _core.Engine(
                 cfg["host"], cfg["port"], cfg["path"], cfg["username"], cfg["password"], cfg["db"],
@@ -698,6 +761,14 @@ class Limiter:
         nothing waits for the store; a slot that cannot be given back expires
         after its ttl)."""
         self._engine.release(key, spec, slot_id)
+
+    def unlink(self) -> bool:
+        """shm:// only: remove the segment's name (:func:`shm_unlink`); True
+        if it was there.  This Limiter, and every process that has the
+        segment open, keep using it; the next to open the NAME makes a new one."""
+        if self.kind != "shm":
+            raise ValueError(f"unlink() is for shm:// limiters (a segment to remove); this one is {self.storage!r}")
+        return bool(self._engine.unlink())
 
     # The count of slots this process holds (stats()["slots_held"]), kept by
     # Slot and the middleware around the slots they take and give back.

@@ -744,8 +744,8 @@ class RateLimitMiddleware:
         self.metrics = _check_metrics(metrics, "RateLimitMiddleware")
         # A Decision returned by submit() at once, denied and without error,
         # came from the core's local over-limit cache, except on memory://
-        # (which answers every check at once).
-        self._sync_cached = getattr(limiter, "kind", "memory") != "memory"
+        # and shm:// (which answer every check at once, from the store).
+        self._sync_cached = getattr(limiter, "kind", "memory") not in ("memory", "shm")
         self.key = _check_key(key, "RateLimitMiddleware") or client_ip()
         self.cost = _check_cost(cost, "RateLimitMiddleware")
 
