@@ -352,7 +352,13 @@ async def reset_client(limiter: Limiter, client: str | bytes, rule: str | None,
         assert part is not None
         k = store_key(part, client)
         if not redis:
-            return await _reset_entries(limiter, lambda key: key == _bytes(k))
+            done = await _reset_entries(limiter, lambda key: key == _bytes(k))
+            if not done and getattr(limiter, "kind", None) == "memory":
+                # One process: a rule nobody here registered and no bucket
+                # holds is most likely a misspelt name: say which exist.
+                known = ", ".join(sorted(rules)) or "none yet"
+                raise ValueError(f"reset_client: no rule {label!r} in this process (known: {known})")
+            return done
         match, route = key_patterns(k)
         return await _reset_scanned(limiter, [(match, route)], client, None)
     if not redis:
