@@ -16,7 +16,9 @@
  */
 #include "module.h"
 
+#include "cache.h"
 #include "shmstore.h"
+#include "topk.h"
 
 /* The Limiter's timeout range (limiter.py checks it too). */
 #define SHM_MIN_SECONDS 1e-6
@@ -35,7 +37,21 @@ typedef struct {
     uint64_t timeout_ns;  /* the most a check waits for a stripe's lock */
     double last_log;      /* monotonic seconds of the last "full" log line (< 0: never) */
     unsigned long long unlogged; /* overloaded checks since that line */
+    rg_denials denials;   /* this process's denial summary (topk.h), not the segment's */
+    unsigned long denials_gen; /* the fork generation it belongs to */
 } ShmEngineObject;
+
+/* This process's denial summary: a forked child starts its own (the
+ * buckets are shared, the summary of who this process denied is not). */
+static rg_denials *
+shm_denials(ShmEngineObject *self)
+{
+    if (self->denials_gen != rg_fork_generation) {
+        rg_denials_clear(&self->denials);
+        self->denials_gen = rg_fork_generation;
+    }
+    return &self->denials;
+}
 
 static PyObject *
 shm_error(int kind, int err, const char *msg)
@@ -197,6 +213,9 @@ shm_submit(ShmEngineObject *self, PyObject *const *args, Py_ssize_t nargs)
                    cost, self->timeout_ns, &r);
     if (rc != RG_SHM_OK)
         return shm_failure(self, &self->k, spec->spec, rc);
+    if (!r.allowed)
+        rg_denials_note(shm_denials(self), rg_hash(key, (size_t)keylen), key, (size_t)keylen,
+                        rg_now_ns());
     return rg_answer(self->st, &self->k, spec->spec, &r, cost);
 }
 
@@ -350,7 +369,8 @@ shm_stats(ShmEngineObject *self, PyObject *unused)
         (unsigned long long)in.live, "overloaded", (unsigned long long)in.full, "recovered",
         (unsigned long long)in.recovered, "evicted", (unsigned long long)in.evicted, "lock_waits",
         (unsigned long long)in.waits);
-    if (v == NULL || PyDict_Update(d, v) < 0)
+    if (v == NULL || PyDict_Update(d, v) < 0 ||
+        rg_denials_into(d, shm_denials(self), RG_DENIALS_SHOWN, rg_now_ns()) < 0)
         goto error;
     Py_DECREF(v);
     Py_XDECREF(cause);
@@ -411,6 +431,7 @@ shm_dealloc(ShmEngineObject *self)
 {
     PyTypeObject *tp = Py_TYPE(self);
     rg_shm_close(&self->shm);
+    rg_denials_free(&self->denials);
     Py_CLEAR(self->name);
     Py_CLEAR(self->module);
     tp->tp_free((PyObject *)self);

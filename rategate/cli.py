@@ -226,9 +226,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # -- the limiter ---------------------------------------------------------------------
+SHM_DIR = "/dev/shm"
+
+
 def make_limiter(args: argparse.Namespace, url: str) -> Any:
-    """The Limiter of ``url`` with the TLS options given; CliError(2) when they are wrong."""
-    from .limiter import Limiter
+    """The Limiter of ``url`` with the TLS options given; CliError(2) when they
+    are wrong.  shm://NAME: only a segment that exists (an operator's command
+    must not create an empty one under a mistyped name)."""
+    from .limiter import Limiter, parse_storage_url
+
+    try:
+        cfg = parse_storage_url(url)
+    except ValueError as e:
+        raise CliError(str(e), EXIT_USAGE) from None
+    if cfg["kind"] == "shm":
+        path = os.path.join(SHM_DIR, f"rategate.{cfg['name']}")
+        if not os.path.exists(path):
+            raise CliError(f"no segment shm://{cfg['name']} on this host ({path} does not exist): no process "
+                           "has opened it; is the name the app's?")
 
     tls = {k: getattr(args, k, None) for k in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile",
                                                "ssl_cert_reqs", "ssl_check_hostname")}
@@ -303,7 +318,13 @@ async def ping(limiter: Any, args: argparse.Namespace, url: str) -> tuple[int, d
         d = await limiter.hit(PING_KEY + "local", PING_RATE, 0)
         ms = (time.perf_counter() - t) * 1000.0
         doc.update(ok=d.error is None, check={"ok": d.error is None, "ms": round(ms, 3), "error": d.error})
-        lines.append(f"kind      {limiter.kind}: in this process, nothing to reach")
+        seg = limiter.stats().get("shm")
+        if seg:
+            doc["segment"] = seg
+            lines.append(f"segment   {seg.get('path')}: {seg.get('live')} live buckets of {seg.get('capacity')}, "
+                         f"{seg.get('bytes', 0) >> 20} MiB, shared by this host's processes")
+        else:
+            lines.append(f"kind      {limiter.kind}: in this process, nothing to reach")
         lines.append(f"check     {'ok' if d.error is None else 'FAILED: ' + str(d.error)} ({ms:.2f} ms)")
         return (EXIT_OK if d.error is None else EXIT_FAILED), doc, lines
     engine = limiter._engine

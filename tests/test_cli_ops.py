@@ -215,3 +215,28 @@ async def test_reset_removes_leaked_slots(redis_url: str, make_limiter: Any) -> 
     assert p.returncode == 0 and doc["removed"] == ["rg:{slow|203.0.113.50}:c"]
     async with lim.concurrency(key, rates=spec) as s:
         assert s.decision.allowed
+
+
+def test_shm_across_processes(tmp_path: Any) -> None:
+    """shm://: two uvicorn workers share the buckets; the CLI, a third
+    process, finds, shows and resets them (no deny cache: at once)."""
+    name = f"rg-cli-{os.getpid()}"
+    url = f"shm://{name}"
+    server = Uvicorn("cli_app:app", "--no-proxy-headers", "--lifespan", "on", workers=2,
+                     env={"RATEGATE_TEST_URL": url})
+    try:
+        assert statuses(server, "127.0.0.2", 5) == [200, 200, 200, 429, 429]  # across both workers
+        code, doc = cli_json(url, "ping")
+        assert code == 0 and doc["segment"]["path"] == f"/dev/shm/rategate.{name}"
+        code, doc = cli_json(url, "blocked")
+        assert code == 0 and [(e["rule"], e["client"]) for e in doc["blocked"]] == [("default", "127.0.0.2")]
+        code, doc = cli_json(url, "show", "127.0.0.2")
+        assert [(b["rule"], b["tokens"]) for b in doc["buckets"]] == [("default", 0)]
+        code, doc = cli_json(url, "reset", "127.0.0.2")
+        assert code == 0 and len(doc["removed"]) == 1
+        assert statuses(server, "127.0.0.2", 4) == [200, 200, 200, 429]
+    finally:
+        server.stop()
+        rategate.shm_unlink(name)
+    p = cli(url, "ping")
+    assert p.returncode == 1 and "no segment" in p.stderr

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import math
+import os
 import random
 from typing import Any
 
@@ -231,3 +232,19 @@ def test_fork_forgets_the_parents_denials(redis_url: str) -> None:
         assert got == b"0"
     finally:
         lim.close()
+
+
+async def test_shm_engine_feeds_it_per_process() -> None:
+    name = f"rg-topk-{os.getpid()}"
+    lim = rategate.Limiter(f"shm://{name}")
+    try:
+        for i in range(10):
+            for _ in range(3 if i else 12):
+                await lim.hit(f"default|10.1.0.{i}", "1/minute")
+        st = lim.stats()
+        assert st["top_denied"][0] == {"rule": "default", "client": "10.1.0.0", "denials": 11, "overcount": 0}
+        assert st["denials_summarized"] == st["denied"] == 11 + 9 * 2
+        assert st["denied_clients_1m"] == 10
+    finally:
+        lim.close()
+        rategate.shm_unlink(name)
