@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import TYPE_CHECKING, Any
 
 from .keys import MAX_KEY_LENGTH, key_digest
@@ -47,11 +47,13 @@ __all__ = [
     "MESSAGES_PREFIX",
     "client_patterns",
     "dependency_part",
+    "drop_slots",
     "escape_name",
     "escape_namespace",
     "fnv1a64",
     "key_patterns",
     "parse_redis_key",
+    "part_patterns",
     "prefixed_key",
     "rate_of",
     "redis_key",
@@ -253,6 +255,17 @@ def client_patterns(client: str | bytes) -> list[bytes]:
     return [b"rg:{*|" + e + b"}:*"]
 
 
+def part_patterns(starts: Iterable[str]) -> list[bytes]:
+    """SCAN MATCH patterns that find the keys whose store key K starts with
+    one of ``starts`` (a rule part + "|" or "#", a namespace part + ":"),
+    tagged or not (a superset: check K with ``startswith``)."""
+    out = []
+    for p in starts:
+        e = glob_escape(_bytes(p))
+        out += [b"rg:{" + e + b"*", b"rg:{~*}~" + e + b"*"]
+    return out
+
+
 # -- the store -----------------------------------------------------------------------
 def _redis(limiter: Any) -> bool:
     """A Redis engine (it takes commands); memory:// and shm:// keep their table in this host."""
@@ -326,8 +339,51 @@ def _resolve_rule(limiter: Any, rule: str | None, namespace: str | None) -> tupl
 
 
 async def reset_client(limiter: Limiter, client: str | bytes, rule: str | None,
-                       namespace: str | None) -> list[bytes]:
+                       namespace: str | None, slots: bool = False) -> list[bytes]:
     """``Limiter.reset_client()``: see there."""
+    done = await _reset_rates(limiter, client, rule, namespace)
+    if slots:
+        done += await drop_slots(limiter, client, rule, namespace)
+    return done
+
+
+async def drop_slots(limiter: Limiter, client: str | bytes, rule: str | None,
+                     namespace: str | None) -> list[bytes]:
+    """Delete the concurrency slot sets of ``client`` (under ``rule``, or
+    every rule of ``namespace``, or all) in a Redis store; the keys deleted.
+    Slots held by requests still running are then not counted: for a client
+    locked out by slots its dead requests hold.  memory:// and shm://: none
+    (their slots are requests in flight on this host, given back when they
+    end or expire)."""
+    if not _redis(limiter):
+        return []
+    label, part = _resolve_rule(limiter, rule, namespace)
+    await limiter.connect()
+    if part is not None:
+        k = _bytes(store_key(part, client))
+        patterns = [key_patterns(k)]
+
+        def mine(key: bytes) -> bool:
+            return key == k
+    else:
+        patterns = [(m, None) for m in client_patterns(client)]
+
+        def mine(key: bytes) -> bool:
+            return _client_of(key, client, namespace)
+    engine = limiter._engine
+    done: list[bytes] = []
+    for match, route in patterns:
+        async for page in scan(limiter, match, key=route):
+            for key in page:
+                parsed = parse_redis_key(bytes(key))
+                if parsed is not None and parsed[1] == CONCURRENCY_ID and mine(parsed[0]):
+                    if int(await engine.command([b"DEL", key], key=key)):
+                        done.append(bytes(key))
+    return done
+
+
+async def _reset_rates(limiter: Limiter, client: str | bytes, rule: str | None,
+                       namespace: str | None) -> list[bytes]:
     if not isinstance(client, (str, bytes)) or not client:
         raise ValueError("reset_client: client must be what the key function returns "
                          f"(like \"203.0.113.9\"), got {client!r}")

@@ -198,22 +198,18 @@ def _selection(limiter: Any, rule: Optional[str], namespace: Optional[str]
     if rule is not None:
         _, part = admin._resolve_rule(limiter, rule, namespace)
         assert part is not None
-        n = admin._bytes(part)
-        starts: tuple[bytes, ...] = (n + b"|", n + b"#")
+        starts: tuple[str, ...] = (part + "|", part + "#")
     elif namespace is not None:
-        ns = admin._bytes(admin.escape_namespace(namespace) + ":")
-        starts = (ns, admin.MESSAGES_PREFIX.encode() + ns)
+        ns = admin.escape_namespace(namespace) + ":"
+        starts = (ns, admin.MESSAGES_PREFIX + ns)
     else:
         return [b"rg:*"], lambda k: True
-    patterns = []
-    for p in starts:
-        e = admin.glob_escape(p)
-        patterns += [b"rg:{" + e + b"*", b"rg:{~*}~" + e + b"*"]
+    prefixes = tuple(admin._bytes(p) for p in starts)
 
     def accept(k: bytes) -> bool:
-        return k.startswith(starts)
+        return k.startswith(prefixes)
 
-    return patterns, accept
+    return admin.part_patterns(starts), accept
 
 
 async def blocked(limiter: Any, rule: Optional[str], namespace: Optional[str], limit: int,

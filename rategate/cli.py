@@ -430,28 +430,23 @@ async def show(limiter: Any, args: argparse.Namespace, url: str) -> tuple[int, d
 
 
 async def reset(limiter: Any, args: argparse.Namespace, url: str) -> tuple[int, dict[str, Any], list[str]]:
-    """The client's buckets (Limiter.reset_client), then its concurrency slot
-    sets (Redis: DEL), so a client locked out by leaked slots is let in too."""
+    """Limiter.reset_client(slots=True): the client's buckets, and its
+    concurrency slot sets (on Redis), so a client locked out by slots its
+    dead requests hold is let in too."""
     removed = [_bucket_doc(r)["key"] for r in
-               await limiter.reset_client(args.client, rule=args.rule, namespace=args.namespace)]
-    left = []
-    for b in await limiter.buckets(args.client, rule=args.rule, namespace=args.namespace):
-        if b.kind != "concurrency":
-            continue
-        if limiter.kind == "redis":
-            await limiter._engine.command([b"DEL", b.raw_key], key=b.raw_key)
-            removed.append(b.key)
-        else:
-            left.append(b.key)
+               await limiter.reset_client(args.client, rule=args.rule, namespace=args.namespace, slots=True)]
+    left = [b.key for b in await limiter.buckets(args.client, rule=args.rule, namespace=args.namespace)
+            if b.kind == "concurrency"]
     lines = [f"removed {k}" for k in removed]
     if removed:
-        lines.append(f"{len(removed)} removed: the client's next request is allowed (processes that cached "
-                     "its denial see this within their deny_cache_ttl, 1 s by default)")
+        lines.append(f"{len(removed)} removed (buckets and concurrency slots): the client's next request is "
+                     "allowed (processes that cached its denial see this within their deny_cache_ttl, 1 s by "
+                     "default)")
     else:
         lines.append(f"nothing to remove for client {_cut(args.client)!r}: it is not limited now")
     for k in left:
-        lines.append(f"left {k}: this store's slots are requests in flight; they are given back when "
-                     "those end, or expire after their ttl")
+        lines.append(f"left {k}: this store's slots are requests in flight on this host; they are given "
+                     "back when those end, or expire after their ttl")
     return EXIT_OK, {"ok": True, "client": args.client, "removed": removed, "left": left}, lines
 
 

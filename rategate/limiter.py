@@ -835,7 +835,7 @@ class Limiter:
         return await clear(self)
 
     async def reset_client(self, client: Union[str, bytes], *, rule: Optional[str] = None,
-                           namespace: Optional[str] = None) -> List[bytes]:
+                           namespace: Optional[str] = None, slots: bool = False) -> List[bytes]:
         """Give ``client`` a full bucket again, by the key the key function
         returns (``"203.0.113.9"``, an API key) and a rule's name or path as
         written (``"default"``, ``"/api/chat"``, ``"POST /login"``; the FastAPI
@@ -849,13 +849,19 @@ class Limiter:
         per rate, no scan); another rule, or every rule, is found by scanning
         the store (O(keys): memory:// looks at its own table; Redis scans
         with SCAN MATCH on every master).  Concurrency slots are left alone
-        (they are requests in flight).  Returns the Redis keys reset (the same
-        layout names memory://'s buckets).  ``ConnectionError`` when the
-        store cannot be reached.
+        (they are requests in flight) unless ``slots=True``: then the
+        client's slot sets are deleted too on Redis (for a client locked out
+        by slots that requests of a dead process hold; ``rategate reset``
+        does this); memory:// and shm:// keep theirs (requests in flight on
+        this host).  Returns the Redis keys reset (the same layout names
+        memory://'s buckets).  ``ConnectionError`` when the store cannot be
+        reached.
         """
         from .admin import reset_client
 
-        return await reset_client(self, client, rule, namespace)
+        if not isinstance(slots, bool):
+            raise ValueError(f"reset_client: slots must be True or False, got {slots!r}")
+        return await reset_client(self, client, rule, namespace, slots)
 
     def _register(self, label: str, part: str, spec: Any) -> None:
         """A middleware or dependency checks rule ``label`` (its stats label)

@@ -210,11 +210,19 @@ async def test_reset_removes_leaked_slots(redis_url: str, make_limiter: Any) -> 
             pass
     bs = await lim.buckets("203.0.113.50")
     assert [(b.rule, b.kind, b.slots) for b in bs] == [("slow", "concurrency", 1)]
+    assert await lim.reset_client("203.0.113.50") == []  # by default slots are requests in flight: kept
     p = await asyncio.to_thread(cli, redis_url, "--json", "reset", "203.0.113.50")
     doc = json.loads(p.stdout)
-    assert p.returncode == 0 and doc["removed"] == ["rg:{slow|203.0.113.50}:c"]
+    assert p.returncode == 0 and doc["removed"] == ["rg:{slow|203.0.113.50}:c"] and doc["left"] == []
     async with lim.concurrency(key, rates=spec) as s:
         assert s.decision.allowed
+    # the Limiter's own flag, on a rule by name
+    slot = lim.concurrency(key, rates=spec)
+    await slot.__aenter__()
+    assert await lim.reset_client("203.0.113.50", rule="slow", slots=True) == [b"rg:{slow|203.0.113.50}:c"]
+    assert await lim.buckets("203.0.113.50") == []
+    with pytest.raises(ValueError, match="slots must be True or False"):
+        await lim.reset_client("203.0.113.50", slots="yes")  # type: ignore[arg-type]
 
 
 def test_shm_across_processes(tmp_path: Any) -> None:
