@@ -189,6 +189,14 @@ class DenialLog:
         return (f"DenialLog(per_client={self.per_client:g}, per_second={self.per_second:g}, "
                 f"level={logging.getLevelName(self.level)!r})")
 
+    def clear(self) -> None:
+        """Forget who got a line and refill the budget (a test's fresh start:
+        :data:`DEFAULT` is shared by the whole process)."""
+        self._seen.clear()
+        self._tokens = self.per_second
+        self._t = -math.inf
+        self._over = 0
+
     def note(self, rule: str, key: Key, path: str, retry_after: float, redact: Redact | None = None) -> None:
         """One enforced denial (see the module docstring for the arguments)."""
         if not self.logger.isEnabledFor(self.level):
