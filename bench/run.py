@@ -659,8 +659,9 @@ def run_redis_benchmark(ctx: Ctx) -> dict:
     if r.returncode != 0 or not r.stdout.strip():
         raise RuntimeError(f"rategate is not built (make build): {r.stderr.strip()[-300:]}")
     script, which = r.stdout, "rategate._core.SCRIPT (one check per call)"
-    # ARGV (csrc/script.c): checks=1; op=0 (a hit), cost=1, rates=1; T=1 µs, tau=burst*T=1000000 µs
-    args = ["1", "rg:{bench:__rand_int__}:1000000/1000", "1", "0", "1", "1", "1", "1000000"]
+    # ARGV (csrc/script.c): checks=1, MGET, one spec "=1" (T=1 µs, tau=burst*T=1000000 µs,
+    # a hit's TTL 1 ms); the check in the common form: spec "=1", cost 1
+    args = ["1", "rg:{bench:__rand_int__}:1000000/1000", "1", "1", "1", "=1", "1", "1000000", "1", "=1", "1"]
     sha = redis_cmd(ctx.redis_conf, "SCRIPT", "LOAD", script)
     sha = sha.decode() if isinstance(sha, bytes) else sha
     conf = ctx.redis_conf
