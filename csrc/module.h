@@ -99,6 +99,8 @@ int rg_parse_reset(rg_state *st, PyObject *const *args, Py_ssize_t nargs,
                    const char **key, Py_ssize_t *keylen, SpecObject **spec);
 
 int rg_engine_types_init(PyObject *module, rg_state *st);
+/* rategate._core.Gate and its helpers (pygate.c). */
+int rg_gate_types_init(PyObject *module);
 
 /* Bumped in the child after fork(): engines started before it are gone. */
 extern unsigned long rg_fork_generation;
