@@ -1200,13 +1200,7 @@ def _gate_rule(r: Rule) -> tuple[Any, ...]:
             h._items if h is not None else (), h._full if h is not None else (), r.counts)
 
 
-def _gate_pending_type() -> type:
-    from . import _core
-
-    return _core.GatePending  # type: ignore[no-any-return]
-
-
-_GatePending = _gate_pending_type()
+from ._core import GatePending as _GatePending  # noqa: E402 - beside its one use
 
 
 def _dummy_rates() -> tuple[Any, ...]:
