@@ -27,6 +27,7 @@ rg_batch_new(rg_check **checks, int n)
     b->evaled = 0;
     b->asked = 0;
     b->xslot = 0;
+    b->command = 0;
     for (i = 0; i < n; i++) {
         b->checks[i] = checks[i];
         checks[i]->batch = b;
@@ -130,6 +131,19 @@ rg_check_slot(const rg_check *c)
     if (taglen == 0)
         return crc16(0, c->key, c->keylen) & 16383;
     return crc16(crc16(0, "~", 1), tag, taglen) & 16383;
+}
+
+int
+rg_key_slot(const char *key, size_t len)
+{
+    const char *open = memchr(key, '{', len), *close;
+
+    if (open != NULL) {
+        close = memchr(open + 1, '}', len - (size_t)(open - key) - 1);
+        if (close != NULL && close > open + 1)
+            return crc16(0, open + 1, (size_t)(close - open - 1)) & 16383;
+    }
+    return crc16(0, key, len) & 16383;
 }
 
 /* The rates the script gets for c (a release touches none), and whether

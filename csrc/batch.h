@@ -30,6 +30,7 @@ typedef struct rg_batch {
     int evaled;  /* sent with EVAL (after NOSCRIPT) */
     int asked;   /* Cluster: sent after ASKING (an ASK is followed once) */
     int xslot;   /* Cluster: rg_script_xslot over several slots (see script.c) */
+    int command; /* an operator's command (checks[0]->cmd), not a script call */
     rg_check *checks[];
 } rg_batch;
 
@@ -43,6 +44,9 @@ rg_batch *rg_batch_new(rg_check **checks, int n);
 int rg_batch_write(rg_batch *b, const char *sha, rg_buf *out);
 /* The Redis Cluster hash slot of every key of c (they share one hash tag). */
 int rg_check_slot(const rg_check *c);
+/* The hash slot of a Redis key as it is (its first non-empty {tag}, else
+ * the whole key): where an operator's command on that key goes. */
+int rg_key_slot(const char *key, size_t len);
 
 enum rg_batch_outcome {
     RG_BATCH_DECIDED,  /* each live check has res and err (NONE or REDIS) set;

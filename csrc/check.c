@@ -4,6 +4,8 @@
 #include "check.h"
 
 #include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -37,6 +39,42 @@ rg_check_new(const char *key, size_t keylen, const char *sid, size_t sidlen)
     return c;
 }
 
+/* What r holds (its string, its elements), not r itself.  The depth is
+ * bounded by hiredis's reader (nested arrays of depth 7 at most). */
+static void
+reply_clear(rg_reply *r)
+{
+    size_t i;
+
+    free(r->str);
+    for (i = 0; i < r->n; i++)
+        reply_clear(&r->elem[i]);
+    free(r->elem);
+}
+
+void
+rg_reply_free(rg_reply *r)
+{
+    if (r == NULL)
+        return;
+    reply_clear(r);
+    free(r);
+}
+
+void
+rg_cmd_free(rg_cmd *cmd)
+{
+    if (cmd == NULL)
+        return;
+    free(cmd->resp);
+    free(cmd->node);
+    rg_reply_free(cmd->reply);
+    if (cmd->group != NULL &&
+        atomic_fetch_sub_explicit(&cmd->group->refcnt, 1, memory_order_acq_rel) == 1)
+        free(cmd->group);
+    free(cmd);
+}
+
 void
 rg_check_free(rg_check *c)
 {
@@ -44,8 +82,19 @@ rg_check_free(rg_check *c)
         rg_spec_decref(c->spec);
     if (c->port != NULL)
         rg_port_decref(c->port);
+    rg_cmd_free(c->cmd);
     atomic_fetch_sub_explicit(&rg_live_checks, 1, memory_order_relaxed);
     free(c);
+}
+
+void
+rg_msgf(char *buf, size_t len, const char *f, ...)
+{
+    va_list ap;
+    va_start(ap, f);
+    if (vsnprintf(buf, len, f, ap) < 0)
+        buf[0] = '\0';
+    va_end(ap);
 }
 
 uint64_t

@@ -36,6 +36,10 @@ enum rg_op {
                     * a bucket may go into debt, never above full */
     RG_OP_RELEASE, /* give back the concurrency slot check->sid; nobody waits
                     * for the answer (the check has no port) */
+    RG_OP_COMMAND, /* an operator's command (check->cmd), sent as it is on its
+                    * own; no spec, never in a script call, never cached */
+    RG_OP_CONNECT, /* wait until the shard's store has answered (check->cmd
+                    * says why not); no spec, sent nowhere */
 };
 
 /* The script's op argument: the op, plus this flag when the check carries a
@@ -75,6 +79,67 @@ typedef struct rg_spec {
 struct rg_port;
 struct rg_batch;
 
+/*
+ * A reply as plain C: what the loop thread copies out of hiredis's reply
+ * for an operator's command, and what the Python thread turns into Python
+ * objects (under the GIL, pyengine.c).  Owned by its command.
+ */
+enum rg_reply_type {
+    RG_REPLY_NIL = 0,
+    RG_REPLY_INT,    /* integer */
+    RG_REPLY_BULK,   /* str[0..len) */
+    RG_REPLY_STATUS, /* str[0..len) */
+    RG_REPLY_ERROR,  /* str[0..len): the server's error text */
+    RG_REPLY_ARRAY,  /* elem[0..n) */
+};
+
+typedef struct rg_reply {
+    int type;
+    long long integer;
+    size_t len;  /* STRING, STATUS, ERROR */
+    char *str;
+    size_t n;    /* ARRAY */
+    struct rg_reply *elem;
+} rg_reply;
+
+void rg_reply_free(rg_reply *r);
+
+/*
+ * A connect() waits on one future for every shard: the shards' CONNECT
+ * checks share it.  `left` and `done` are the Python thread's (under the
+ * GIL); the reference count is atomic, because the last check holding the
+ * group may be freed on a loop thread.
+ */
+typedef struct rg_group {
+    atomic_int refcnt;
+    int left; /* shards that have not answered */
+    int done; /* the future was taken (resolved, or let go) */
+} rg_group;
+
+/* How an operator's command is routed (rg_cmd.route). */
+enum { RG_CMD_ANY = 0, RG_CMD_KEY, RG_CMD_NODE };
+
+/*
+ * The operator's part of a COMMAND or CONNECT check (check.h's rg_check
+ * owns it).  Made by the Python thread, routed and answered by a loop
+ * thread, read back by the Python thread: one owner at a time.
+ */
+typedef struct rg_cmd {
+    char *resp;          /* the command in RESP */
+    size_t resp_len;
+    int route;           /* RG_CMD_* */
+    int slot;            /* RG_CMD_KEY on a cluster: the key's hash slot */
+    char *node;          /* RG_CMD_NODE: "host:port" as topology() lists it */
+    int redirects;       /* MOVED / ASK followed so far */
+    double timeout;      /* seconds, for messages */
+    rg_group *group;     /* CONNECT: the connect() this shard answers */
+    rg_reply *reply;     /* the answer (RG_ERR_NONE), or NULL */
+    char where[300];     /* the server it went to or waits for, for messages */
+    char why[400];       /* the cause, when it failed */
+} rg_cmd;
+
+void rg_cmd_free(rg_cmd *cmd);
+
 typedef struct rg_check {
     struct rg_check *next; /* request queue, then the sent/waiting list, then the port */
     struct rg_check *prev; /* sent/waiting list (loop thread only) */
@@ -94,6 +159,7 @@ typedef struct rg_check {
     int resent;            /* sent again after its connection dropped (at most once) */
     int lease;             /* a hit that takes a lease of up to `cost` tokens (lease.h) */
     int err;               /* enum rg_err */
+    rg_cmd *cmd;           /* COMMAND / CONNECT: owned; NULL otherwise */
     rg_result res;
     uint32_t keylen;
     uint32_t sidlen;       /* the concurrency slot id, after the key in key[] */
@@ -121,6 +187,10 @@ rg_check_sid(const rg_check *c)
 void rg_check_free(rg_check *c);
 
 uint64_t rg_now_ns(void);
+
+/* snprintf for messages: cut to the buffer, silently (a long host name or
+ * a server's error text must not cost the message); "" on a format error. */
+__attribute__((format(printf, 3, 4))) void rg_msgf(char *buf, size_t len, const char *f, ...);
 
 /*
  * The file descriptors the loop threads own (epoll, wake-up eventfds,

@@ -8,7 +8,6 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
-#include <stdarg.h>
 #include <netdb.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -25,18 +24,6 @@
 #include "check.h"
 
 #define RG_READ_CHUNK 65536
-
-/* snprintf for messages: cut to the buffer, silently (a long host name
- * or OpenSSL reason must not cost the message). */
-__attribute__((format(printf, 3, 4))) static void
-msgf(char *buf, size_t len, const char *f, ...)
-{
-    va_list ap;
-    va_start(ap, f);
-    if (vsnprintf(buf, len, f, ap) < 0)
-        buf[0] = '\0';
-    va_end(ap);
-}
 
 enum conn_state {
     CS_RESOLVING,  /* host name on the thread pool */
@@ -302,7 +289,7 @@ static void
 conn_losef(rg_conn *c, const char *fmt, const char *a, const char *b)
 {
     char why[512];
-    msgf(why, sizeof(why), fmt, a, b);
+    rg_msgf(why, sizeof(why), fmt, a, b);
     conn_lose(c, why);
 }
 
@@ -358,15 +345,15 @@ tls_fail(rg_conn *c, const char *when)
     const char *hint;
 
     if (v != X509_V_OK)
-        msgf(what, sizeof(what), "certificate verify failed (%s)",
+        rg_msgf(what, sizeof(what), "certificate verify failed (%s)",
                  X509_verify_cert_error_string(v));
     else if (e != 0)
-        msgf(what, sizeof(what), "%s",
+        rg_msgf(what, sizeof(what), "%s",
                  ERR_reason_error_string(e) ? ERR_reason_error_string(e) : "unknown error");
     else
-        msgf(what, sizeof(what), "the server closed the connection");
+        rg_msgf(what, sizeof(what), "the server closed the connection");
     hint = tls_hint(v, e);
-    msgf(why, sizeof(why), "TLS %s %s failed: %s%s%s", when, c->addr, what,
+    rg_msgf(why, sizeof(why), "TLS %s %s failed: %s%s%s", when, c->addr, what,
              hint ? ": " : "", hint ? hint : "");
     ERR_clear_error();
     conn_lose(c, why);
@@ -566,7 +553,7 @@ hello_reply(rg_conn *c, redisReply *r)
     char why[400];
 
     if (r->type == REDIS_REPLY_ERROR) {
-        msgf(why, sizeof(why), "Redis refused the connection set-up on %s: %.*s", c->addr,
+        rg_msgf(why, sizeof(why), "Redis refused the connection set-up on %s: %.*s", c->addr,
                  (int)(r->len > 200 ? 200 : r->len), r->str);
         conn_lose(c, why);
         return;
@@ -644,9 +631,9 @@ read_cb(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf)
                                                 : " during the set-up";
             char why[512];
             if (nread == UV_EOF)
-                msgf(why, sizeof(why), "connection closed by %s%s", c->addr, hint);
+                rg_msgf(why, sizeof(why), "connection closed by %s%s", c->addr, hint);
             else
-                msgf(why, sizeof(why), "connection to %s failed: %s%s", c->addr,
+                rg_msgf(why, sizeof(why), "connection to %s failed: %s%s", c->addr,
                      uv_strerror((int)nread), hint);
             conn_lose(c, why);
         }
@@ -856,7 +843,7 @@ resolve_work(uv_work_t *w)
     memset(&hints, 0, sizeof(hints));
     hints.ai_family = AF_UNSPEC;
     hints.ai_socktype = SOCK_STREAM;
-    msgf(port, sizeof(port), "%d", q->port);
+    rg_msgf(port, sizeof(port), "%d", q->port);
     q->err = getaddrinfo(q->host, port, &hints, &q->ai);
     q->sys_errno = errno;
 }
@@ -899,15 +886,15 @@ timeout_cb(uv_timer_t *t)
     char why[400];
 
     if (c->state == CS_HELLO && c->ssl != NULL && !c->tls_done) {
-        msgf(why, sizeof(why), "TLS handshake with %s failed: no answer within %llu ms: is this "
+        rg_msgf(why, sizeof(why), "TLS handshake with %s failed: no answer within %llu ms: is this "
              "port speaking TLS? use redis:// for a plain port", c->addr,
              (unsigned long long)(c->cfg->connect_timeout_ns / 1000000u));
     } else if (c->why[0] != '\0') {
         /* A failure found inside an rg_conn_* call, reported from here so
          * that the owner never gets lost() from inside its own call. */
-        msgf(why, sizeof(why), "%s", c->why);
+        rg_msgf(why, sizeof(why), "%s", c->why);
     } else {
-        msgf(why, sizeof(why), "connect timeout (%llu ms) to %s while %s",
+        rg_msgf(why, sizeof(why), "connect timeout (%llu ms) to %s while %s",
                  (unsigned long long)(c->cfg->connect_timeout_ns / 1000000u), c->addr,
                  c->state <= CS_HELLO ? phase[c->state] : "ready");
     }
@@ -918,7 +905,7 @@ timeout_cb(uv_timer_t *t)
 static void
 fail_later(rg_conn *c, const char *why)
 {
-    msgf(c->why, sizeof(c->why), "%s", why);
+    rg_msgf(c->why, sizeof(c->why), "%s", why);
     uv_timer_start(&c->timer, timeout_cb, 0, 0);
 }
 
@@ -967,7 +954,7 @@ rg_conn_open(uv_loop_t *loop, const rg_conn_cfg *cfg, const rg_conn_ops *ops, vo
 
     if (c == NULL || (c->reader = redisReaderCreate()) == NULL) {
         free(c);
-        msgf(err, errlen, "out of memory");
+        rg_msgf(err, errlen, "out of memory");
         return NULL;
     }
     c->loop = loop;
@@ -975,11 +962,11 @@ rg_conn_open(uv_loop_t *loop, const rg_conn_cfg *cfg, const rg_conn_ops *ops, vo
     c->ops = ops;
     c->owner = owner;
     if (cfg->path != NULL)
-        msgf(c->addr, sizeof(c->addr), "%s", cfg->path);
+        rg_msgf(c->addr, sizeof(c->addr), "%s", cfg->path);
     else if (strchr(cfg->host, ':') != NULL)
-        msgf(c->addr, sizeof(c->addr), "[%s]:%d", cfg->host, cfg->port);
+        rg_msgf(c->addr, sizeof(c->addr), "[%s]:%d", cfg->host, cfg->port);
     else
-        msgf(c->addr, sizeof(c->addr), "%s:%d", cfg->host, cfg->port);
+        rg_msgf(c->addr, sizeof(c->addr), "%s:%d", cfg->host, cfg->port);
     uv_timer_init(loop, &c->timer); /* these cannot fail on a live loop */
     uv_prepare_init(loop, &c->flusher);
     c->timer.data = c;
@@ -1003,7 +990,7 @@ rg_conn_send(rg_conn *c, rg_buf *cmd, void *priv)
         /* Bytes may be half out: the stream is unusable.  The priv is owed
          * now: it is answered NULL with the others, after lost(). */
         char why[400];
-        msgf(why, sizeof(why), "write to %s failed: out of memory", c->addr);
+        rg_msgf(why, sizeof(why), "write to %s failed: out of memory", c->addr);
         fail_later(c, why);
     }
     return 0;
@@ -1016,11 +1003,11 @@ file_check(const char *opt, const char *path, char *err, size_t errlen)
 {
     struct stat st;
     if (stat(path, &st) != 0) {
-        msgf(err, errlen, "%s: cannot read %s: %s", opt, path, strerror(errno));
+        rg_msgf(err, errlen, "%s: cannot read %s: %s", opt, path, strerror(errno));
         return -1;
     }
     if (!S_ISREG(st.st_mode)) {
-        msgf(err, errlen, "%s: %s is not a file", opt, path);
+        rg_msgf(err, errlen, "%s: %s is not a file", opt, path);
         return -1;
     }
     return 0;
@@ -1031,7 +1018,7 @@ ssl_reason(char *buf, size_t len)
 {
     unsigned long e = ERR_peek_last_error();
     const char *r = e ? ERR_reason_error_string(e) : NULL;
-    msgf(buf, len, "%s", r ? r : "not understood");
+    rg_msgf(buf, len, "%s", r ? r : "not understood");
     ERR_clear_error();
 }
 
@@ -1045,7 +1032,7 @@ rg_tls_ctx_new(const char *ca_certs, const char *certfile, const char *keyfile, 
     ERR_clear_error();
     if (ctx == NULL) {
         ssl_reason(why, sizeof(why));
-        msgf(err, errlen, "cannot make a TLS context: %s", why);
+        rg_msgf(err, errlen, "cannot make a TLS context: %s", why);
         return NULL;
     }
     SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
@@ -1056,17 +1043,17 @@ rg_tls_ctx_new(const char *ca_certs, const char *certfile, const char *keyfile, 
             goto fail;
         if (SSL_CTX_load_verify_locations(ctx, ca_certs, NULL) != 1) {
             ssl_reason(why, sizeof(why));
-            msgf(err, errlen, "ssl_ca_certs: %s holds no PEM certificate OpenSSL accepts (%s)",
+            rg_msgf(err, errlen, "ssl_ca_certs: %s holds no PEM certificate OpenSSL accepts (%s)",
                      ca_certs, why);
             goto fail;
         }
     } else if (verify && SSL_CTX_set_default_verify_paths(ctx) != 1) {
         ssl_reason(why, sizeof(why));
-        msgf(err, errlen, "cannot load the system CA store (%s): give ssl_ca_certs", why);
+        rg_msgf(err, errlen, "cannot load the system CA store (%s): give ssl_ca_certs", why);
         goto fail;
     }
     if (keyfile != NULL && certfile == NULL) {
-        msgf(err, errlen, "ssl_keyfile %s was given without ssl_certfile", keyfile);
+        rg_msgf(err, errlen, "ssl_keyfile %s was given without ssl_certfile", keyfile);
         goto fail;
     }
     if (certfile != NULL) {
@@ -1075,7 +1062,7 @@ rg_tls_ctx_new(const char *ca_certs, const char *certfile, const char *keyfile, 
             goto fail;
         if (SSL_CTX_use_certificate_chain_file(ctx, certfile) != 1) {
             ssl_reason(why, sizeof(why));
-            msgf(err, errlen, "ssl_certfile: %s is not a PEM certificate OpenSSL accepts (%s)",
+            rg_msgf(err, errlen, "ssl_certfile: %s is not a PEM certificate OpenSSL accepts (%s)",
                      certfile, why);
             goto fail;
         }
@@ -1084,19 +1071,19 @@ rg_tls_ctx_new(const char *ca_certs, const char *certfile, const char *keyfile, 
             goto fail;
         if (SSL_CTX_use_PrivateKey_file(ctx, key, SSL_FILETYPE_PEM) != 1) {
             if (ERR_GET_REASON(ERR_peek_last_error()) == X509_R_KEY_VALUES_MISMATCH) {
-                msgf(err, errlen, "ssl_keyfile: %s is not the key of the certificate in %s", key,
+                rg_msgf(err, errlen, "ssl_keyfile: %s is not the key of the certificate in %s", key,
                      certfile);
                 goto fail;
             }
             ssl_reason(why, sizeof(why));
-            msgf(err, errlen, "%s: %s holds no PEM private key OpenSSL accepts (%s)%s",
+            rg_msgf(err, errlen, "%s: %s holds no PEM private key OpenSSL accepts (%s)%s",
                      keyfile != NULL ? "ssl_keyfile" : "ssl_certfile", key, why,
                      keyfile != NULL ? "" : "; give the key as ssl_keyfile");
             goto fail;
         }
         if (SSL_CTX_check_private_key(ctx) != 1) {
             ssl_reason(why, sizeof(why));
-            msgf(err, errlen, "ssl_keyfile: %s is not the key of the certificate in %s (%s)",
+            rg_msgf(err, errlen, "ssl_keyfile: %s is not the key of the certificate in %s (%s)",
                      key, certfile, why);
             goto fail;
         }

@@ -17,6 +17,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include <hiredis/hiredis.h>
 #include <openssl/sha.h>
 
 #include "port.h"
@@ -70,10 +71,14 @@ list_remove(rg_check *c)
  * (c->batch set) counts until its batch's reply or the connection's end,
  * because until then its bytes are still held for the connection.
  */
+static void cmd_failed(rg_shard *s, rg_check *c, int err);
+
 static void
 complete(rg_shard *s, rg_check *c, int err)
 {
     c->err = err;
+    if (c->cmd != NULL && err != RG_ERR_NONE)
+        cmd_failed(s, c, err);
     if (c->batch == NULL)
         atomic_fetch_sub_explicit(&s->eng->outstanding, 1, memory_order_relaxed);
     c->batch = NULL;
@@ -90,11 +95,16 @@ complete(rg_shard *s, rg_check *c, int err)
  * the time it was finished (Decision.latency: submit to decision, as the
  * loop thread saw it).  A check with no port (a concurrency release:
  * nobody waits for it) is freed here. */
+static void topo_publish(rg_shard *s);
+
 static void
 flush(rg_shard *s)
 {
     rg_check *c = s->done_head;
     uint64_t now = c != NULL ? rg_now_ns() : 0;
+
+    if (s->topo_dirty)
+        topo_publish(s);
 
     s->done_head = s->done_tail = NULL;
     while (c != NULL) {
@@ -135,6 +145,7 @@ set_error(rg_shard *s, const char *what, const char *detail)
     int n = snprintf(buf, sizeof(buf), "%s%s%s", what, detail ? ": " : "", detail ? detail : "");
     if (n < 0)
         return;
+    rg_msgf(s->why, sizeof(s->why), "%s%s%s", what, detail ? ": " : "", detail ? detail : "");
     rg_engine_set_error(s->eng, buf, (size_t)n < sizeof(buf) ? (size_t)n : sizeof(buf) - 1);
 }
 
@@ -192,6 +203,22 @@ batch_fail(rg_shard *s, rg_batch *b, int err)
     }
 }
 
+/* An operator's command, for a (re)send: 0, 1 if it was answered
+ * meanwhile (nothing written), -1 out of memory. */
+static int
+cmd_write(rg_batch *b, rg_buf *out)
+{
+    const rg_cmd *cmd = b->checks[0] != NULL ? b->checks[0]->cmd : NULL;
+
+    if (cmd == NULL)
+        return 1;
+    if (rg_buf_reserve(out, cmd->resp_len) != 0)
+        return -1;
+    memcpy(out->p, cmd->resp, cmd->resp_len);
+    out->len = cmd->resp_len;
+    return 0;
+}
+
 /* Write b's script call on d's connection (ready).  On failure (no live
  * check, no connection, out of memory) the batch's checks fail and it is
  * retired. */
@@ -199,7 +226,9 @@ static void
 batch_send(rg_shard *s, rg_dest *d, rg_batch *b)
 {
     rg_buf out = {0};
-    int r = d->conn != NULL ? rg_batch_write(b, b->xslot ? s->eng->xslot_sha : d->sha, &out) : 1;
+    int r = d->conn == NULL ? 1
+            : b->command    ? cmd_write(b, &out)
+                            : rg_batch_write(b, b->xslot ? s->eng->xslot_sha : d->sha, &out);
 
     if (r == 0) {
         b->sent_ns = rg_now_ns();
@@ -247,6 +276,8 @@ dest_down(rg_dest *d)
     d->again = 0;
     d->failing = 1;   /* until a connect succeeds, its checks fail at once */
     d->have_addr = 0; /* behind Sentinel: ask again where the master is */
+    s->topo_dirty = 1;
+    rg_msgf(d->why, sizeof(d->why), "%s", s->why); /* set_error named the cause */
     if (s->eng->cfg.cluster) {
         /* One node: only its slots' checks fail (at once, from here: the
          * waiting ones are routed again), and the map is asked again (a
@@ -288,7 +319,8 @@ dest_ready(rg_dest *d)
         atomic_fetch_add(&s->eng->reconnects, 1);
     d->ever_ready = 1;
     d->backoff_ms = 10;
-    atomic_store(&s->connected, 1);
+    d->why[0] = '\0';
+    s->topo_dirty = 1; /* `connected` is worked out there */
     if (!s->eng->cfg.cluster)
         atomic_store(&s->down, 0);
     send_waiting(s);
@@ -331,7 +363,7 @@ role_reply(rg_dest *d, rg_conn *c, struct redisReply *r)
         dest_ready(d);
         return;
     }
-    snprintf(why, sizeof(why),
+    rg_msgf(why, sizeof(why),
              "Sentinel named %s:%d as the master of '%s', but it answers ROLE as %s",
              d->host, d->ccfg.port, d->shard->eng->cfg.service, role);
     set_error(d->shard, why, NULL);
@@ -349,6 +381,7 @@ on_lost(void *owner, rg_conn *c, int was_ready, const char *why)
 
     d->conn = NULL;
     d->have_addr = 0; /* behind Sentinel: the master may have moved */
+    s->topo_dirty = 1;
     set_error(s, why, NULL);
     if (s->closing) {
         d->state = RG_DOWN;
@@ -520,6 +553,208 @@ spin_pays(rg_shard *s, uint64_t spin)
     return ++s->spin.skipped % RG_SPIN_PROBE == 0;
 }
 
+/* ---- operators' commands (Engine.command, Engine.connect) ---------------- */
+
+/* "host:port" of a destination ("[v6]:port"), or its unix socket path. */
+static void
+dest_addr(const rg_dest *d, char *buf, size_t len)
+{
+    const rg_conn_cfg *cc = d != &d->shard->dest || d->disc != NULL ? &d->ccfg : &d->shard->eng->conn;
+
+    if (cc->path != NULL)
+        rg_msgf(buf, len, "%s", cc->path);
+    else if (d->disc != NULL && !d->have_addr && d->state != RG_READY)
+        rg_msgf(buf, len, "the master the Sentinels name");
+    else if (strchr(cc->host, ':') != NULL)
+        rg_msgf(buf, len, "[%s]:%d", cc->host, cc->port);
+    else
+        rg_msgf(buf, len, "%s:%d", cc->host, cc->port);
+}
+
+/* Whether d is the master an operator named ("host:port" as topology()
+ * lists it). */
+static int
+dest_named(const rg_dest *d, const char *name)
+{
+    char addr[300];
+
+    dest_addr(d, addr, sizeof(addr));
+    return strcmp(addr, name) == 0;
+}
+
+/* What a shard still waits for before its store has answered, for a
+ * person: the server, the Sentinels, the slot map, or a node of it. */
+static void
+shard_waits_for(rg_shard *s, char *buf, size_t len)
+{
+    int i;
+
+    if (!s->eng->cfg.cluster) {
+        if (s->dest.disc != NULL && !s->dest.have_addr && s->dest.state != RG_READY)
+            rg_msgf(buf, len, "the Sentinels (%s:%d%s)", s->eng->cfg.seed_hosts[0],
+                     s->eng->cfg.seed_ports[0], s->eng->cfg.nseeds > 1 ? ", ..." : "");
+        else
+            dest_addr(&s->dest, buf, len);
+        return;
+    }
+    if (s->have_map)
+        for (i = 0; i < s->nnodes; i++)
+            if (s->node[i]->in_map && s->node[i]->state != RG_READY) {
+                dest_addr(s->node[i], buf, len);
+                return;
+            }
+    rg_msgf(buf, len, "the cluster nodes for CLUSTER SLOTS (%s:%d%s)", s->eng->cfg.seed_hosts[0],
+             s->eng->cfg.seed_ports[0], s->eng->cfg.nseeds > 1 ? ", ..." : "");
+}
+
+/* A COMMAND or CONNECT check failed with err: say why, for its exception
+ * (ConnectionError, or TimeoutError for a deadline), unless already said. */
+static void
+cmd_failed(rg_shard *s, rg_check *c, int err)
+{
+    rg_cmd *cmd = c->cmd;
+    char where[300];
+
+    if (cmd->why[0] != '\0')
+        return;
+    if (err == RG_ERR_TIMEOUT) {
+        if (cmd->where[0] != '\0')
+            rg_msgf(where, sizeof(where), "%s", cmd->where);
+        else
+            shard_waits_for(s, where, sizeof(where));
+        rg_msgf(cmd->why, sizeof(cmd->why), "no answer from %s within %s (%g s)", where,
+                 c->op == RG_OP_CONNECT && cmd->timeout * 1e9 == (double)s->eng->cfg.connect_timeout_ns
+                     ? "connect_timeout" : "the timeout", cmd->timeout);
+    } else if (err == RG_ERR_CLOSED) {
+        rg_msgf(cmd->why, sizeof(cmd->why), "the engine was closed (aclose() was called)");
+    } else if (err == RG_ERR_OVERLOADED) {
+        rg_msgf(cmd->why, sizeof(cmd->why), "out of memory");
+    } else {
+        rg_msgf(cmd->why, sizeof(cmd->why), "%s", s->why[0] ? s->why : "not connected");
+    }
+}
+
+/* Copy hiredis's reply r into o (plain C, for the Python thread): 0, or -1
+ * out of memory (o holds what was copied: rg_reply_free frees it).  A
+ * RESP3 type (a hiredis >= 1.0 reader accepts them even unasked) becomes
+ * the nearest RESP2 one. */
+static int
+reply_fill(rg_reply *o, const redisReply *r)
+{
+    size_t i;
+
+    switch (r->type) {
+    case REDIS_REPLY_INTEGER:
+        o->type = RG_REPLY_INT;
+        o->integer = r->integer;
+        return 0;
+    case REDIS_REPLY_NIL:
+        o->type = RG_REPLY_NIL;
+        return 0;
+    case REDIS_REPLY_STATUS:
+    case REDIS_REPLY_ERROR:
+    case REDIS_REPLY_STRING:
+        o->type = r->type == REDIS_REPLY_STATUS ? RG_REPLY_STATUS
+                  : r->type == REDIS_REPLY_ERROR ? RG_REPLY_ERROR
+                                                 : RG_REPLY_BULK;
+        break;
+    case REDIS_REPLY_ARRAY:
+        o->type = RG_REPLY_ARRAY;
+        break;
+    default:
+        o->type = r->element != NULL ? RG_REPLY_ARRAY : r->str != NULL ? RG_REPLY_BULK : RG_REPLY_INT;
+        o->integer = r->integer;
+        break;
+    }
+    if (o->type == RG_REPLY_ARRAY) {
+        if (r->elements == 0)
+            return 0;
+        o->elem = calloc(r->elements, sizeof(*o->elem));
+        if (o->elem == NULL)
+            return -1;
+        o->n = r->elements;
+        for (i = 0; i < r->elements; i++)
+            if (reply_fill(&o->elem[i], r->element[i]) != 0)
+                return -1;
+        return 0;
+    }
+    if (o->type == RG_REPLY_BULK || o->type == RG_REPLY_STATUS || o->type == RG_REPLY_ERROR) {
+        o->str = malloc(r->len + 1);
+        if (o->str == NULL)
+            return -1;
+        if (r->len > 0)
+            memcpy(o->str, r->str, r->len);
+        o->str[r->len] = '\0';
+        o->len = r->len;
+    }
+    return 0;
+}
+
+/*
+ * The reply to an operator's command (b->command, one check): copied as
+ * plain C for the Python thread.  A lost connection fails it (it is not
+ * sent again: it may have run).  On a cluster, a command routed by key
+ * follows MOVED and ASK (at most 5 redirections) and waits out TRYAGAIN
+ * and CLUSTERDOWN within its deadline, as a check does; behind Sentinel,
+ * READONLY (the master became a replica: nothing ran) sends it to the
+ * next master.  Any other error is the answer (ReplyError).
+ */
+static void
+cmd_reply(rg_shard *s, rg_dest *d, rg_conn *c, rg_batch *b, struct redisReply *r)
+{
+    rg_check *ck = b->checks[0];
+    char why[400];
+    int err = RG_ERR_NONE;
+
+    if (r == NULL) {
+        if (ck != NULL && !s->closing)
+            rg_msgf(ck->cmd->why, sizeof(ck->cmd->why),
+                     "the connection to %s was lost before the reply (%s)", ck->cmd->where,
+                     s->why[0] ? s->why : "closed");
+        batch_fail(s, b, s->closing ? RG_ERR_CLOSED : RG_ERR_UNAVAILABLE);
+        batch_retire(s, b);
+        return;
+    }
+    d->answered = 1;
+    if (ck == NULL) { /* answered by its deadline: the late reply is ignored */
+        batch_retire(s, b);
+        return;
+    }
+    if (r->type == REDIS_REPLY_ERROR) {
+        rg_msgf(why, sizeof(why), "%.*s", (int)(r->len > 300 ? 300 : r->len), r->str);
+        if (s->eng->cfg.cluster && ck->cmd->route == RG_CMD_KEY && ck->cmd->redirects < 5) {
+            int h;
+            ck->cmd->redirects++;
+            h = cluster_error(s, d, b, why);
+            if (h == 2)
+                return;
+            if (h == 1) {
+                batch_retire(s, b);
+                return;
+            }
+        }
+        if (d->disc != NULL && strncmp(why, "READONLY", 8) == 0 && c == d->conn) {
+            set_error(s, "the master became a replica, asking Sentinel again", why);
+            d->have_addr = 0;
+            dest_move(d);
+            requeue(s, d, ck);
+            batch_fail(s, b, RG_ERR_UNAVAILABLE);
+            batch_retire(s, b);
+            return;
+        }
+    }
+    ck->cmd->reply = calloc(1, sizeof(rg_reply));
+    if (ck->cmd->reply == NULL || reply_fill(ck->cmd->reply, r) != 0) {
+        rg_reply_free(ck->cmd->reply);
+        ck->cmd->reply = NULL;
+        err = RG_ERR_OVERLOADED;
+    }
+    b->checks[0] = NULL;
+    list_remove(ck);
+    complete(s, ck, err); /* still counted by the batch */
+    batch_retire(s, b);
+}
+
 static void
 on_reply(void *owner, rg_conn *c, void *priv, struct redisReply *r)
 {
@@ -535,6 +770,10 @@ on_reply(void *owner, rg_conn *c, void *priv, struct redisReply *r)
     }
     if (priv == &asking_priv)
         return; /* +OK (an error would show in the call that follows) */
+    if (b->command) {
+        cmd_reply(s, d, c, b, r);
+        return;
+    }
     if (r == NULL) {
         for (i = 0; i < b->n; i++)
             if (b->checks[i] != NULL && !s->closing)
@@ -663,7 +902,7 @@ dest_move(rg_dest *d)
     d->state = RG_CONNECTING;
     d->again = 1;
     d->conn = NULL;
-    atomic_store(&d->shard->connected, 0);
+    d->shard->topo_dirty = 1;
     uv_timer_stop(&d->retry_timer);
     if (c != NULL)
         rg_conn_close(c);
@@ -677,9 +916,10 @@ disc_found(void *owner, const char *host, int port)
 
     if (d->shard->closing || d->conn != NULL)
         return; /* a +switch-master got there first */
-    snprintf(d->host, sizeof(d->host), "%s", host);
+    rg_msgf(d->host, sizeof(d->host), "%s", host);
     d->ccfg.port = port;
     d->have_addr = 1;
+    d->shard->topo_dirty = 1;
     dest_connect(d);
 }
 
@@ -703,7 +943,7 @@ disc_switched(void *owner, const char *host, int port)
     if (d->shard->closing ||
         (d->have_addr && d->ccfg.port == port && strcmp(d->host, host) == 0 && d->conn != NULL))
         return;
-    snprintf(d->host, sizeof(d->host), "%s", host);
+    rg_msgf(d->host, sizeof(d->host), "%s", host);
     d->ccfg.port = port;
     d->have_addr = 1;
     d->backoff_ms = 10;
@@ -734,6 +974,136 @@ dest_drop(rg_dest *d, const char *why)
     if (c != NULL)
         rg_conn_close(c);
     dest_down(d);
+}
+
+/* ---- what topology() shows ------------------------------------------------- */
+
+void
+rg_topo_snap_decref(rg_topo_snap *t)
+{
+    if (t != NULL && atomic_fetch_sub_explicit(&t->refcnt, 1, memory_order_acq_rel) == 1)
+        free(t);
+}
+
+/*
+ * Work out `connected` (stats(): every destination of the store ready:
+ * the server, the Sentinel's master, every master of the slot map), and on
+ * shard 0 publish a snapshot for topology(): one block, masters in slot
+ * order.  Out of memory: tried again at the next flush.
+ */
+static void
+topo_publish(rg_shard *s)
+{
+    rg_engine *e = s->eng;
+    rg_topo_snap *t, *old;
+    int (*rng)[2];
+    int *pos = NULL, nm = 0, nr = 0, connected, i, slot;
+    size_t size;
+
+    if (e->cfg.cluster) {
+        connected = s->have_map;
+        for (i = 0; i < s->nnodes; i++)
+            if (s->node[i]->in_map) {
+                nm++;
+                connected &= s->node[i]->state == RG_READY;
+            }
+        if (s->have_map)
+            for (slot = 0; slot < 16384; slot++)
+                nr += s->slot_node[slot] != 0 && (slot == 0 || s->slot_node[slot - 1] != s->slot_node[slot]);
+    } else {
+        rg_dest *d = &s->dest;
+        connected = d->state == RG_READY;
+        nm = d->disc == NULL || d->have_addr || d->state == RG_READY;
+    }
+    atomic_store(&s->connected, connected);
+    if (s->index != 0) {
+        s->topo_dirty = 0;
+        return;
+    }
+    size = sizeof(*t) + (size_t)nm * sizeof(rg_topo_master) + (size_t)nr * sizeof(*rng);
+    t = calloc(1, size);
+    if (e->cfg.cluster && t != NULL && (pos = malloc(sizeof(int) * (size_t)(s->nnodes + 1))) == NULL) {
+        free(t);
+        t = NULL;
+    }
+    if (t == NULL)
+        return; /* still dirty: the next flush tries again */
+    s->topo_dirty = 0;
+    atomic_init(&t->refcnt, 1);
+    t->masters = (rg_topo_master *)(t + 1);
+    rng = (int (*)[2])(t->masters + nm);
+    if (e->cfg.cluster) {
+        int j = 0, n;
+        for (i = 0; i < s->nnodes; i++)
+            pos[i] = -1;
+        /* masters in the order of their first slot; their ranges after */
+        for (slot = 0; slot < 16384; slot = slot + 1) {
+            n = s->slot_node[slot];
+            if (n != 0 && (slot == 0 || s->slot_node[slot - 1] != n)) {
+                if (pos[n - 1] < 0)
+                    pos[n - 1] = j++;
+                t->masters[pos[n - 1]].nranges++;
+            }
+        }
+        for (i = 0; i < s->nnodes; i++)
+            if (s->node[i]->in_map && pos[i] < 0)
+                pos[i] = j++; /* in the map by a MOVED only: no range yet */
+        for (i = 0, j = 0; i < s->nnodes; i++) {
+            rg_topo_master *m;
+            if (pos[i] < 0)
+                continue;
+            m = &t->masters[pos[i]];
+            dest_addr(s->node[i], m->addr, sizeof(m->addr));
+            m->connected = s->node[i]->state == RG_READY;
+        }
+        for (i = 0, j = 0; i < nm; i++) {
+            t->masters[i].ranges = rng + j;
+            j += t->masters[i].nranges;
+            t->masters[i].nranges = 0;
+        }
+        for (slot = 0; slot < 16384; slot++) {
+            rg_topo_master *m;
+            n = s->slot_node[slot];
+            if (n == 0 || (slot > 0 && s->slot_node[slot - 1] == n))
+                continue;
+            m = &t->masters[pos[n - 1]];
+            m->ranges[m->nranges][0] = slot;
+            while (slot + 1 < 16384 && s->slot_node[slot + 1] == n)
+                slot++;
+            m->ranges[m->nranges++][1] = slot;
+        }
+        free(pos);
+    } else if (nm == 1) {
+        dest_addr(&s->dest, t->masters[0].addr, sizeof(t->masters[0].addr));
+        t->masters[0].connected = connected;
+    }
+    t->nmasters = nm;
+    if (s->dest.disc != NULL)
+        rg_disc_named(s->dest.disc, t->sentinel, sizeof(t->sentinel));
+    pthread_mutex_lock(&e->topo_mu);
+    old = e->topo;
+    e->topo = t;
+    pthread_mutex_unlock(&e->topo_mu);
+    rg_topo_snap_decref(old);
+}
+
+rg_topo_snap *
+rg_engine_topology(rg_engine *e)
+{
+    rg_topo_snap *t;
+
+    pthread_mutex_lock(&e->topo_mu);
+    t = e->topo;
+    if (t != NULL)
+        atomic_fetch_add_explicit(&t->refcnt, 1, memory_order_relaxed);
+    pthread_mutex_unlock(&e->topo_mu);
+    return t;
+}
+
+int
+rg_engine_kind(const rg_engine *e)
+{
+    return e->cfg.cluster ? RG_KIND_CLUSTER : e->cfg.nseeds > 0 ? RG_KIND_SENTINEL : RG_KIND_SERVER;
 }
 
 /* ---- deadlines ----------------------------------------------------------- */
@@ -886,9 +1256,11 @@ dispatch_flush(rg_shard *s)
 }
 
 /* Where a check goes: the one destination, or the node that owns its
- * slot; NULL: Cluster, and the slot's owner is not known (yet). */
+ * slot; NULL: Cluster, and the slot's owner is not known: *wait says
+ * whether that is for now (no map yet) or for good (the map has no owner,
+ * or no node answered). */
 static rg_dest *
-route(rg_shard *s, rg_check *c)
+route(rg_shard *s, rg_check *c, int *wait)
 {
     int n;
 
@@ -897,38 +1269,181 @@ route(rg_shard *s, rg_check *c)
     if (c->cslot < 0)
         c->cslot = rg_check_slot(c);
     n = s->slot_node[c->cslot];
+    *wait = !s->have_map && !s->map_failed;
     return n == 0 ? NULL : s->node[n - 1];
 }
 
+/* Where an operator's command goes (rg_cmd.route): as route(); when it
+ * can go nowhere, cmd->why says why. */
+static rg_dest *
+cmd_route(rg_shard *s, rg_check *c, int *wait)
+{
+    rg_cmd *cmd = c->cmd;
+    rg_dest *d;
+    int i;
+
+    if (!s->eng->cfg.cluster) {
+        if (cmd->route != RG_CMD_NODE || dest_named(&s->dest, cmd->node))
+            return &s->dest;
+        dest_addr(&s->dest, cmd->where, sizeof(cmd->where));
+        rg_msgf(cmd->why, sizeof(cmd->why), "%s is not the master (%s is; topology() lists it)",
+                 cmd->node, cmd->where);
+        return NULL;
+    }
+    if (!s->have_map) {
+        *wait = !s->map_failed;
+        return NULL;
+    }
+    if (cmd->route == RG_CMD_KEY) {
+        if (s->slot_node[cmd->slot] != 0)
+            return s->node[s->slot_node[cmd->slot] - 1];
+        rg_msgf(cmd->why, sizeof(cmd->why), "no master serves slot %d in the slot map", cmd->slot);
+        return NULL;
+    }
+    if (cmd->route == RG_CMD_NODE) {
+        for (i = 0; i < s->nnodes; i++)
+            if (s->node[i]->in_map && dest_named(s->node[i], cmd->node))
+                return s->node[i];
+        rg_msgf(cmd->why, sizeof(cmd->why),
+                 "%s is not a master of the cluster now (topology() lists the masters)", cmd->node);
+        return NULL;
+    }
+    /* Any master: a ready one, else one being connected. */
+    for (d = NULL, i = 0; i < s->nnodes; i++) {
+        rg_dest *n = s->node[i];
+        if (n->in_map && n->state == RG_READY)
+            return n;
+        if (n->in_map && n->state == RG_CONNECTING && !n->failing && d == NULL)
+            d = n;
+    }
+    if (d == NULL)
+        rg_msgf(cmd->why, sizeof(cmd->why), "no master of the cluster is connected (%s)",
+                 s->why[0] ? s->why : "none in the slot map");
+    return d;
+}
+
+/*
+ * The first-connection rule: a check whose destination has never been
+ * ready in this process (the first connection after start or fork: a
+ * Sentinel's answer, a slot map, a TLS handshake) waits for it until
+ * max(its own deadline, when that first connect began + connect_timeout).
+ * A fresh worker's first checks must not fail for a timeout shorter than
+ * a connect; once a destination has been ready, `timeout` holds alone.
+ */
+static void
+first_rule(rg_shard *s, rg_dest *d, int wait, rg_check *c)
+{
+    uint64_t from;
+
+    if (d == NULL && wait)
+        from = s->start_ns; /* the cluster's first slot map */
+    else if (d != NULL && !d->ever_ready && !d->failing && d->state == RG_CONNECTING)
+        from = d->first_ns;
+    else
+        return;
+    if (from + s->eng->cfg.connect_timeout_ns > c->deadline_ns)
+        c->deadline_ns = from + s->eng->cfg.connect_timeout_ns;
+}
+
+/* Whether the shard's store has answered (Engine.connect): 1 yes, 0 not
+ * yet, -1 connecting failed (cmd->why says why; the engine goes on trying). */
+static int
+shard_answered(rg_shard *s, rg_cmd *cmd)
+{
+    int i, ready = 1;
+
+    if (!s->eng->cfg.cluster) {
+        if (s->dest.state == RG_READY)
+            return 1;
+        if (!s->dest.failing)
+            return 0;
+        rg_msgf(cmd->why, sizeof(cmd->why), "%s", s->dest.why[0] ? s->dest.why : s->why);
+        return -1;
+    }
+    if (!s->have_map) {
+        if (!s->map_failed)
+            return 0;
+        rg_msgf(cmd->why, sizeof(cmd->why), "%s", s->why);
+        return -1;
+    }
+    for (i = 0; i < s->nnodes; i++) {
+        rg_dest *d = s->node[i];
+        if (!d->in_map)
+            continue;
+        if (d->failing) {
+            rg_msgf(cmd->why, sizeof(cmd->why), "%s", d->why[0] ? d->why : s->why);
+            return -1;
+        }
+        ready &= d->state == RG_READY;
+    }
+    return ready;
+}
+
+/* An operator's command to a ready destination: a call of its own. */
+static void
+cmd_send(rg_shard *s, rg_dest *d, rg_check *c)
+{
+    rg_batch *b = rg_batch_new(&c, 1);
+
+    if (b == NULL) {
+        list_remove(c);
+        complete(s, c, RG_ERR_OVERLOADED); /* never sent: batch is NULL */
+        return;
+    }
+    b->command = 1;
+    batch_send(s, d, b);
+}
+
 /* Route one check by connection state: into a batch, to the waiting list,
- * or answered at once. */
+ * or answered at once.  A connect() waits for the whole store. */
 static void
 dispatch_one(rg_shard *s, rg_check *c, uint64_t now)
 {
     rg_dest *d;
+    int wait = 0, r;
 
+    if (c->op == RG_OP_CONNECT) {
+        r = shard_answered(s, c->cmd);
+        if (r != 0)
+            complete(s, c, r > 0 ? RG_ERR_NONE : RG_ERR_UNAVAILABLE);
+        else if (c->deadline_ns <= now)
+            complete(s, c, RG_ERR_TIMEOUT);
+        else
+            list_insert(&s->waiting, c);
+        return;
+    }
+    d = c->op == RG_OP_COMMAND ? cmd_route(s, c, &wait) : route(s, c, &wait);
+    if (c->cmd == NULL) /* a command's timeout is the operator's, explicitly */
+        first_rule(s, d, wait, c);
+    if (c->cmd != NULL && d != NULL)
+        dest_addr(d, c->cmd->where, sizeof(c->cmd->where));
     if (c->deadline_ns <= now) {
         /* Late already (the thread was starved): do not spend a token the
          * caller will never learn about. */
         complete(s, c, RG_ERR_TIMEOUT);
         return;
     }
-    d = route(s, c);
     if (d == NULL) {
         /* Cluster: no map yet (wait for it), or no node answers for one
          * (answer now). */
-        if (s->map_failed || s->have_map)
-            complete(s, c, RG_ERR_UNAVAILABLE);
-        else
+        if (wait)
             list_insert(&s->waiting, c);
+        else
+            complete(s, c, RG_ERR_UNAVAILABLE);
     } else if (d->state == RG_READY) {
         list_insert(&s->sent, c);
+        if (c->op == RG_OP_COMMAND) {
+            cmd_send(s, d, c);
+            return;
+        }
         d->pend[d->npend++] = c;
         if (d->npend == RG_BATCH_MAX)
             dest_flush(s, d);
     } else if (d->state == RG_CONNECTING && !d->failing && !atomic_load(&s->down)) {
         list_insert(&s->waiting, c);
     } else {
+        if (c->cmd != NULL && c->cmd->why[0] == '\0' && d->why[0] != '\0')
+            rg_msgf(c->cmd->why, sizeof(c->cmd->why), "%s", d->why);
         complete(s, c, RG_ERR_UNAVAILABLE);
     }
 }
@@ -1014,13 +1529,15 @@ node_get(rg_shard *s, const char *host, int port)
     }
     dest_init(s, d);
     d->index = s->nnodes;
-    snprintf(d->host, sizeof(d->host), "%s", host);
+    rg_msgf(d->host, sizeof(d->host), "%s", host);
     d->ccfg = s->eng->conn;
     d->ccfg.host = d->host;
     d->ccfg.port = port;
     d->ccfg.path = NULL;
     d->have_addr = 1;
+    d->first_ns = rg_now_ns();
     s->node[s->nnodes++] = d;
+    s->topo_dirty = 1;
 found:
     if (d->state == RG_DOWN && !uv_is_active((uv_handle_t *)&d->retry_timer))
         dest_connect(d);
@@ -1066,12 +1583,13 @@ map_answer(void *owner, int idx, const struct redisReply *r, char *why, size_t w
         s->node[i]->in_map = 0;
     memset(s->slot_node, 0, sizeof(s->slot_node));
     if (rg_cluster_slots(r, asked, map_range, s) != 0) {
-        snprintf(why, whylen, "an unexpected reply to CLUSTER SLOTS");
+        rg_msgf(why, whylen, "an unexpected reply to CLUSTER SLOTS");
         return 0;
     }
     s->have_map = 1;
     s->map_failed = 0;
     s->map_backoff_ms = 10;
+    s->topo_dirty = 1;
     for (i = 0; i < s->nnodes; i++) {
         rg_dest *d = s->node[i];
         if (!d->in_map)
@@ -1336,11 +1854,6 @@ shard_main(void *arg)
 {
     rg_shard *s = arg;
     uint64_t spin = s->eng->cfg.spin_ns;
-    char name[16];
-
-    /* Named for ps/top/py-spy (15 characters at most). */
-    snprintf(name, sizeof(name), "rategate-loop-%d", s->index);
-    pthread_setname_np(pthread_self(), name);
 
     for (;;) {
         if (spin != 0 && !s->closing && shard_owes(s) && spin_pays(s, spin)) {
@@ -1421,6 +1934,7 @@ shard_init(rg_engine *e, rg_shard *s, int i, char *errbuf, size_t errlen)
     s->rand_state = (unsigned int)(rg_now_ns() ^ (uint64_t)(uintptr_t)s);
     list_init(&s->waiting);
     list_init(&s->sent);
+    s->start_ns = rg_now_ns();
     atomic_init(&s->down, 0);
     atomic_init(&s->connected, 0);
     atomic_init(&s->spinning, 0);
@@ -1478,6 +1992,7 @@ shard_init(rg_engine *e, rg_shard *s, int i, char *errbuf, size_t errlen)
     /* The first connect runs on the loop thread as soon as it starts;
      * until it completes (or fails) checks wait for it, within deadline. */
     s->dest.state = RG_CONNECTING;
+    s->dest.first_ns = s->start_ns;
     uv_timer_start(&s->dest.retry_timer, retry_cb, 0, 0);
     return 0;
 }
@@ -1574,7 +2089,7 @@ spin_cfg(rg_engine *e)
     e->ncpu = n > 0 ? (int)n : 1;
     if (path == NULL || strlen(path) >= sizeof(e->loadavg))
         path = "/proc/loadavg";
-    snprintf(e->loadavg, sizeof(e->loadavg), "%s", path);
+    rg_msgf(e->loadavg, sizeof(e->loadavg), "%s", path);
 }
 
 int
@@ -1605,12 +2120,17 @@ rg_engine_start(rg_engine *e, char *errbuf, size_t errlen)
     pthread_sigmask(SIG_SETMASK, &all, &old);
     for (i = 0; i < n; i++) {
         rg_shard *s = &e->shards[i];
+        char name[16];
         int r = pthread_create(&s->thread, NULL, shard_main, s);
         if (r != 0) {
             snprintf(errbuf, errlen, "pthread_create: %s", strerror(r));
             break;
         }
         s->thread_started = 1;
+        /* Named for ps/top/py-spy (15 characters at most), here rather than
+         * in the thread: named before start returns, whenever it runs. */
+        snprintf(name, sizeof(name), "rategate-loop-%d", s->index);
+        pthread_setname_np(s->thread, name);
     }
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (i < n) {
@@ -1655,6 +2175,7 @@ rg_engine_wake(rg_shard *s)
 void
 rg_engine_stop(rg_engine *e)
 {
+    rg_topo_snap *t;
     int i;
 
     if (e->shards == NULL)
@@ -1692,6 +2213,11 @@ rg_engine_stop(rg_engine *e)
     free(e->shards);
     e->shards = NULL;
     e->started = 0;
+    pthread_mutex_lock(&e->topo_mu);
+    t = e->topo;
+    e->topo = NULL;
+    pthread_mutex_unlock(&e->topo_mu);
+    rg_topo_snap_decref(t);
 }
 
 void
@@ -1703,6 +2229,8 @@ rg_engine_abandon(rg_engine *e)
     /* A parent thread may have held it at the fork: a fresh one (the old
      * one's memory is reused as is, never unlocked or destroyed). */
     pthread_mutex_init(&e->err_mu, NULL);
+    pthread_mutex_init(&e->topo_mu, NULL);
+    e->topo = NULL; /* the parent's: immutable, but its count may be mid-update */
 }
 
 void

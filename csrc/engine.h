@@ -99,6 +99,8 @@ typedef struct rg_dest {
     int failing;               /* a connect failed, none succeeded since: answer at once
                                 * (the shard's `down` for one server; per node on a cluster) */
     uint64_t ready_ns;         /* when it became ready */
+    uint64_t first_ns;         /* when its first connect began (the first-connection rule) */
+    char why[300];             /* why its last connect failed, for connect() */
     uint64_t backoff_ms;
     uv_timer_t retry_timer;    /* reconnect after the backoff */
     char sha[41];
@@ -155,7 +157,32 @@ typedef struct rg_shard {
     rg_list sent;              /* in a batch, awaiting the reply */
     rg_check *done_head, *done_tail; /* finished, pushed to ports at flush */
     rg_spin_state spin;        /* whether polling pays (see spin_pays in engine.c) */
+    uint64_t start_ns;         /* when the thread began (a cluster's first map) */
+    char why[400];             /* the shard's last failure, for connect() and commands */
+    int topo_dirty;            /* what topology() shows changed: publish at the next flush */
 } rg_shard;
+
+enum rg_kind { RG_KIND_SERVER = 0, RG_KIND_SENTINEL, RG_KIND_CLUSTER };
+
+/*
+ * What Engine.topology() shows: shard 0's view of the store, published by
+ * its loop thread whenever it changes.  Immutable once published, reference
+ * counted (atomic): the Python thread takes a reference under topo_mu and
+ * reads it after letting go of the mutex.
+ */
+typedef struct rg_topo_master {
+    char addr[300];  /* "host:port" ("[v6]:port"), or the unix socket path */
+    int connected;
+    int nranges;
+    int (*ranges)[2]; /* [first, last] slot ranges (Cluster), in the snapshot's block */
+} rg_topo_master;
+
+typedef struct rg_topo_snap {
+    atomic_int refcnt;
+    char sentinel[300];       /* the Sentinel that last named the master, or "" */
+    int nmasters;
+    rg_topo_master *masters;  /* in the snapshot's block */
+} rg_topo_snap;
 
 typedef struct rg_engine {
     rg_engine_cfg cfg;
@@ -177,6 +204,8 @@ typedef struct rg_engine {
     char xslot_sha[41];      /* SHA1 of rg_script_xslot, hex (set at start) */
     pthread_mutex_t err_mu;
     char last_error[256];    /* last Redis error text, for stats (under err_mu) */
+    pthread_mutex_t topo_mu; /* guards topo (the pointer, not what it points to) */
+    rg_topo_snap *topo;      /* shard 0's view, or NULL before it published one */
 } rg_engine;
 
 /* Start the shard threads.  0, or -1 with a message in errbuf. */
@@ -201,6 +230,12 @@ void rg_engine_stop(rg_engine *e);
  * (rg_fd_own). */
 void rg_engine_abandon(rg_engine *e);
 void rg_engine_free_cfg(rg_engine_cfg *cfg);
+/* The kind of store the configuration names. */
+int rg_engine_kind(const rg_engine *e);
+/* A reference to the last topology shard 0 published, or NULL (none yet);
+ * any thread.  Let go with rg_topo_snap_decref. */
+rg_topo_snap *rg_engine_topology(rg_engine *e);
+void rg_topo_snap_decref(rg_topo_snap *t);
 void rg_engine_set_error(rg_engine *e, const char *msg, size_t len);
 
 #endif

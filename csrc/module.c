@@ -740,6 +740,7 @@ module_traverse(PyObject *m, visitproc visit, void *arg)
     Py_VISIT(st->EngineType);
     Py_VISIT(st->MemoryEngineType);
     Py_VISIT(st->PortType);
+    Py_VISIT(st->ReplyError);
     Py_VISIT(st->get_running_loop);
     Py_VISIT(st->InvalidStateError);
     return 0;
@@ -755,6 +756,7 @@ module_clear(PyObject *m)
     Py_CLEAR(st->EngineType);
     Py_CLEAR(st->MemoryEngineType);
     Py_CLEAR(st->PortType);
+    Py_CLEAR(st->ReplyError);
     for (i = 0; i < RG_ERR__COUNT; i++)
         Py_CLEAR(st->err_str[i]);
     Py_CLEAR(st->get_running_loop);

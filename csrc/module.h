@@ -16,6 +16,7 @@ typedef struct rg_state {
     PyTypeObject *EngineType;
     PyTypeObject *MemoryEngineType;
     PyTypeObject *PortType;
+    PyObject *ReplyError;             /* rategate._core.ReplyError (pyengine.c) */
     PyObject *err_str[RG_ERR__COUNT]; /* interned kinds, [0] is None */
     PyObject *get_running_loop;       /* asyncio.get_running_loop */
     PyObject *InvalidStateError;      /* asyncio.InvalidStateError */

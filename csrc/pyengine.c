@@ -205,14 +205,148 @@ engine_decide(EngineObject *e, const rg_check *c)
     return d;
 }
 
+/* The future waiting for finished check c (a new reference), out of its
+ * slot, or NULL: nobody waits (any more).  A connect()'s checks share one
+ * future (rg_group): the first failure takes it, or the last shard's
+ * answer; `forget`: c is dropped unanswered (its port is shutting down). */
+static PyObject *
+port_take(PortObject *p, const rg_check *c, int forget)
+{
+    rg_group *g = c->cmd != NULL ? c->cmd->group : NULL;
+
+    if (g != NULL) {
+        if (g->done)
+            return NULL;
+        if (!forget && c->err == RG_ERR_NONE && --g->left > 0)
+            return NULL;
+        g->done = 1;
+    }
+    return port_unpark(p, c->slot);
+}
+
+/* fut.set_result(v), or fut.set_exception(v).  A future cancelled
+ * meanwhile (its task was cancelled) or a closed loop refusing the
+ * callback: nobody can have the answer. */
+static void
+port_settle(PortObject *p, PyObject *fut, int exc, PyObject *v)
+{
+    PyObject *r = exc ? PyObject_CallMethod(fut, "set_exception", "O", v)
+                      : PyObject_CallMethodOneArg(fut, p->engine->st->s_set_result, v);
+    if (r == NULL) {
+        if (PyErr_ExceptionMatches(p->engine->st->InvalidStateError) ||
+            PyErr_ExceptionMatches(PyExc_RuntimeError))
+            PyErr_Clear();
+        else
+            PyErr_WriteUnraisable(fut);
+    }
+    Py_XDECREF(r);
+}
+
+/* A reply (plain C, see check.h) as Python: int, bytes (bulk), str
+ * (status), None (nil), list; an error inside an array (EXEC's) is a
+ * ReplyError instance, as redis-py gives it.  A new reference, or NULL
+ * with an exception. */
+static PyObject *
+reply_to_py(rg_state *st, const rg_reply *r)
+{
+    PyObject *o, *t;
+    size_t i;
+
+    switch (r->type) {
+    case RG_REPLY_INT:
+        return PyLong_FromLongLong(r->integer);
+    case RG_REPLY_BULK:
+        return PyBytes_FromStringAndSize(r->str, (Py_ssize_t)r->len);
+    case RG_REPLY_STATUS:
+        return PyUnicode_DecodeUTF8(r->str, (Py_ssize_t)r->len, "surrogateescape");
+    case RG_REPLY_ERROR:
+        t = PyUnicode_DecodeUTF8(r->str, (Py_ssize_t)r->len, "replace");
+        o = t != NULL ? PyObject_CallOneArg(st->ReplyError, t) : NULL;
+        Py_XDECREF(t);
+        return o;
+    case RG_REPLY_ARRAY:
+        o = PyList_New((Py_ssize_t)r->n);
+        for (i = 0; o != NULL && i < r->n; i++) {
+            t = reply_to_py(st, &r->elem[i]);
+            if (t == NULL)
+                Py_CLEAR(o);
+            else
+                PyList_SET_ITEM(o, (Py_ssize_t)i, t);
+        }
+        return o;
+    default:
+        Py_RETURN_NONE;
+    }
+}
+
+/* What an operator's op that did not succeed raises: ReplyError (the
+ * server's error text); a command past its deadline TimeoutError; else
+ * (a connect() too) ConnectionError naming the cause.  A new reference,
+ * or NULL with an exception. */
+static PyObject *
+cmd_exception(rg_state *st, const rg_check *c)
+{
+    const rg_cmd *cmd = c->cmd;
+
+    if (c->err == RG_ERR_NONE)
+        return reply_to_py(st, cmd->reply); /* an error reply: a ReplyError */
+    return PyObject_CallFunction(c->err == RG_ERR_TIMEOUT && c->op == RG_OP_COMMAND
+                                     ? PyExc_TimeoutError
+                                     : PyExc_ConnectionError,
+                                 "s", cmd->why[0] ? cmd->why : "not connected");
+}
+
+/* Resolve the future of a finished COMMAND or CONNECT check, then free the
+ * check.  A reply that cannot be turned into Python (out of memory) puts
+ * that error on the future. */
+static void
+port_resolve_cmd(PortObject *p, rg_check *c)
+{
+    rg_state *st = p->engine->st;
+    PyObject *fut = port_take(p, c, 0), *v;
+    int exc = c->err != RG_ERR_NONE || (c->op == RG_OP_COMMAND && c->cmd->reply->type == RG_REPLY_ERROR);
+
+    if (fut == NULL) {
+        rg_check_free(c);
+        return;
+    }
+    if (exc)
+        v = cmd_exception(st, c);
+    else if (c->op == RG_OP_CONNECT)
+        v = Py_NewRef(Py_None);
+    else
+        v = reply_to_py(st, c->cmd->reply);
+    rg_check_free(c);
+    if (v == NULL) {
+        PyObject *et, *tb;
+        PyErr_Fetch(&et, &v, &tb);
+        PyErr_NormalizeException(&et, &v, &tb);
+        Py_XDECREF(et);
+        Py_XDECREF(tb);
+        exc = 1;
+        if (v == NULL) {
+            Py_DECREF(fut);
+            return;
+        }
+    }
+    port_settle(p, fut, exc, v);
+    Py_DECREF(v);
+    Py_DECREF(fut);
+}
+
 /* Resolve the future of one finished check, then free the check.  A hit
  * or a charge gets its Decision; a reset gets True, or False if the store
  * could not be reached (nothing is counted). */
 static void
 port_resolve(PortObject *p, rg_check *c)
 {
-    PyObject *fut = port_unpark(p, c->slot), *dec, *r;
+    PyObject *fut, *dec;
 
+    if (c->cmd != NULL) {
+        port_resolve_cmd(p, c);
+        return;
+    }
+    fut = port_take(p, c, 0);
     if (c->op == RG_OP_RESET) {
         /* A denial answered while the reset was in flight may have put the
          * key back: forget it again. */
@@ -231,17 +365,7 @@ port_resolve(PortObject *p, rg_check *c)
         Py_DECREF(fut);
         return;
     }
-    r = PyObject_CallMethodOneArg(fut, p->engine->st->s_set_result, dec);
-    if (r == NULL) {
-        /* Cancelled (its task was cancelled): nobody wants the answer.
-         * A closed loop refusing the callback: nobody can get it. */
-        if (PyErr_ExceptionMatches(p->engine->st->InvalidStateError) ||
-            PyErr_ExceptionMatches(PyExc_RuntimeError))
-            PyErr_Clear();
-        else
-            PyErr_WriteUnraisable(fut);
-    }
-    Py_XDECREF(r);
+    port_settle(p, fut, 0, dec);
     Py_DECREF(dec);
     Py_DECREF(fut);
 }
@@ -313,7 +437,7 @@ port_shutdown(PortObject *self, int resolve)
             if (resolve) {
                 port_resolve(self, c);
             } else {
-                PyObject *f = port_unpark(self, c->slot);
+                PyObject *f = port_take(self, c, 1);
                 Py_XDECREF(f);
                 rg_check_free(c);
             }
@@ -644,7 +768,12 @@ engine_tp_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
         PyErr_SetString(PyExc_RuntimeError, "pthread_mutex_init failed");
         goto error;
     }
-    self->err_mu_ready = 1;
+    if (pthread_mutex_init(&self->eng.topo_mu, NULL) != 0) {
+        pthread_mutex_destroy(&self->eng.err_mu);
+        PyErr_SetString(PyExc_RuntimeError, "pthread_mutex_init failed");
+        goto error;
+    }
+    self->err_mu_ready = 1; /* and topo_mu */
     self->module = Py_XNewRef(PyType_GetModuleByDef(tp, &rg_module_def));
     if (self->module == NULL)
         goto error;
@@ -822,16 +951,64 @@ engine_ready(EngineObject *self)
 }
 
 /*
+ * The first half of every hand-over to the loop threads: the running
+ * loop's port and a new future of it (new references in *portp, *futp).
+ * Every call into Python comes first (the running loop, its port,
+ * create_future): any of them lets other threads run, and one may close the
+ * engine (freeing the shards) or shut the port down.  Then everything is
+ * re-checked, and the caller pushes its check with no Python code in
+ * between, so nothing close() frees is reachable from there.  0, or -1
+ * with an error (nothing held).
+ */
+static int
+engine_future(EngineObject *self, PortObject **portp, PyObject **futp)
+{
+    PortObject *port = engine_port(self);
+    PyObject *fut = NULL;
+
+    if (port == NULL)
+        return -1;
+    fut = PyObject_CallMethodNoArgs(port->loop, self->st->s_create_future);
+    if (fut == NULL)
+        goto error;
+    /* ---- no Python code from here to the caller's push ---- */
+    if (engine_ready(self) < 0)
+        goto error;
+    if (port->port == NULL || port->fork_gen != rg_fork_generation) {
+        PyErr_SetString(PyExc_RuntimeError, "rategate: this event loop is closing");
+        goto error;
+    }
+    *portp = port;
+    *futp = fut;
+    return 0;
+error:
+    Py_XDECREF(fut);
+    Py_DECREF(port);
+    return -1;
+}
+
+/* Hand c to shard, to be answered into port at its future's slot: the
+ * port's reference, the queue, the wake-up.  No Python code. */
+static void
+engine_hand(EngineObject *self, PortObject *port, rg_check *c, uint32_t slot, rg_shard *shard)
+{
+    c->slot = slot;
+    c->port = port->port;
+    rg_port_incref(port->port);
+    /* Wake the shard only onto an empty queue: it takes the whole queue at
+     * once, so checks that arrive while it works ride in its next batch.
+     * (Deferring the wake to the end of the event-loop iteration saved
+     * syscalls but cost HTTP throughput: measured 0.75x /health against
+     * 0.96x for this, over four interleaved runs; see the README.) */
+    if (rg_engine_submit(&self->eng, shard, c) && rg_shard_needs_wake(shard))
+        rg_engine_wake(shard);
+}
+
+/*
  * Hand one check (a hit, or a reset) to the loop threads; returns its future.
  * When the store cannot take it (shard down, too many outstanding), returns
  * at once what the future would have said: the failure Decision of a hit,
  * False for a reset.
- *
- * Every call into Python comes first (the running loop, its port,
- * create_future): any of them lets other threads run, and one may close the
- * engine (freeing the shards) or shut the port down.  Then everything is
- * re-checked and the check is pushed with no Python code in between, so
- * nothing close() frees is reachable from here.
  */
 static PyObject *
 engine_enqueue(EngineObject *self, const char *key, size_t keylen, SpecObject *spec,
@@ -847,19 +1024,8 @@ engine_enqueue(EngineObject *self, const char *key, size_t keylen, SpecObject *s
     uint64_t now;
     int err = RG_ERR_NONE;
 
-    port = engine_port(self);
-    if (port == NULL)
+    if (engine_future(self, &port, &fut) < 0)
         return NULL;
-    fut = PyObject_CallMethodNoArgs(port->loop, st->s_create_future);
-    if (fut == NULL)
-        goto done;
-    /* ---- no Python code from here to the push ---- */
-    if (engine_ready(self) < 0)
-        goto done;
-    if (port->port == NULL || port->fork_gen != rg_fork_generation) {
-        PyErr_SetString(PyExc_RuntimeError, "rategate: this event loop is closing");
-        goto done;
-    }
     now = rg_now_ns(); /* after the Python calls: deadlines stay in order */
     shard = &self->eng.shards[(hash >> 40) % (uint64_t)self->eng.cfg.nshards];
     if (atomic_load_explicit(&shard->down, memory_order_relaxed)) {
@@ -890,10 +1056,7 @@ engine_enqueue(EngineObject *self, const char *key, size_t keylen, SpecObject *s
         rg_check_free(c);
         goto undo;
     }
-    c->slot = slot;
     c->hash = hash;
-    c->port = port->port;
-    rg_port_incref(port->port);
     c->spec = spec->spec;
     rg_spec_incref(spec->spec);
     c->cost = cost;
@@ -901,13 +1064,7 @@ engine_enqueue(EngineObject *self, const char *key, size_t keylen, SpecObject *s
     c->lease = lease;
     c->submit_ns = now;
     c->deadline_ns = now + self->eng.cfg.timeout_ns;
-    /* Wake the shard only onto an empty queue: it takes the whole queue at
-     * once, so checks that arrive while it works ride in its next batch.
-     * (Deferring the wake to the end of the event-loop iteration saved
-     * syscalls but cost HTTP throughput: measured 0.75x /health against
-     * 0.96x for this, over four interleaved runs; see the README.) */
-    if (rg_engine_submit(&self->eng, shard, c) && rg_shard_needs_wake(shard))
-        rg_engine_wake(shard);
+    engine_hand(self, port, c, slot, shard);
     if (op == RG_OP_HIT)
         self->k.checks++;
     res = fut;
@@ -1134,6 +1291,347 @@ engine_reset(EngineObject *self, PyObject *const *args, Py_ssize_t nargs)
     rg_lease_forget_key(&self->lease, hash, key, (size_t)keylen);
     return engine_enqueue(self, key, (size_t)keylen, spec, 0, RG_OP_RESET, hash, NULL, 0, 0);
 }
+/* ---- the operator's interface: connect(), command(), topology() -------------- */
+
+/* An operator's timeout: None (connect_timeout) or seconds in range. */
+static int
+op_timeout(EngineObject *self, PyObject *o, double *out)
+{
+    double v;
+
+    if (o == Py_None) {
+        *out = (double)self->eng.cfg.connect_timeout_ns / 1e9;
+        return 0;
+    }
+    v = PyFloat_AsDouble(o);
+    if (v == -1.0 && PyErr_Occurred())
+        return -1;
+    *out = v;
+    return check_seconds("timeout", v, RG_MIN_SECONDS, RG_MAX_SECONDS);
+}
+
+/* A COMMAND or CONNECT check carrying cmd (taken), counted in
+ * `outstanding`, deadline `timeout` from now.  NULL: out of memory (cmd
+ * freed). */
+static rg_check *
+op_check(EngineObject *self, int op, rg_cmd *cmd, double timeout)
+{
+    rg_check *c = rg_check_new("", 0, NULL, 0);
+
+    if (c == NULL) {
+        rg_cmd_free(cmd);
+        PyErr_NoMemory();
+        return NULL;
+    }
+    c->op = op;
+    c->cmd = cmd;
+    cmd->timeout = timeout;
+    c->submit_ns = rg_now_ns();
+    c->deadline_ns = c->submit_ns + (uint64_t)(timeout * 1e9);
+    atomic_fetch_add_explicit(&self->eng.outstanding, 1, memory_order_relaxed);
+    return c;
+}
+
+/*
+ * connect(timeout=None, /) -> Future[None]: start the engine in this
+ * process if needed; resolved once every shard's store has answered (the
+ * server; the Sentinels' master confirmed by ROLE; the slot map and every
+ * master of it), or failed with ConnectionError naming the cause (a
+ * connect that failed, or nothing within `timeout`, default
+ * connect_timeout).  The engine goes on reconnecting either way.  One
+ * CONNECT check per shard, sharing the future (rg_group).
+ */
+static PyObject *
+engine_connect(EngineObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    PortObject *port;
+    PyObject *fut;
+    rg_check **cs;
+    rg_group *g;
+    double timeout;
+    uint32_t slot;
+    int i, n;
+
+    if (nargs > 1) {
+        PyErr_Format(PyExc_TypeError, "connect() takes at most 1 argument (timeout), got %zd", nargs);
+        return NULL;
+    }
+    if (op_timeout(self, nargs == 1 ? args[0] : Py_None, &timeout) < 0)
+        return NULL;
+    if (engine_future(self, &port, &fut) < 0)
+        return NULL;
+    /* ---- no Python code from here to the push (allocations only) ---- */
+    n = self->eng.cfg.nshards;
+    cs = calloc((size_t)n, sizeof(*cs));
+    g = calloc(1, sizeof(*g));
+    if (cs == NULL || g == NULL)
+        goto nomem;
+    for (i = 0; i < n; i++) {
+        rg_cmd *cmd = calloc(1, sizeof(*cmd));
+        if (cmd == NULL || (cs[i] = op_check(self, RG_OP_CONNECT, cmd, timeout)) == NULL)
+            goto nomem;
+        cmd->group = g;
+    }
+    if (port_park(port, fut, &slot) < 0)
+        goto undo;
+    atomic_init(&g->refcnt, n); /* one per check */
+    g->left = n;
+    for (i = 0; i < n; i++)
+        engine_hand(self, port, cs[i], slot, &self->eng.shards[i]);
+    free(cs);
+    Py_DECREF(port);
+    return fut;
+nomem:
+    PyErr_NoMemory();
+undo:
+    for (i = 0; cs != NULL && i < n && cs[i] != NULL; i++) {
+        cs[i]->cmd->group = NULL; /* freed once, below */
+        rg_check_free(cs[i]);
+        atomic_fetch_sub_explicit(&self->eng.outstanding, 1, memory_order_relaxed);
+    }
+    free(cs);
+    free(g);
+    Py_DECREF(fut);
+    Py_DECREF(port);
+    return NULL;
+}
+
+/* args (a sequence of bytes, str or int) as one RESP command into cmd.
+ * 0, or -1 with an error. */
+static int
+cmd_encode(PyObject *args, rg_cmd *cmd)
+{
+    PyObject *items = PySequence_Tuple(args), *keep = NULL;
+    const char **ps = NULL;
+    Py_ssize_t *ls = NULL, n, i;
+    size_t total;
+    char *p;
+    int rc = -1;
+
+    if (items == NULL) {
+        if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError, "command() takes the command as a sequence of bytes, "
+                         "str or int, got %.100s", Py_TYPE(args)->tp_name);
+        }
+        return -1;
+    }
+    n = PyTuple_GET_SIZE(items);
+    if (n == 0 || PyBytes_Check(args) || PyUnicode_Check(args)) {
+        PyErr_SetString(PyExc_ValueError, n == 0 ? "command() needs at least the command's name"
+                        : "command() takes a sequence of arguments, e.g. [\"GET\", key], "
+                          "not one string");
+        goto done;
+    }
+    ps = PyMem_Malloc((size_t)n * sizeof(*ps));
+    ls = PyMem_Malloc((size_t)n * sizeof(*ls));
+    keep = PyList_New(0); /* the text of int arguments, alive until written */
+    if (ps == NULL || ls == NULL || keep == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    total = 32;
+    for (i = 0; i < n; i++) {
+        PyObject *o = PyTuple_GET_ITEM(items, i);
+        if (PyBytes_Check(o)) {
+            ps[i] = PyBytes_AS_STRING(o);
+            ls[i] = PyBytes_GET_SIZE(o);
+        } else if (PyUnicode_Check(o)) {
+            if ((ps[i] = PyUnicode_AsUTF8AndSize(o, &ls[i])) == NULL)
+                goto done;
+        } else if (PyLong_Check(o) && !PyBool_Check(o)) {
+            PyObject *v = PyNumber_Index(o), *t = v != NULL ? PyObject_Str(v) : NULL;
+            Py_XDECREF(v);
+            if (t == NULL || PyList_Append(keep, t) < 0) {
+                Py_XDECREF(t);
+                goto done;
+            }
+            Py_DECREF(t);
+            if ((ps[i] = PyUnicode_AsUTF8AndSize(t, &ls[i])) == NULL)
+                goto done;
+        } else {
+            PyErr_Format(PyExc_TypeError, "command() argument %zd must be bytes, str or int, not %.100s",
+                         i, Py_TYPE(o)->tp_name);
+            goto done;
+        }
+        total += (size_t)ls[i] + 32;
+    }
+    if ((p = cmd->resp = malloc(total)) == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    p += sprintf(p, "*%zd\r\n", n);
+    for (i = 0; i < n; i++) {
+        p += sprintf(p, "$%zd\r\n", ls[i]);
+        memcpy(p, ps[i], (size_t)ls[i]);
+        p += ls[i];
+        *p++ = '\r';
+        *p++ = '\n';
+    }
+    cmd->resp_len = (size_t)(p - cmd->resp);
+    rc = 0;
+done:
+    PyMem_Free(ps);
+    PyMem_Free(ls);
+    Py_XDECREF(keep);
+    Py_DECREF(items);
+    return rc;
+}
+
+/*
+ * command(args, /, *, key=None, node=None, timeout=None) -> Future[Any]:
+ * one command, each argument a bulk string, to the master owning `key`'s
+ * slot (Cluster; the one server or Sentinel master otherwise), the master
+ * `node` ("host:port" as topology() lists it), or with neither any master
+ * (a connected one first).  Answered as Python (reply_to_py); an error
+ * reply raises ReplyError, no connection ConnectionError, the deadline
+ * (timeout, default connect_timeout) TimeoutError.  Not a check: not
+ * counted, no deny cache.  Shard 0 sends it (topology() is its view).
+ */
+static PyObject *
+engine_command(EngineObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    PyObject *key = Py_None, *node = Py_None, *tmo = Py_None, *fut;
+    Py_ssize_t i, nkw = kwnames != NULL ? PyTuple_GET_SIZE(kwnames) : 0;
+    PortObject *port;
+    rg_cmd *cmd;
+    rg_check *c;
+    double timeout;
+    uint32_t slot;
+
+    if (nargs != 1) {
+        PyErr_Format(PyExc_TypeError, "command() takes 1 positional argument (the command's "
+                     "arguments), got %zd", nargs);
+        return NULL;
+    }
+    for (i = 0; i < nkw; i++) {
+        PyObject *name = PyTuple_GET_ITEM(kwnames, i);
+        if (PyUnicode_CompareWithASCIIString(name, "key") == 0)
+            key = args[nargs + i];
+        else if (PyUnicode_CompareWithASCIIString(name, "node") == 0)
+            node = args[nargs + i];
+        else if (PyUnicode_CompareWithASCIIString(name, "timeout") == 0)
+            tmo = args[nargs + i];
+        else {
+            PyErr_Format(PyExc_TypeError, "command() got an unexpected keyword argument %R", name);
+            return NULL;
+        }
+    }
+    if (key != Py_None && node != Py_None) {
+        PyErr_SetString(PyExc_ValueError, "command(): give key= or node=, not both");
+        return NULL;
+    }
+    if (node != Py_None && !PyUnicode_Check(node)) {
+        PyErr_SetString(PyExc_TypeError, "command(): node must be a str, \"host:port\" as topology() lists it");
+        return NULL;
+    }
+    if (op_timeout(self, tmo, &timeout) < 0)
+        return NULL;
+    if ((cmd = calloc(1, sizeof(*cmd))) == NULL)
+        return PyErr_NoMemory();
+    if (cmd_encode(args[0], cmd) < 0)
+        goto error;
+    if (key != Py_None) {
+        const char *k;
+        Py_ssize_t kl;
+        if (PyBytes_Check(key)) {
+            k = PyBytes_AS_STRING(key);
+            kl = PyBytes_GET_SIZE(key);
+        } else if (!PyUnicode_Check(key)) {
+            PyErr_SetString(PyExc_TypeError, "command(): key must be bytes or str");
+            goto error;
+        } else if ((k = PyUnicode_AsUTF8AndSize(key, &kl)) == NULL) {
+            goto error;
+        }
+        cmd->route = RG_CMD_KEY;
+        cmd->slot = rg_key_slot(k, (size_t)kl);
+    } else if (node != Py_None) {
+        const char *nm = PyUnicode_AsUTF8(node);
+        if (nm == NULL)
+            goto error;
+        if ((cmd->node = strdup(nm)) == NULL) {
+            PyErr_NoMemory();
+            goto error;
+        }
+        cmd->route = RG_CMD_NODE;
+    }
+    if (engine_future(self, &port, &fut) < 0)
+        goto error;
+    /* ---- no Python code from here to the push ---- */
+    if ((c = op_check(self, RG_OP_COMMAND, cmd, timeout)) == NULL)
+        goto undo;
+    if (port_park(port, fut, &slot) < 0) {
+        atomic_fetch_sub_explicit(&self->eng.outstanding, 1, memory_order_relaxed);
+        rg_check_free(c);
+        goto undo;
+    }
+    engine_hand(self, port, c, slot, &self->eng.shards[0]);
+    Py_DECREF(port);
+    return fut;
+undo:
+    Py_DECREF(fut);
+    Py_DECREF(port);
+    return NULL;
+error:
+    rg_cmd_free(cmd);
+    return NULL;
+}
+
+/*
+ * topology() -> dict: what shard 0's loop thread knows (a snapshot it
+ * published, see engine.h): {"kind", "masters": [{"address", "connected",
+ * "slots"}], "sentinel"}.  Does not start the engine: before it ran,
+ * "masters" is empty.
+ */
+static PyObject *
+engine_topology(EngineObject *self, PyObject *unused)
+{
+    static const char *const kinds[] = {"server", "sentinel", "cluster"};
+    PyObject *masters = NULL, *out = NULL, *sentinel;
+    rg_topo_snap *t = NULL;
+    int i, j;
+    (void)unused;
+
+    if (self->closed) {
+        PyErr_SetString(PyExc_RuntimeError, "this Limiter is closed (aclose() was called)");
+        return NULL;
+    }
+    if (self->fork_gen != rg_fork_generation)
+        engine_after_fork(self);
+    if (self->eng.started)
+        t = rg_engine_topology(&self->eng);
+    if ((masters = PyList_New(0)) == NULL)
+        goto done;
+    for (i = 0; t != NULL && i < t->nmasters; i++) {
+        const rg_topo_master *m = &t->masters[i];
+        PyObject *slots = PyList_New(m->nranges), *d;
+        for (j = 0; slots != NULL && j < m->nranges; j++) {
+            PyObject *r = Py_BuildValue("(ii)", m->ranges[j][0], m->ranges[j][1]);
+            if (r == NULL)
+                Py_CLEAR(slots);
+            else
+                PyList_SET_ITEM(slots, j, r);
+        }
+        if (slots == NULL)
+            goto done;
+        d = Py_BuildValue("{sssOsN}", "address", m->addr, "connected",
+                          m->connected ? Py_True : Py_False, "slots", slots);
+        if (d == NULL || PyList_Append(masters, d) < 0) {
+            Py_XDECREF(d);
+            goto done;
+        }
+        Py_DECREF(d);
+    }
+    sentinel = t != NULL && t->sentinel[0] ? PyUnicode_FromString(t->sentinel) : Py_NewRef(Py_None);
+    if (sentinel != NULL)
+        out = Py_BuildValue("{sssOsN}", "kind", kinds[rg_engine_kind(&self->eng)], "masters",
+                            masters, "sentinel", sentinel);
+done:
+    Py_XDECREF(masters);
+    rg_topo_snap_decref(t);
+    return out;
+}
+
 /*
  * Stop the threads (every check still held is answered "closed"), then
  * resolve what the ports hold: directly for the running loop's port or a
@@ -1291,8 +1789,12 @@ engine_dealloc(EngineObject *self)
     rg_cache_free(&self->cache);
     rg_lease_free(&self->lease);
     rg_engine_free_cfg(&self->eng.cfg);
-    if (self->err_mu_ready)
+    rg_topo_snap_decref(self->eng.topo); /* NULL once stopped */
+    self->eng.topo = NULL;
+    if (self->err_mu_ready) {
         pthread_mutex_destroy(&self->eng.err_mu);
+        pthread_mutex_destroy(&self->eng.topo_mu);
+    }
     Py_CLEAR(self->module);
     tp->tp_free((PyObject *)self);
     Py_DECREF(tp);
@@ -1309,6 +1811,12 @@ static PyMethodDef engine_methods[] = {
      "release(key, spec, slot_id) -> bool (sent)"},
     {"close", (PyCFunction)engine_close, METH_NOARGS, "Stop and join the loop threads."},
     {"stats", (PyCFunction)engine_stats, METH_NOARGS, "Counters."},
+    {"connect", (PyCFunction)(void (*)(void))engine_connect, METH_FASTCALL,
+     "connect(timeout=None, /) -> Future[None]: the store has answered"},
+    {"command", (PyCFunction)(void (*)(void))engine_command, METH_FASTCALL | METH_KEYWORDS,
+     "command(args, /, *, key=None, node=None, timeout=None) -> Future[Any]"},
+    {"topology", (PyCFunction)engine_topology, METH_NOARGS,
+     "topology() -> dict: the masters shard 0 knows"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1527,6 +2035,12 @@ static PyType_Spec mem_spec = {
 int
 rg_engine_types_init(PyObject *m, rg_state *st)
 {
+    st->ReplyError = PyErr_NewExceptionWithDoc(
+        "rategate._core.ReplyError",
+        "An error reply from the server to Engine.command(); str() is the server's text.",
+        PyExc_Exception, NULL);
+    if (st->ReplyError == NULL || PyModule_AddObjectRef(m, "ReplyError", st->ReplyError) < 0)
+        return -1;
     st->EngineType = (PyTypeObject *)PyType_FromModuleAndSpec(m, &engine_spec, NULL);
     if (st->EngineType == NULL || PyModule_AddType(m, st->EngineType) < 0)
         return -1;

@@ -8,6 +8,8 @@
 #include <string.h>
 #include <hiredis/hiredis.h>
 
+#include "check.h"
+
 /* ---- asking the first of several servers that answers ------------------------- */
 
 struct rg_ask {
@@ -29,7 +31,7 @@ static void
 ask_why(rg_ask *a, const char *what)
 {
     const rg_conn_cfg *c = a->cfgs[a->cur];
-    snprintf(a->why, sizeof(a->why), "%s:%d: %s", c->host, c->port, what);
+    rg_msgf(a->why, sizeof(a->why), "%s:%d: %s", c->host, c->port, what);
 }
 
 /* The server could not answer: move on to the next. */
@@ -73,7 +75,7 @@ ask_reply(void *owner, rg_conn *c, void *priv, redisReply *r)
     rg_conn_close(c);
     why[0] = '\0';
     if (r->type == REDIS_REPLY_ERROR) {
-        snprintf(why, sizeof(why), "%.*s", (int)(r->len > 200 ? 200 : r->len), r->str);
+        rg_msgf(why, sizeof(why), "%.*s", (int)(r->len > 200 ? 200 : r->len), r->str);
     } else {
         /* The round is over while answer() runs (it may look at
          * rg_ask_busy); back on if the answer is no use. */
@@ -94,7 +96,7 @@ ask_lost(void *owner, rg_conn *c, int was_ready, const char *why)
     (void)c;
     (void)was_ready;
 
-    snprintf(a->why, sizeof(a->why), "%s", why);
+    rg_msgf(a->why, sizeof(a->why), "%s", why);
     a->q = NULL;
     ask_skip(a);
 }
@@ -203,6 +205,7 @@ struct rg_disc {
     rg_ask *ask;      /* SENTINEL get-master-addr-by-name */
     rg_conn *sub;     /* SUBSCRIBEd to +switch-master, or NULL */
     int sub_idx;
+    int named;        /* the Sentinel that last named the master, or -1 */
 };
 
 static void sub_open(rg_disc *d, int idx);
@@ -247,11 +250,12 @@ disc_answer(void *owner, int idx, const redisReply *r, char *why, size_t whylen)
         parse_host(r->element[0], host, sizeof(host)) && host[0] != '\0')
         port = parse_port(r->element[1]);
     if (port == 0) {
-        snprintf(why, whylen, "does not know the master name (check the name in the URL's path)");
+        rg_msgf(why, whylen, "does not know the master name (check the name in the URL's path)");
         return 0;
     }
     if (d->sub == NULL)
         sub_open(d, idx);
+    d->named = idx;
     d->ops->found(d->owner, host, port);
     return 1;
 }
@@ -262,7 +266,7 @@ disc_failed(void *owner, const char *why)
     rg_disc *d = owner;
     char msg[400];
 
-    snprintf(msg, sizeof(msg), "Sentinel %s", why);
+    rg_msgf(msg, sizeof(msg), "Sentinel %s", why);
     d->ops->failed(d->owner, msg);
 }
 
@@ -355,6 +359,7 @@ sub_push(void *owner, rg_conn *c, redisReply *r)
         return;
     if (strcmp(name, d->name) != 0 || newp < 1 || newp > 65535)
         return;
+    d->named = d->sub_idx;
     d->ops->switched(d->owner, newh, newp);
 }
 
@@ -406,7 +411,21 @@ rg_disc_new(uv_loop_t *loop, const rg_conn_cfg *cfgs, int n, const char *name,
     d->name_len = strlen(name);
     d->ops = ops;
     d->owner = owner;
+    d->named = -1;
     return d;
+}
+
+void
+rg_disc_named(const rg_disc *d, char *buf, size_t len)
+{
+    const rg_conn_cfg *c = d->named >= 0 ? &d->cfgs[d->named] : NULL;
+
+    if (c == NULL)
+        rg_msgf(buf, len, "%s", "");
+    else if (strchr(c->host, ':') != NULL)
+        rg_msgf(buf, len, "[%s]:%d", c->host, c->port);
+    else
+        rg_msgf(buf, len, "%s:%d", c->host, c->port);
 }
 
 void
@@ -436,13 +455,13 @@ rg_role_master(const redisReply *r, char *role, size_t rolelen)
 
     if (r->type != REDIS_REPLY_ARRAY || r->elements == 0 ||
         r->element[0]->type != REDIS_REPLY_STRING) {
-        snprintf(role, rolelen, "%s", r->type == REDIS_REPLY_ERROR ? "an error" : "unexpected");
+        rg_msgf(role, rolelen, "%s", r->type == REDIS_REPLY_ERROR ? "an error" : "unexpected");
         return 0;
     }
     e = r->element[0];
     if (e->len == 6 && memcmp(e->str, "master", 6) == 0)
         return 1;
-    snprintf(role, rolelen, "%.*s", (int)(e->len > 40 ? 40 : e->len), e->str);
+    rg_msgf(role, rolelen, "%.*s", (int)(e->len > 40 ? 40 : e->len), e->str);
     return 0;
 }
 
@@ -466,7 +485,7 @@ slot_range(const redisReply *e, const char *asked, int *first, int *last, char *
     if (m->type != REDIS_REPLY_ARRAY || m->elements < 2 || !parse_host(m->element[0], host, hostlen))
         return 0;
     if (host[0] == '\0' || strcmp(host, "?") == 0)
-        snprintf(host, hostlen, "%s", asked);
+        rg_msgf(host, hostlen, "%s", asked);
     return (*port = parse_port(m->element[1])) != 0;
 }
 

@@ -80,6 +80,9 @@ rg_disc *rg_disc_new(uv_loop_t *loop, const rg_conn_cfg *cfgs, int n, const char
 void rg_disc_find(rg_disc *d);
 /* Close its connections (no more callbacks) and free it. */
 void rg_disc_free(rg_disc *d);
+/* "host:port" of the Sentinel that last named the master (an answer or a
+ * +switch-master), or "" if none has. */
+void rg_disc_named(const rg_disc *d, char *buf, size_t len);
 
 /* The ROLE command into b: 0, or -1 out of memory. */
 int rg_role_cmd(rg_buf *b);

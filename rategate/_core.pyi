@@ -1,7 +1,7 @@
 """Types of the C extension rategate._core (see csrc/)."""
 
 import asyncio
-from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Tuple, Union, final
+from typing import Any, Dict, FrozenSet, List, Literal, Optional, Sequence, Tuple, TypedDict, Union, final
 
 from .rates import Rate
 
@@ -55,6 +55,22 @@ class Spec:
     def __new__(cls, rates: Tuple[Rate, ...], /, *, concurrency: int = 0, ttl: float = 60.0,
                 lease: bool = False) -> "Spec": ...
 
+class ReplyError(Exception):
+    """An error reply from the server to Engine.command(); str() is the server's text
+    (match it on its prefix: "NOSCRIPT", "MOVED", "READONLY"...; servers word the rest
+    differently)."""
+
+# For annotations only (these names do not exist at run time).
+class TopologyMaster(TypedDict):
+    address: str  # "host:port" ("[v6]:port"), or the unix socket path
+    connected: bool
+    slots: List[Tuple[int, int]]  # [first, last] ranges on a cluster, else []
+
+class Topology(TypedDict):
+    kind: Literal["server", "sentinel", "cluster"]
+    masters: List[TopologyMaster]
+    sentinel: Optional[str]  # the Sentinel that last named the master
+
 @final
 class Engine:
     def __new__(
@@ -96,6 +112,31 @@ class Engine:
     def release(self, key: Union[str, bytes], spec: Spec, slot_id: Union[str, bytes], /) -> bool: ...
     def close(self) -> None: ...
     def stats(self) -> Dict[str, Any]: ...
+    def connect(self, timeout: Optional[float] = None, /) -> "asyncio.Future[None]":
+        """Start the engine in this process if needed; resolves once the store has answered
+        (every shard: the server; the Sentinels' master confirmed by ROLE; the slot map and
+        every master of it connected).  ConnectionError naming the cause when connecting
+        failed, or nothing answered within ``timeout`` (default connect_timeout); the
+        engine goes on reconnecting either way."""
+    def command(
+        self,
+        args: Sequence[Union[bytes, str, int]],
+        /,
+        *,
+        key: Union[bytes, str, None] = None,
+        node: Optional[str] = None,
+        timeout: Optional[float] = None,
+    ) -> "asyncio.Future[Any]":
+        """One command, each argument a bulk string, to the master owning ``key``'s slot (the
+        one server or Sentinel master when not a cluster), to the master ``node`` ("host:port"
+        as topology() lists it), or with neither to any connected master.  The reply as
+        Python: int, bytes (bulk), str (status), None (nil), list; an error reply raises
+        ReplyError, no connection ConnectionError, ``timeout`` (default connect_timeout)
+        TimeoutError.  MOVED/ASK are followed for a key-routed command.  Not a check: not
+        counted, no deny cache."""
+    def topology(self) -> Topology:
+        """What the first loop thread knows of the store (a snapshot).  Before the engine
+        ran, "masters" is empty; a single server is listed from then on, connected or not."""
 
 @final
 class MemoryEngine:

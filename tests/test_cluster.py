@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 import rategate
+from rategate import _core
 from rategate.limiter import parse_storage_url
 from tlscerts import Certs
 from topo_checks import exact, fails_fast, traffic
@@ -198,3 +199,72 @@ def test_concurrency_charge_and_reset_on_every_node(cluster: ClusterSet) -> None
             await lim.aclose()
 
     asyncio.run(go())
+
+
+# -- the operator's interface (Engine.connect, command, topology) ---------------
+
+def test_topology_and_commands_on_every_master(cluster: ClusterSet) -> None:
+    async def main() -> None:
+        lim = rategate.Limiter(cluster.url(), timeout=TIMEOUT, threads=2)
+        e = lim._engine
+        try:
+            await e.connect()
+            topo = e.topology()
+            assert topo["kind"] == "cluster" and topo["sentinel"] is None
+            want = {}
+            for b, end, p in cluster.slots():
+                want.setdefault(f"127.0.0.1:{p}", []).append((b, end))
+            assert {m["address"]: m["slots"] for m in topo["masters"]} == want
+            assert all(m["connected"] for m in topo["masters"])
+            assert lim.stats()["connected"] is True
+            # By key: each lands on the master of its slot.
+            keys = [f"op:{i}" for i in range(30)]
+            for k in keys:
+                assert await e.command(["SET", k, k], key=k) == "OK"
+            for k in keys:
+                assert cluster.node_for_slot(key_slot(k)).client().get(k) == k.encode()
+            # By node: every master answers for itself; SCAN sees its own keys only.
+            found = []
+            for m in topo["masters"]:
+                cursor = b"0"
+                while True:
+                    cursor, batch = await e.command(["SCAN", cursor, "MATCH", "op:*", "COUNT", 100],
+                                                    node=m["address"])
+                    found += batch
+                    if cursor == b"0":
+                        break
+            assert sorted(found) == sorted(k.encode() for k in keys)
+            # A key asked of a master that does not own it: Redis's own answer.
+            k = keys[0]
+            other = next(m["address"] for m in topo["masters"]
+                         if m["address"] != f"127.0.0.1:{cluster.node_for_slot(key_slot(k)).port}")
+            with pytest.raises(_core.ReplyError, match="^MOVED"):
+                await e.command(["GET", k], node=other)
+            # With neither: any master.
+            assert await e.command(["PING"]) == "PONG"
+        finally:
+            await lim.aclose()
+
+    asyncio.run(main())
+
+
+def test_command_by_key_follows_moved(cluster: ClusterSet) -> None:
+    """The slot moves after the engine read the map: the command by key is
+    answered MOVED by the old owner, and followed."""
+    key = "op:moving"
+
+    async def main() -> None:
+        lim = rategate.Limiter(cluster.url(), timeout=TIMEOUT)
+        e = lim._engine
+        try:
+            await e.connect()
+            assert await e.command(["SET", key, "1"], key=key) == "OK"
+            src = cluster.node_for_slot(key_slot(key))
+            dst = next(m for m in cluster.masters() if m.port != src.port)
+            await asyncio.to_thread(cluster.migrate_slot, key_slot(key), dst)
+            assert await e.command(["INCR", key], key=key) == 2
+            assert dst.client().get(key) == b"2"
+        finally:
+            await lim.aclose()
+
+    asyncio.run(main())

@@ -238,3 +238,43 @@ def test_master_killed(sentinels: SentinelSet) -> None:
     # this module on the loaded 2-core test machine the replica had almost
     # none of the half second's writes (504 of 520, 524 of 524), although it
     # had caught up with the master's offset just before the traffic.
+
+
+# -- the operator's interface (Engine.connect, command, topology) ---------------
+
+def test_connect_command_topology_behind_sentinel(sentinels: SentinelSet) -> None:
+    async def main() -> None:
+        lim = rategate.Limiter(sentinels.url(db=2), timeout=TIMEOUT, threads=2)
+        e = lim._engine
+        try:
+            await e.connect()
+            topo = e.topology()
+            host, port = sentinels.master_addr()
+            assert topo["kind"] == "sentinel"
+            assert topo["masters"] == [{"address": f"{host}:{port}", "connected": True, "slots": []}]
+            assert topo["sentinel"] in {f"127.0.0.1:{s.port}" for s in sentinels.sentinels}
+            role = await e.command(["ROLE"])
+            assert role[0] == b"master"
+            assert await e.command(["SET", "op:sent", "v"], key="op:sent") == "OK"
+            assert await e.command(["GET", "op:sent"], node=f"{host}:{port}") == b"v"
+            assert lim.stats()["connected"] is True
+        finally:
+            await lim.aclose()
+
+    asyncio.run(main())
+    # The data went to the master, in the URL's database.
+    assert sentinels.current_master().client(db=2).get("op:sent") == b"v"
+
+
+def test_connect_fails_naming_the_sentinels_cause(sentinels: SentinelSet) -> None:
+    async def main() -> str:
+        lim = rategate.Limiter(sentinels.url().replace("/mymaster/", "/nosuchmaster/"), timeout=TIMEOUT)
+        try:
+            with pytest.raises(ConnectionError) as ei:
+                await lim._engine.connect()
+            return str(ei.value)
+        finally:
+            await lim.aclose()
+
+    msg = asyncio.run(main())
+    assert "no Sentinel named the master" in msg and "does not know the master name" in msg, msg
