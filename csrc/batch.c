@@ -169,6 +169,21 @@ is_common(const rg_check *c)
     return c->op == RG_OP_HIT && c->spec->n == 1 && c->spec->conc_limit == 0 && !c->lease;
 }
 
+/* A spec's name in the call: "=" and its number, 1 to RG_BATCH_MAX (no
+ * printf on the loop thread's path). */
+static size_t
+spec_name(char name[8], int j)
+{
+    size_t n = 1;
+    name[0] = '=';
+    if (j >= 100)
+        name[n++] = (char)('0' + j / 100);
+    if (j >= 10)
+        name[n++] = (char)('0' + j / 10 % 10);
+    name[n++] = (char)('0' + j % 10);
+    return n;
+}
+
 int
 rg_batch_write(rg_batch *b, const char *sha, rg_buf *out)
 {
@@ -248,8 +263,7 @@ rg_batch_write(rg_batch *b, const char *sha, rg_buf *out)
         const rg_spec *sp = specs[j];
         char name[8];
         long long ms = (long long)ceil(sp->rates[0].T / 1000.0);
-        name[0] = '=';
-        rg_resp_bulk(out, name, 1 + (size_t)snprintf(name + 1, sizeof(name) - 1, "%d", j + 1));
+        rg_resp_bulk(out, name, spec_name(name, j + 1));
         rg_resp_bulk(out, sp->arg_T[0], sp->arg_T_len[0]);
         rg_resp_bulk(out, sp->arg_tau[0], sp->arg_tau_len[0]);
         rg_resp_bulk_int(out, ms < 1 ? 1 : ms);
@@ -259,8 +273,7 @@ rg_batch_write(rg_batch *b, const char *sha, rg_buf *out)
         int nr = rates_sent(c), cc = conc_sent(c);
         if (i < RG_BATCH_MAX && sidx[i] != 0) {
             char name[8];
-            name[0] = '=';
-            rg_resp_bulk(out, name, 1 + (size_t)snprintf(name + 1, sizeof(name) - 1, "%d", sidx[i]));
+            rg_resp_bulk(out, name, spec_name(name, sidx[i]));
             rg_resp_bulk_int(out, (long long)c->cost);
             continue;
         }
