@@ -306,8 +306,20 @@ rg_ip_key(const rg_ip *ip, int v6prefix, char *buf)
     uint8_t b[16];
     size_t n;
 
-    if (ip->version == 4)
-        return (size_t)sprintf(buf, "%u.%u.%u.%u", ip->b[0], ip->b[1], ip->b[2], ip->b[3]);
+    if (ip->version == 4) { /* "%u.%u.%u.%u", without printf */
+        int k;
+        n = 0;
+        for (k = 0; k < 4; k++) {
+            unsigned o = ip->b[k];
+            if (o >= 100)
+                buf[n++] = (char)('0' + o / 100);
+            if (o >= 10)
+                buf[n++] = (char)('0' + o / 10 % 10);
+            buf[n++] = (char)('0' + o % 10);
+            buf[n++] = k < 3 ? '.' : '\0';
+        }
+        return n - 1;
+    }
     if (v6prefix <= 0)
         return v6_text(ip->b, buf);
     masked(ip, v6prefix, b);

@@ -852,11 +852,25 @@ note(GateObject *g, const grule *r, DecisionObject *d, int cached)
     return 0;
 }
 
+/* Small non-negative integers as bytes, made once (headers.py's _INTS). */
+#define SMALL_INTS 4096
+static PyObject *small_ints[SMALL_INTS];
+
 static PyObject *
 int_bytes(long long v)
 {
-    char buf[24];
-    return PyBytes_FromStringAndSize(buf, snprintf(buf, sizeof(buf), "%lld", v));
+    char buf[24], *p = buf + sizeof(buf);
+    unsigned long long u = v < 0 ? 0ULL - (unsigned long long)v : (unsigned long long)v;
+
+    if (v >= 0 && v < SMALL_INTS && small_ints[v] != NULL)
+        return Py_NewRef(small_ints[v]);
+    do {
+        *--p = (char)('0' + u % 10);
+        u /= 10;
+    } while (u != 0);
+    if (v < 0)
+        *--p = '-';
+    return PyBytes_FromStringAndSize(p, buf + sizeof(buf) - p);
 }
 
 /* The bytes of math.ceil(x) for a finite x (any size). */
@@ -1403,6 +1417,10 @@ static PyType_Spec gate_spec = {
 int
 rg_gate_types_init(PyObject *m)
 {
+    long long i;
+    for (i = 0; i < SMALL_INTS; i++)
+        if (small_ints[i] == NULL && (small_ints[i] = int_bytes(i)) == NULL)
+            return -1;
     PyTypeObject *tp = (PyTypeObject *)PyType_FromModuleAndSpec(m, &gate_spec, NULL);
     if (tp == NULL)
         return -1;
