@@ -157,7 +157,7 @@ parse_ipkey(PyObject *t, ipkey *k)
 {
     PyObject *nets, *name;
     const char *tag;
-    if (!PyArg_ParseTuple(t, "sOpiipS", &tag, &nets, &k->trust_unix, &k->v6prefix, &k->plain, &k->hdr,
+    if (!PyArg_ParseTuple(t, "sOpipiS", &tag, &nets, &k->trust_unix, &k->v6prefix, &k->plain, &k->hdr,
                           &name))
         return -1;
     if (strcmp(tag, "ip") != 0 || k->hdr < HDR_XFF || k->hdr > HDR_FORWARDED) {

@@ -322,3 +322,23 @@ def test_switch_forces_the_python_path() -> None:
         out = subprocess.run([sys.executable, "-c", code], env={**e, **env}, capture_output=True, text=True,
                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=60)
         assert out.stdout.strip() == want, out.stderr
+
+
+def test_each_proxy_header_as_configured() -> None:
+    # Found by the equivalence test: the proxy header's kind was read as a
+    # flag, so a Forwarded header was walked as X-Real-IP.  Each kind, with a
+    # trusted peer: X-Forwarded-For and X-Real-IP in C, Forwarded handed back.
+    for header, value, want in (("x-forwarded-for", b"198.51.100.7, 10.1.1.1", b"default|198.51.100.7"),
+                                ("x-real-ip", b"198.51.100.8", b"default|198.51.100.8"),
+                                ("forwarded", b"::", None)):
+        lim = FakeLimiter("redis")
+        mw = RateLimitMiddleware(lambda *a: None, limiter=lim, limits="10/minute",
+                                 key=rategate.client_ip(trusted_proxies=["10.0.0.0/8"], proxy_header=header))
+        mw.rule_for("/", "GET")
+        scope = {"type": "http", "method": "GET", "path": "/", "headers": [(header.encode(), value)],
+                 "client": ("10.0.0.1", 5)}
+        r = mw._gate(scope, print)
+        if want is None:
+            assert r is None and lim.calls == []
+        else:
+            assert r is not None and lim.calls[0][0] == want
