@@ -1,7 +1,7 @@
 """The rategate benchmark: one command, one machine, one run.
 
     python -m bench.run                 # every case at workers = cores and at 1 worker, 2 rounds
-    python -m bench.run --quick         # 3 s each, one round, shorter micro-benchmarks (about 3 minutes)
+    python -m bench.run --quick         # 3 s each, one round, shorter micro-benchmarks (about 6 minutes)
     python -m bench.run --cases health,rategate,rategate-flood --workers 2 --duration 20
 
 It starts its own redis-server on a free 127.0.0.1 port (or uses
@@ -823,7 +823,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--quick", action="store_true",
                    help="short run (3 s per case, 1 s warm-up, one round, shorter micro-benchmarks): "
-                        "about 3.5 minutes on 2 cores")
+                        "about 6 minutes on 2 cores")
     p.add_argument("--duration", type=float,
                    help="seconds of measurement per HTTP case, whole (default 10, quick 3)")
     p.add_argument("--warmup", type=float, help="seconds of warm-up per HTTP case, whole, 0 = none "
