@@ -34,6 +34,9 @@ TARGETS_13 = [
     ("loop threads µs/check", "rategate loop threads' CPU per check", "<=", 3.0, "µs"),
     ("added p99 at fixed load", "p99 over /health's at the fixed offered load", "<=", 1.0, "ms"),
     ("hot key, leased", "hot-key-lease req/s ÷ /health at workers = cores", ">=", 0.97, "×"),
+    # issue 19: shm://, no Redis on the path
+    ("shm allowed", "shm req/s ÷ /health at workers = cores", ">=", 0.97, "×"),
+    ("shm flood", "shm-flood req/s ÷ rategate-flood's at workers = cores", ">=", 1.0, "×"),
 ]
 
 
@@ -215,6 +218,10 @@ def compute(results: dict) -> None:
     results["targets"] = out
 
 
+def _ratio(a, b):
+    return round(a / b, 3) if a and b else None
+
+
 def targets_13(results: dict) -> list[dict]:
     g = groups(results)
     head_w, head = g[0] if g else (0, {})
@@ -226,11 +233,14 @@ def targets_13(results: dict) -> list[dict]:
         _get(rg, "cpu_us_per_req", "rategate_loops"),  # all allowed: one check per request
         _get(rg, "fixed_load", "added_ms", "p99"),
         head.get("hot-key-lease", {}).get("ratio_to_health"),
+        head.get("shm", {}).get("ratio_to_health"),
+        _ratio(head.get("shm-flood", {}).get("rps"), head.get("rategate-flood", {}).get("rps")),
     ]
     out = []
     for (short, desc, op, goal, unit), v in zip(TARGETS_13, values):
         status = "n/a" if v is None else ("PASS" if (v >= goal if op == ">=" else v <= goal) else "MISS")
-        note = None if v is not None else ("not run" if short == "hot key, leased" else why)
+        note = None if v is not None else ("not run" if short in ("hot key, leased", "shm allowed", "shm flood")
+                                           else why)
         out.append({"name": short, "description": f"{desc} ({head_w} workers)", "value": v, "op": op,
                     "target": goal, "unit": unit, "status": status, "note": note})
     return out

@@ -109,6 +109,11 @@ HTTP_CASES = [
     HttpCase("hot-key-lease", "bench.apps.rategate_app:app", needs=RG,
              env={"BENCH_KEY": "global", "BENCH_LEASE": "1"},
              what="the same with lease=True: tokens leased in blocks, answered in C"),
+    # issue 19: shm:// (a shared memory segment of this host, no Redis), the same app
+    HttpCase("shm", "bench.apps.rategate_app:app", needs=RG, redis="shm",
+             what="RateLimitMiddleware on shm:// (every worker shares one segment, no Redis), all allowed"),
+    HttpCase("shm-flood", "bench.apps.rategate_app:app", mode="flood", expect_denied=True, needs=RG, redis="shm",
+             what="the same on shm://, limit 5/minute for the one client: all but the first 5 get 429"),
 ]
 HTTP_BY_NAME = {c.name: c for c in HTTP_CASES}
 
@@ -355,8 +360,31 @@ def redis_tls(ctx: Ctx, case: HttpCase) -> CaseRedis:
                      server=server)
 
 
+class ShmSegment:
+    """The shm:// cases' store: a segment of the case's own (its name is the
+    app's storage URL), removed when the case ends (as a Redis it started)."""
+
+    proc = None
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def stop(self) -> None:
+        try:  # what rategate.shm_unlink does, without importing rategate here
+            os.unlink(f"/dev/shm/rategate.{self.name}")
+        except FileNotFoundError:
+            pass
+
+    kill = stop
+
+
+def shm_segment(ctx: Ctx, case: HttpCase) -> CaseRedis:
+    seg = ShmSegment(f"bench-{os.getpid()}-{case.name}-{time.monotonic_ns()}")
+    return CaseRedis(f"shm://{seg.name}", None, None, server=seg)  # type: ignore[arg-type]
+
+
 # case.redis -> how to get it.
-REDIS_KINDS = {"shared": redis_shared, "down": redis_down, "tls": redis_tls}
+REDIS_KINDS = {"shared": redis_shared, "down": redis_down, "tls": redis_tls, "shm": shm_segment}
 
 
 def local_redis_pid(conf: dict) -> int | None:

@@ -85,6 +85,16 @@ rg_cache_free(rg_cache *c)
     c->max_sets = 0;
 }
 
+void
+rg_cache_forget_all(rg_cache *c)
+{
+    size_t set;
+    int i;
+    for (set = 0; set < c->nsets; set++)
+        for (i = 0; i < WAYS; i++)
+            c->sets[set].until_ns[i] = 0;
+}
+
 size_t
 rg_cache_bytes(const rg_cache *c)
 {

@@ -571,6 +571,29 @@ rg_parse_reset(rg_state *st, PyObject *const *args, Py_ssize_t nargs, const char
     return parse_key_spec(st, args[0], args[1], key, keylen, spec);
 }
 
+int
+rg_parse_prefix(PyObject *const *args, Py_ssize_t nargs, const char **prefix, Py_ssize_t *plen)
+{
+    *prefix = "";
+    *plen = 0;
+    if (nargs > 1) {
+        PyErr_Format(PyExc_TypeError, "entries() takes (prefix=b''), got %zd arguments", nargs);
+        return -1;
+    }
+    if (nargs == 0)
+        return 0;
+    if (PyBytes_Check(args[0])) {
+        *prefix = PyBytes_AS_STRING(args[0]);
+        *plen = PyBytes_GET_SIZE(args[0]);
+        return 0;
+    }
+    if (PyUnicode_Check(args[0]))
+        return (*prefix = PyUnicode_AsUTF8AndSize(args[0], plen)) == NULL ? -1 : 0;
+    PyErr_Format(PyExc_TypeError, "entries(): prefix must be bytes or str, not %.100s",
+                 Py_TYPE(args[0])->tp_name);
+    return -1;
+}
+
 PyObject *
 rg_counters_dict(rg_state *st, const rg_counters *k)
 {
@@ -691,7 +714,7 @@ module_exec(PyObject *m)
     TYPE(DecisionType, decision_spec, NULL);
     TYPE(SpecType, spec_spec, NULL);
 #undef TYPE
-    if (rg_engine_types_init(m, st) < 0 || rg_gate_types_init(m) < 0)
+    if (rg_engine_types_init(m, st) < 0 || rg_shm_types_init(m) < 0 || rg_gate_types_init(m) < 0)
         goto done;
 
     st->err_str[0] = Py_NewRef(Py_None);

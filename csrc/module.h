@@ -103,6 +103,13 @@ int rg_engine_types_init(PyObject *module, rg_state *st);
 /* rategate._core.Gate and its helpers (pygate.c). */
 int rg_gate_types_init(PyObject *module);
 
+/* entries()'s optional prefix (bytes or str; default empty): 0 or -1. */
+int rg_parse_prefix(PyObject *const *args, Py_ssize_t nargs, const char **prefix,
+                    Py_ssize_t *plen);
+
+/* ShmEngine and shm_unlink() (pyshm.c). */
+int rg_shm_types_init(PyObject *module);
+
 /* Bumped in the child after fork(): engines started before it are gone. */
 extern unsigned long rg_fork_generation;
 

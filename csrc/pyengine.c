@@ -1291,6 +1291,18 @@ engine_reset(EngineObject *self, PyObject *const *args, Py_ssize_t nargs)
     rg_lease_forget_key(&self->lease, hash, key, (size_t)keylen);
     return engine_enqueue(self, key, (size_t)keylen, spec, 0, RG_OP_RESET, hash, NULL, 0, 0);
 }
+
+/* forget_local() -> None: forget every key in this process's deny cache and
+ * drop its leases (limiter.clear() deleted the buckets they speak of). */
+static PyObject *
+engine_forget_local(EngineObject *self, PyObject *unused)
+{
+    (void)unused;
+    rg_cache_forget_all(&self->cache);
+    rg_lease_clear(&self->lease);
+    Py_RETURN_NONE;
+}
+
 /* ---- the operator's interface: connect(), command(), topology() -------------- */
 
 /* An operator's timeout: None (connect_timeout) or seconds in range. */
@@ -1809,6 +1821,8 @@ static PyMethodDef engine_methods[] = {
      "charge(key, spec, cost) -> Decision | Future[Decision]"},
     {"release", (PyCFunction)(void (*)(void))engine_release, METH_FASTCALL,
      "release(key, spec, slot_id) -> bool (sent)"},
+    {"forget_local", (PyCFunction)engine_forget_local, METH_NOARGS,
+     "forget_local() -> None: empty this process's deny cache and leases"},
     {"close", (PyCFunction)engine_close, METH_NOARGS, "Stop and join the loop threads."},
     {"stats", (PyCFunction)engine_stats, METH_NOARGS, "Counters."},
     {"connect", (PyCFunction)(void (*)(void))engine_connect, METH_FASTCALL,
@@ -1965,6 +1979,16 @@ mem_reset(MemoryEngineObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_TRUE;
 }
 
+/* clear() -> int: forget every bucket and slot set; how many were live. */
+static PyObject *
+mem_clear(MemoryEngineObject *self, PyObject *unused)
+{
+    (void)unused;
+    if (mem_ready(self) < 0)
+        return NULL;
+    return PyLong_FromSize_t(rg_memstore_clear(&self->mem, rg_now_ns()));
+}
+
 static PyObject *
 mem_close(MemoryEngineObject *self, PyObject *unused)
 {
@@ -1993,6 +2017,43 @@ mem_stats(MemoryEngineObject *self, PyObject *unused)
     return d;
 }
 
+/* entries(prefix=b"") -> [(key, key_id, value)] (Seam 2): every live entry
+ * whose key starts with prefix; value: microseconds until a rate's bucket is
+ * full, or a key's live slots (key_id b"c").  Builds bytes only: no Python
+ * code runs while the table is walked. */
+static PyObject *
+mem_entries(MemoryEngineObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    const char *prefix;
+    Py_ssize_t plen;
+    const rg_mem_entry *e;
+    uint64_t now = rg_now_ns();
+    size_t i = 0;
+    double v;
+    PyObject *out;
+
+    if (rg_parse_prefix(args, nargs, &prefix, &plen) < 0 || mem_ready(self) < 0)
+        return NULL;
+    if ((out = PyList_New(0)) == NULL)
+        return NULL;
+    while ((e = rg_memstore_next(&self->mem, &i, now, &v)) != NULL) {
+        const char *nul = memrchr(e->key, '\0', e->keylen);
+        size_t kl = (size_t)(nul - e->key);
+        PyObject *t;
+        if (kl < (size_t)plen || memcmp(e->key, prefix, (size_t)plen) != 0)
+            continue;
+        t = Py_BuildValue("(y#y#d)", e->key, (Py_ssize_t)kl, nul + 1,
+                          (Py_ssize_t)(e->keylen - kl - 1), v);
+        if (t == NULL || PyList_Append(out, t) < 0) {
+            Py_XDECREF(t);
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_DECREF(t);
+    }
+    return out;
+}
+
 static void
 mem_dealloc(MemoryEngineObject *self)
 {
@@ -2012,8 +2073,12 @@ static PyMethodDef mem_methods[] = {
      "charge(key, spec, cost) -> Decision"},
     {"release", (PyCFunction)(void (*)(void))mem_release, METH_FASTCALL,
      "release(key, spec, slot_id) -> True"},
+    {"clear", (PyCFunction)mem_clear, METH_NOARGS,
+     "clear() -> int: forget every bucket and slot set (how many were live)"},
     {"close", (PyCFunction)mem_close, METH_NOARGS, "Forget every bucket."},
     {"stats", (PyCFunction)mem_stats, METH_NOARGS, "Counters."},
+    {"entries", (PyCFunction)(void (*)(void))mem_entries, METH_FASTCALL,
+     "entries(prefix=b'') -> [(key, key_id, value)]"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -62,6 +62,8 @@ typedef struct {
     int gateable;      /* its requests can take this path */
     PyObject *spec;
     PyObject *bprefix, *bhprefix; /* bytes */
+    PyObject *sprefix, *shprefix; /* str: the store key of a str client key */
+    PyObject *headers; /* the rule's RateLimitHeaders, or None */
     keysrc key;
     PyObject *cost;    /* int */
     int style;
@@ -85,30 +87,44 @@ typedef struct {
     grule *rules;
     Py_ssize_t nrules;
     PyObject *submit;
-    PyObject *failures;    /* FailureLog */
+    PyObject *failures;    /* the limiter's IncidentLog (active, note()) */
+    PyObject *limiter;     /* the record's limiter of a limit */
+    PyObject *record_key;  /* RECORD_KEY */
+    PyObject *fail_status; /* failure_status (int) */
+    PyObject *fail_headers; /* its headers: tuple of (bytes, bytes) */
+    PyObject *fail_body;   /* bytes */
     PyObject *key_digest;  /* keys.key_digest */
     int sync_cached;
     PyObject *s_type, *s_path, *s_method, *s_client, *s_headers, *s_http, *s_start, *s_status,
         *s_body, *s_resp_body, *s_active, *s_note, *s_allowed, *s_denied, *s_denied_cached,
-        *s_failures, *s_sinks, *s_o_allowed, *s_o_denied, *s_o_cached, *s_o_failure, *unknown,
+        *s_failures, *s_sinks, *s_root, *s_state, *s_render, *s_o_allowed, *s_o_denied, *s_o_cached, *s_o_failure, *unknown,
         *h_ctype, *v_json, *h_clen, *v_clen, *denied_body, *h_retry;
 } GateObject;
 
 typedef struct {
     PyObject_HEAD
     PyObject *future;
-    PyObject *key;  /* bytes: the store key */
+    PyObject *key;   /* the store key (str or bytes, as the Python path makes it) */
+    PyObject *scope; /* for the request's record */
     Py_ssize_t rule;
 } PendingObject;
 
 typedef struct {
     PyObject_HEAD
     PyObject *send;
-    PyObject *headers; /* list of (bytes, bytes) */
-    PyObject *s_type, *s_headers, *s_start; /* borrowed from the gate, kept alive */
-    PyObject *gate;
+    PyObject *rec;   /* the request's record (a list, see middleware.py RECORD_KEY) */
+    PyObject *gate;  /* GateObject: its strings and the rule */
+    Py_ssize_t rule;
     vectorcallfunc vectorcall;
 } SendObject;
+
+/* The record's layout and modes (rategate/middleware.py: R_*, OPEN ... DONE). */
+#define R_BEST 0
+#define R_HEADERS 1
+#define R_MODE 2
+#define MODE_OPEN 0
+#define MODE_WRAPPED 1
+#define MODE_DONE 3
 
 static PyTypeObject *PendingType, *SendType; /* set by rg_gate_types_init (one interpreter) */
 
@@ -201,21 +217,23 @@ parse_key(PyObject *t, keysrc *k)
     return 0;
 }
 
-/* (rule, methods, limited, gateable, spec, bprefix, bhprefix, key, cost, style, pre, items, full, counts) */
+/* (rule, methods, limited, gateable, spec, bprefix, bhprefix, sprefix, shprefix, key, cost,
+ *  headers, style, pre, items, full, counts) */
 static int
 parse_rule(PyObject *t, grule *r)
 {
-    PyObject *rule, *methods, *spec, *bp, *bhp, *key, *cost, *pre, *items, *full, *counts;
+    PyObject *rule, *methods, *spec, *bp, *bhp, *sp, *shp, *key, *cost, *hd, *pre, *items, *full, *counts;
     Py_ssize_t i;
 
-    if (!PyArg_ParseTuple(t, "OOppOOOOOiOOOO", &rule, &methods, &r->limited, &r->gateable, &spec, &bp, &bhp,
-                          &key, &cost, &r->style, &pre, &items, &full, &counts))
+    if (!PyArg_ParseTuple(t, "OOppOOOOOOOOiOOOO", &rule, &methods, &r->limited, &r->gateable, &spec, &bp, &bhp,
+                          &sp, &shp, &key, &cost, &hd, &r->style, &pre, &items, &full, &counts))
         return -1;
     r->rule = Py_NewRef(rule);
     r->methods = methods == Py_None ? NULL : Py_NewRef(methods);
     if (!r->gateable)
         return 0;
-    if (!PyBytes_Check(bp) || !PyBytes_Check(bhp) || !PyLong_Check(cost) || !PyTuple_Check(pre) ||
+    if (!PyBytes_Check(bp) || !PyBytes_Check(bhp) || !PyUnicode_Check(sp) || !PyUnicode_Check(shp) ||
+        !PyLong_Check(cost) || !PyTuple_Check(pre) ||
         !PyTuple_Check(items) || !PyTuple_Check(full) || r->style < STYLE_NONE || r->style > STYLE_X) {
         PyErr_SetString(PyExc_ValueError, "bad rule configuration");
         return -1;
@@ -223,6 +241,9 @@ parse_rule(PyObject *t, grule *r)
     r->spec = Py_NewRef(spec);
     r->bprefix = Py_NewRef(bp);
     r->bhprefix = Py_NewRef(bhp);
+    r->sprefix = Py_NewRef(sp);
+    r->shprefix = Py_NewRef(shp);
+    r->headers = Py_NewRef(hd);
     r->cost = Py_NewRef(cost);
     r->pre = Py_NewRef(pre);
     r->items = Py_NewRef(items);
@@ -260,6 +281,9 @@ rules_free(GateObject *g)
         Py_CLEAR(r->spec);
         Py_CLEAR(r->bprefix);
         Py_CLEAR(r->bhprefix);
+        Py_CLEAR(r->sprefix);
+        Py_CLEAR(r->shprefix);
+        Py_CLEAR(r->headers);
         Py_CLEAR(r->cost);
         Py_CLEAR(r->pre);
         Py_CLEAR(r->items);
@@ -276,12 +300,14 @@ rules_free(GateObject *g)
     g->nrules = 0;
 }
 
-/* Gate(exempt, route_cache, pass, rules, submit, failures, key_digest, sync_cached) */
+/* Gate(exempt, route_cache, pass, rules, submit, incidents, key_digest, sync_cached, limiter,
+ *      record_key, failure_status, failure_headers, failure_body) */
 static PyObject *
 gate_tp_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
 {
     rg_state *st = rg_state_of_type(tp);
-    PyObject *exempt, *cache, *pass, *rules, *submit, *failures, *digest, *fast = NULL;
+    PyObject *exempt, *cache, *pass, *rules, *submit, *failures, *digest, *fast = NULL, *limiter, *rkey, *fst,
+        *fhd, *fbody;
     int sync_cached;
     GateObject *g;
     Py_ssize_t i;
@@ -292,8 +318,9 @@ gate_tp_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
         PyErr_SetString(PyExc_TypeError, "Gate() takes no keyword arguments");
         return NULL;
     }
-    if (!PyArg_ParseTuple(args, "O!O!OOOOOp:Gate", &PyFrozenSet_Type, &exempt, &PyDict_Type, &cache, &pass,
-                          &rules, &submit, &failures, &digest, &sync_cached))
+    if (!PyArg_ParseTuple(args, "O!O!OOOOOpOUO!O!S:Gate", &PyFrozenSet_Type, &exempt, &PyDict_Type, &cache, &pass,
+                          &rules, &submit, &failures, &digest, &sync_cached, &limiter, &rkey, &PyLong_Type, &fst,
+                          &PyTuple_Type, &fhd, &fbody))
         return NULL;
     g = (GateObject *)tp->tp_alloc(tp, 0);
     if (g == NULL)
@@ -309,6 +336,11 @@ gate_tp_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
     g->pass = Py_NewRef(pass);
     g->submit = Py_NewRef(submit);
     g->failures = Py_NewRef(failures);
+    g->limiter = Py_NewRef(limiter);
+    g->record_key = Py_NewRef(rkey);
+    g->fail_status = Py_NewRef(fst);
+    g->fail_headers = Py_NewRef(fhd);
+    g->fail_body = Py_NewRef(fbody);
     g->key_digest = Py_NewRef(digest);
     g->sync_cached = sync_cached;
     g->index = PyDict_New();
@@ -346,6 +378,9 @@ gate_tp_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
     S(s_body, "body");
     S(s_resp_body, "http.response.body");
     S(s_active, "active");
+    S(s_root, "root_path");
+    S(s_state, "state");
+    S(s_render, "render");
     S(s_note, "note");
     S(s_allowed, "allowed");
     S(s_denied, "denied");
@@ -390,6 +425,7 @@ gate_traverse(GateObject *g, visitproc visit, void *arg)
     Py_VISIT(g->index);
     Py_VISIT(g->submit);
     Py_VISIT(g->failures);
+    Py_VISIT(g->limiter);
     Py_VISIT(g->key_digest);
     for (i = 0; i < g->nrules; i++) {
         Py_VISIT(g->rules[i].rule);
@@ -408,6 +444,11 @@ gate_clear(GateObject *g)
     Py_CLEAR(g->index);
     Py_CLEAR(g->submit);
     Py_CLEAR(g->failures);
+    Py_CLEAR(g->limiter);
+    Py_CLEAR(g->record_key);
+    Py_CLEAR(g->fail_status);
+    Py_CLEAR(g->fail_headers);
+    Py_CLEAR(g->fail_body);
     Py_CLEAR(g->key_digest);
     rules_free(g);
     return 0;
@@ -432,6 +473,9 @@ gate_dealloc(GateObject *g)
     Py_CLEAR(g->s_body);
     Py_CLEAR(g->s_resp_body);
     Py_CLEAR(g->s_active);
+    Py_CLEAR(g->s_root);
+    Py_CLEAR(g->s_state);
+    Py_CLEAR(g->s_render);
     Py_CLEAR(g->s_note);
     Py_CLEAR(g->s_allowed);
     Py_CLEAR(g->s_denied);
@@ -722,40 +766,38 @@ client_key(GateObject *g, const grule *r, PyObject *scope)
     return ip_key(g, &r->key.ip, scope);
 }
 
-/* middleware.prefixed_key as bytes: prefix + key, or past MAX_KEY_LENGTH
- * the hashed prefix + the key's digest. */
+/* admin.prefixed_key: prefix + key, or past MAX_KEY_LENGTH the hashed
+ * prefix + the key's digest; str for a str client key, bytes for bytes (the
+ * request's record compares store keys as the Python path makes them). */
 static PyObject *
 store_key(GateObject *g, const grule *r, PyObject *k)
 {
-    const char *s;
-    Py_ssize_t n, len = PyUnicode_Check(k) ? PyUnicode_GET_LENGTH(k) : PyBytes_GET_SIZE(k);
-    PyObject *out, *dg = NULL, *enc = NULL, *prefix = r->bprefix;
+    PyObject *out, *dg = NULL, *enc = NULL;
 
-    if (len > MAX_KEY_LENGTH) {
+    if (PyUnicode_Check(k)) {
+        if (PyUnicode_GET_LENGTH(k) <= MAX_KEY_LENGTH)
+            return PyUnicode_Concat(r->sprefix, k);
         dg = PyObject_CallOneArg(g->key_digest, k);
         if (dg == NULL)
             return NULL;
-        enc = PyUnicode_AsASCIIString(dg);
+        out = PyUnicode_Concat(r->shprefix, dg);
         Py_DECREF(dg);
-        if (enc == NULL)
-            return NULL;
-        prefix = r->bhprefix;
-        s = PyBytes_AS_STRING(enc);
-        n = PyBytes_GET_SIZE(enc);
-    } else if (PyUnicode_Check(k)) {
-        s = PyUnicode_AsUTF8AndSize(k, &n);
-        if (s == NULL)
-            return NULL;
-    } else {
-        s = PyBytes_AS_STRING(k);
-        n = PyBytes_GET_SIZE(k);
+        return out;
     }
-    out = PyBytes_FromStringAndSize(NULL, PyBytes_GET_SIZE(prefix) + n);
-    if (out != NULL) {
-        memcpy(PyBytes_AS_STRING(out), PyBytes_AS_STRING(prefix), (size_t)PyBytes_GET_SIZE(prefix));
-        memcpy(PyBytes_AS_STRING(out) + PyBytes_GET_SIZE(prefix), s, (size_t)n);
+    if (PyBytes_GET_SIZE(k) <= MAX_KEY_LENGTH) {
+        out = Py_NewRef(r->bprefix);
+        PyBytes_Concat(&out, k);
+        return out;
     }
-    Py_XDECREF(enc);
+    dg = PyObject_CallOneArg(g->key_digest, k);
+    if (dg == NULL)
+        return NULL;
+    enc = PyUnicode_AsASCIIString(dg);
+    Py_DECREF(dg);
+    if (enc == NULL)
+        return NULL;
+    out = Py_NewRef(r->bhprefix);
+    PyBytes_ConcatAndDel(&out, enc);
     return out;
 }
 
@@ -992,27 +1034,34 @@ denial(GateObject *g, const grule *r, DecisionObject *d)
 
     if (hdrs == NULL)
         return NULL;
-    if (!(x != x || x == Py_HUGE_VAL))
-        ra = x <= 0.0 ? 1.0 : ceil(x) > 1.0 ? ceil(x) : 1.0;
-    if (append_pair(hdrs, g->h_ctype, Py_NewRef(g->v_json)) < 0 ||
-        append_pair(hdrs, g->h_clen, Py_NewRef(g->v_clen)) < 0)
-        goto done;
-    if (r->style != STYLE_NONE && render(g, r, d, hdrs, ra) < 0)
-        goto done;
-    if (ra >= 0 && append_pair(hdrs, g->h_retry, ceil_bytes(ra)) < 0)
-        goto done;
+    if (d->error != Py_None) {
+        /* the store failed (closed mode): failure_status, Retry-After: 1 only */
+        if (PyList_SetSlice(hdrs, 0, 0, g->fail_headers) < 0)
+            goto done;
+    } else {
+        if (!(x != x || x == Py_HUGE_VAL))
+            ra = x <= 0.0 ? 1.0 : ceil(x) > 1.0 ? ceil(x) : 1.0;
+        if (append_pair(hdrs, g->h_ctype, Py_NewRef(g->v_json)) < 0 ||
+            append_pair(hdrs, g->h_clen, Py_NewRef(g->v_clen)) < 0)
+            goto done;
+        if (r->style != STYLE_NONE && render(g, r, d, hdrs, ra) < 0)
+            goto done;
+        if (ra >= 0 && append_pair(hdrs, g->h_retry, ceil_bytes(ra)) < 0)
+            goto done;
+    }
     start = PyDict_New();
     body = PyDict_New();
     if (start == NULL || body == NULL)
         goto done;
-    v = PyLong_FromLong(429);
+    v = d->error != Py_None ? Py_NewRef(g->fail_status) : PyLong_FromLong(429);
     if (v == NULL || PyDict_SetItem(start, g->s_type, g->s_start) < 0 ||
         PyDict_SetItem(start, g->s_status, v) < 0 || PyDict_SetItem(start, g->s_headers, hdrs) < 0) {
         Py_XDECREF(v);
         goto done;
     }
     Py_DECREF(v);
-    if (PyDict_SetItem(body, g->s_type, g->s_resp_body) < 0 || PyDict_SetItem(body, g->s_body, g->denied_body) < 0)
+    if (PyDict_SetItem(body, g->s_type, g->s_resp_body) < 0 ||
+        PyDict_SetItem(body, g->s_body, d->error != Py_None ? g->fail_body : g->denied_body) < 0)
         goto done;
     out = PyList_New(2);
     if (out != NULL) {
@@ -1026,30 +1075,68 @@ done:
     return out;
 }
 
-static PyObject *send_new(GateObject *g, PyObject *send, PyObject *headers);
+static PyObject *send_new(GateObject *g, const grule *r, PyObject *send, PyObject *rec);
 
-/* _settle() and what __call__ does with it: send or a Send (let through),
- * the denial's messages, HANDOVER or NULL. */
+/* record_new() as the first checker's allowance makes it (the middleware's
+ * __call__): [best, renderer, mode, None, limiter, key, spec, d], best and
+ * renderer d and the rule's headers when it has some to show (then WRAPPED:
+ * our send renders them), else None and OPEN; stored in scope["state"]. */
 static PyObject *
-answer(GateObject *g, const grule *r, DecisionObject *d, int cached, PyObject *send)
+record_new(GateObject *g, const grule *r, DecisionObject *d, PyObject *scope, PyObject *key)
 {
-    PyObject *hdrs, *out;
+    int show = r->headers != Py_None && d->error == Py_None;
+    PyObject *rec = PyList_New(8), *state;
+    int rc;
+
+    if (rec == NULL)
+        return NULL;
+    PyList_SET_ITEM(rec, 0, Py_NewRef(show ? (PyObject *)d : Py_None));
+    PyList_SET_ITEM(rec, 1, Py_NewRef(show ? r->headers : Py_None));
+    PyList_SET_ITEM(rec, 2, PyLong_FromLong(show ? MODE_WRAPPED : MODE_OPEN));
+    PyList_SET_ITEM(rec, 3, Py_NewRef(Py_None));
+    PyList_SET_ITEM(rec, 4, Py_NewRef(g->limiter));
+    PyList_SET_ITEM(rec, 5, Py_NewRef(key));
+    PyList_SET_ITEM(rec, 6, Py_NewRef(r->spec));
+    PyList_SET_ITEM(rec, 7, Py_NewRef((PyObject *)d));
+    if (PyList_GET_ITEM(rec, 2) == NULL)
+        goto error;
+    state = PyDict_GetItemWithError(scope, g->s_state);
+    if (state == NULL) {
+        if (PyErr_Occurred())
+            goto error;
+        state = PyDict_New();
+        if (state == NULL)
+            goto error;
+        rc = PyDict_SetItem(scope, g->s_state, state);
+        Py_DECREF(state); /* the scope holds it */
+        if (rc < 0)
+            goto error;
+    }
+    if (PyObject_SetItem(state, g->record_key, rec) < 0)
+        goto error;
+    return rec;
+error:
+    Py_DECREF(rec);
+    return NULL;
+}
+
+/* _settle() and what __call__ does with it: send or a Send (let through,
+ * the record made), the denial's messages, or NULL. */
+static PyObject *
+answer(GateObject *g, const grule *r, DecisionObject *d, int cached, PyObject *send, PyObject *scope,
+       PyObject *key)
+{
+    PyObject *rec, *out;
 
     if (note(g, r, d, cached) < 0)
         return NULL;
     if (!d->allowed)
         return denial(g, r, d);
-    if (r->style == STYLE_NONE || d->error != Py_None)
-        return Py_NewRef(send);
-    hdrs = PyList_New(0);
-    if (hdrs == NULL)
+    rec = record_new(g, r, d, scope, key);
+    if (rec == NULL)
         return NULL;
-    if (render(g, r, d, hdrs, -1.0) < 0) {
-        Py_DECREF(hdrs);
-        return NULL;
-    }
-    out = send_new(g, send, hdrs);
-    Py_DECREF(hdrs);
+    out = PyList_GET_ITEM(rec, R_BEST) != Py_None ? send_new(g, r, send, rec) : Py_NewRef(send);
+    Py_DECREF(rec);
     return out;
 }
 
@@ -1123,19 +1210,43 @@ gate_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwname
             return NULL;
         Py_RETURN_NONE;
     }
-    switch (PySet_Contains(g->exempt, v)) {
-    case 1:
-        return Py_NewRef(send);
-    case -1:
-        return NULL;
+    {
+        /* route_path(): the root path removed (then "" is "/") */
+        PyObject *root = PyDict_GetItemWithError(scope, g->s_root), *path;
+        int found;
+        if (root == NULL && PyErr_Occurred())
+            return NULL;
+        if (root != NULL && root != Py_None && !(PyUnicode_CheckExact(root)))
+            Py_RETURN_NONE;
+        if (root != NULL && root != Py_None && PyUnicode_GET_LENGTH(root) > 0) {
+            Py_ssize_t n = PyUnicode_GET_LENGTH(root), plen = PyUnicode_GET_LENGTH(v);
+            Py_ssize_t m = PyUnicode_Tailmatch(v, root, 0, n, -1);
+            if (m < 0)
+                return NULL;
+            if (m && plen == n)
+                path = PyUnicode_FromString("/");
+            else if (m && PyUnicode_READ_CHAR(v, n) == '/')
+                path = PyUnicode_Substring(v, n, plen);
+            else
+                path = plen ? Py_NewRef(v) : PyUnicode_FromString("/");
+        } else {
+            path = Py_NewRef(v);
+        }
+        if (path == NULL)
+            return NULL;
+        found = PySet_Contains(g->exempt, path);
+        if (found != 0) {
+            Py_DECREF(path);
+            return found < 0 ? NULL : Py_NewRef(send);
+        }
+        entry = Py_XNewRef(PyDict_GetItemWithError(g->route_cache, path));
+        Py_DECREF(path);
     }
-    entry = PyDict_GetItemWithError(g->route_cache, v);
     if (entry == NULL) {
         if (PyErr_Occurred())
             return NULL;
         Py_RETURN_NONE; /* not routed yet: the Python path routes it (and caches it) */
     }
-    Py_INCREF(entry);
     r = pick(g, entry, scope, &pass);
     Py_DECREF(entry);
     if (r == NULL) {
@@ -1147,6 +1258,23 @@ gate_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwname
     }
     if (!r->gateable)
         Py_RETURN_NONE;
+    {
+        /* a record: another checker saw this request (nested middlewares,
+         * a dependency): the Python path reads and joins it */
+        PyObject *state = PyDict_GetItemWithError(scope, g->s_state);
+        if (state == NULL && PyErr_Occurred())
+            return NULL;
+        if (state != NULL && state != Py_None) {
+            PyObject *rec;
+            if (!PyDict_CheckExact(state))
+                Py_RETURN_NONE;
+            rec = PyDict_GetItemWithError(state, g->record_key);
+            if (rec != NULL)
+                Py_RETURN_NONE;
+            if (PyErr_Occurred())
+                return NULL;
+        }
+    }
     k = client_key(g, r, scope);
     if (k == NULL)
         return NULL;
@@ -1171,7 +1299,7 @@ gate_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwname
     if (Py_IS_TYPE(res, g->st->DecisionType)) {
         PyObject *out;
         cached = g->sync_cached;
-        out = answer(g, r, (DecisionObject *)res, cached, send);
+        out = answer(g, r, (DecisionObject *)res, cached, send, scope, key);
         Py_DECREF(res);
         Py_DECREF(key);
         return out;
@@ -1185,6 +1313,7 @@ gate_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwname
         }
         p->future = res;
         p->key = key;
+        p->scope = Py_NewRef(scope);
         p->rule = r - g->rules;
         PyObject_GC_Track(p);
         return (PyObject *)p;
@@ -1206,7 +1335,7 @@ gate_resume(GateObject *g, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_ValueError, "not this gate's pending check");
         return NULL;
     }
-    out = answer(g, &g->rules[p->rule], (DecisionObject *)args[1], 0, args[2]);
+    out = answer(g, &g->rules[p->rule], (DecisionObject *)args[1], 0, args[2], p->scope, p->key);
     return out;
 }
 
@@ -1217,6 +1346,7 @@ pending_traverse(PendingObject *p, visitproc visit, void *arg)
 {
     Py_VISIT(Py_TYPE(p));
     Py_VISIT(p->future);
+    Py_VISIT(p->scope);
     return 0;
 }
 
@@ -1225,6 +1355,7 @@ pending_clear(PendingObject *p)
 {
     Py_CLEAR(p->future);
     Py_CLEAR(p->key);
+    Py_CLEAR(p->scope);
     return 0;
 }
 
@@ -1240,7 +1371,7 @@ pending_dealloc(PendingObject *p)
 
 static PyMemberDef pending_members[] = {
     {"future", T_OBJECT, offsetof(PendingObject, future), READONLY, "the check's future"},
-    {"key", T_OBJECT, offsetof(PendingObject, key), READONLY, "the store key (bytes)"},
+    {"key", T_OBJECT, offsetof(PendingObject, key), READONLY, "the store key"},
     {NULL, 0, 0, 0, NULL},
 };
 
@@ -1262,68 +1393,88 @@ static PyType_Spec pending_spec = {
 
 /* ---- Send --------------------------------------------------------------------- */
 
-/* send(message): the rate-limit headers added to http.response.start (a new
- * list: the app's own is never edited, it may send it twice), then the
- * wrapped send's awaitable, returned as is: no Python frame per message. */
+/* send(message): at http.response.start, while the record says WRAPPED,
+ * DONE and the record's headers (its most restrictive decision's: another
+ * checker may have offered one) added to the message (a new list: the app's
+ * own is never edited, it may send it twice); then the wrapped send's
+ * awaitable, returned as is: no Python frame per message. */
 static PyObject *
 send_vectorcall(SendObject *s, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
-    PyObject *msg, *t;
+    GateObject *g = (GateObject *)s->gate;
+    PyObject *msg, *t, *mode;
+    int start;
+
     if (PyVectorcall_NARGS(nargsf) != 1 || kwnames != NULL) {
         PyErr_SetString(PyExc_TypeError, "send(message)");
         return NULL;
     }
     msg = args[0];
-    t = PyObject_GetItem(msg, s->s_type);
+    t = PyObject_GetItem(msg, g->s_type);
     if (t == NULL)
         return NULL;
-    if (PyUnicode_Check(t) && PyUnicode_Compare(t, s->s_start) == 0) {
-        PyObject *old, *list;
+    start = PyUnicode_Check(t) && PyUnicode_Compare(t, g->s_start) == 0;
+    Py_DECREF(t);
+    if (start && PyErr_Occurred())
+        return NULL;
+    mode = PyList_GET_SIZE(s->rec) > R_MODE ? PyList_GET_ITEM(s->rec, R_MODE) : NULL;
+    if (start && mode != NULL && PyLong_CheckExact(mode) && PyLong_AsLong(mode) == MODE_WRAPPED) {
+        PyObject *old, *list, *best, *h, *mine = NULL, *done = PyLong_FromLong(MODE_DONE);
         int rc;
-        /* [*message.get("headers", ()), *hdrs] */
+        if (done == NULL || PyList_SetItem(s->rec, R_MODE, done) < 0)
+            return NULL;
+        best = Py_NewRef(PyList_GET_ITEM(s->rec, R_BEST));
+        h = Py_NewRef(PyList_GET_ITEM(s->rec, R_HEADERS));
+        if (h == g->rules[s->rule].headers && Py_IS_TYPE(best, g->st->DecisionType)) {
+            mine = PyList_New(0);
+            if (mine != NULL && render(g, &g->rules[s->rule], (DecisionObject *)best, mine, -1.0) < 0)
+                Py_CLEAR(mine);
+        } else { /* another checker's renderer: its own render() */
+            mine = PyObject_CallMethodOneArg(h, g->s_render, best);
+        }
+        Py_DECREF(best);
+        Py_DECREF(h);
+        if (mine == NULL)
+            return NULL;
+        /* [*message.get("headers", ()), *rendered] */
         if (PyDict_Check(msg)) {
-            old = PyDict_GetItemWithError(msg, s->s_headers);
+            old = PyDict_GetItemWithError(msg, g->s_headers);
             Py_XINCREF(old);
         } else {
-            old = PyObject_GetItem(msg, s->s_headers);
+            old = PyObject_GetItem(msg, g->s_headers);
             if (old == NULL && PyErr_ExceptionMatches(PyExc_KeyError))
                 PyErr_Clear();
         }
         if (old == NULL && PyErr_Occurred()) {
-            Py_DECREF(t);
+            Py_DECREF(mine);
             return NULL;
         }
         list = old == NULL ? PyList_New(0) : PySequence_List(old);
         Py_XDECREF(old);
-        if (list == NULL ||
-            PyList_SetSlice(list, PyList_GET_SIZE(list), PyList_GET_SIZE(list), s->headers) < 0) {
+        if (list == NULL || PyList_SetSlice(list, PyList_GET_SIZE(list), PyList_GET_SIZE(list), mine) < 0) {
             Py_XDECREF(list);
-            Py_DECREF(t);
+            Py_DECREF(mine);
             return NULL;
         }
-        rc = PyObject_SetItem(msg, s->s_headers, list);
+        Py_DECREF(mine);
+        rc = PyObject_SetItem(msg, g->s_headers, list);
         Py_DECREF(list);
-        if (rc < 0) {
-            Py_DECREF(t);
+        if (rc < 0)
             return NULL;
-        }
     }
-    Py_DECREF(t);
     return PyObject_Vectorcall(s->send, args, 1, NULL);
 }
 
 static PyObject *
-send_new(GateObject *g, PyObject *send, PyObject *headers)
+send_new(GateObject *g, const grule *r, PyObject *send, PyObject *rec)
 {
     SendObject *s = PyObject_GC_New(SendObject, SendType);
     if (s == NULL)
         return NULL;
     s->send = Py_NewRef(send);
-    s->headers = Py_NewRef(headers);
+    s->rec = Py_NewRef(rec);
     s->gate = Py_NewRef((PyObject *)g);
-    s->s_type = g->s_type;
-    s->s_headers = g->s_headers;
-    s->s_start = g->s_start;
+    s->rule = r - g->rules;
     s->vectorcall = (vectorcallfunc)send_vectorcall;
     PyObject_GC_Track(s);
     return (PyObject *)s;
@@ -1334,7 +1485,7 @@ send_traverse(SendObject *s, visitproc visit, void *arg)
 {
     Py_VISIT(Py_TYPE(s));
     Py_VISIT(s->send);
-    Py_VISIT(s->headers);
+    Py_VISIT(s->rec);
     Py_VISIT(s->gate);
     return 0;
 }
@@ -1343,7 +1494,7 @@ static int
 send_clear(SendObject *s)
 {
     Py_CLEAR(s->send);
-    Py_CLEAR(s->headers);
+    Py_CLEAR(s->rec);
     Py_CLEAR(s->gate);
     return 0;
 }
@@ -1359,7 +1510,7 @@ send_dealloc(SendObject *s)
 }
 
 static PyMemberDef send_members[] = {
-    {"headers", T_OBJECT, offsetof(SendObject, headers), READONLY, "the headers it adds"},
+    {"record", T_OBJECT, offsetof(SendObject, rec), READONLY, "the request's record"},
     {"__vectorcalloffset__", T_PYSSIZET, offsetof(SendObject, vectorcall), READONLY, NULL},
     {NULL, 0, 0, 0, NULL},
 };

@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 
 import rategate
 from rategate import _core
-from rategate.middleware import PYTHON_PATH, RateLimitMiddleware
+from rategate.middleware import PYTHON_PATH, RateLimitMiddleware, route_path
 from test_fuzz import clients as fuzz_clients
 from test_fuzz import headers as fuzz_headers
 
@@ -110,6 +110,7 @@ configs = st.fixed_dictionaries({
     "headers": st.sampled_from(["draft-6", "draft-11", "x-ratelimit", None]),
     "namespace": st.sampled_from([None, "ns", "a:b"]),
     "cost": st.one_of(st.none(), st.integers(0, 5)),
+    "failure_status": st.sampled_from([429, 503]),
 })
 paths = st.one_of(st.sampled_from(["/", "/api", "/api/", "/api/v1", "/api/v1/x", "/api/12", "/apiary", "/login",
                                    "/health", "/re", "/rexx", "/xx", "/conc", "/charge", "/dyn", "/ünï", "",
@@ -121,6 +122,10 @@ scopes = st.fixed_dictionaries({
     "path": paths,
     "headers": st.one_of(headers, fuzz_headers),
     "client": st.one_of(clients, fuzz_clients),
+}, optional={
+    # a mounted app or --root-path: rules match the path with it removed
+    "root_path": st.sampled_from(["", "/api", "/root", "/a|b{c}#%", "/ü"]),
+    "state": st.sampled_from([{}, {"other": 1}]),
 })
 floats = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.floats(0, 4000),
                    st.sampled_from([0.0, -1.0, 0.5, 1.0, 1e12, 1e16, 3599.9999, 1e300]))
@@ -187,7 +192,7 @@ def build(cfg: dict[str, Any], gate: bool, kind: str) -> tuple[RateLimitMiddlewa
                         concurrency=r.concurrency or None, charge=r.charge) for r in cfg["rules"]]
     mw = RateLimitMiddleware(app, limiter=lim, limits=cfg["limits"], rules=rs, key=cfg["key"],
                              exempt=cfg["exempt"], headers=cfg["headers"], namespace=cfg["namespace"],
-                             cost=cfg["cost"])
+                             cost=cfg["cost"], failure_status=cfg["failure_status"])
     if not gate:
         mw._gate = None
     return mw, lim, sent
@@ -211,6 +216,22 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
     lp.close()
 
 
+def record(scope: dict[str, Any], d: Any) -> Any:
+    """The request's record (middleware.RECORD_KEY), comparable across two
+    middlewares: limiters by position, renderers by what they render."""
+    from rategate.middleware import RECORD_KEY
+
+    rec = (scope.get("state") or {}).get(RECORD_KEY)
+    if rec is None:
+        return None
+    h = rec[1]
+    out = [rec[0] is d if rec[0] is not None else None, None if h is None else (h.style, h.name, h.rates),
+           rec[2], rec[3]]
+    for i in range(4, len(rec), 4):
+        out += [type(rec[i]).__name__, rec[i + 1], rec[i + 2].rates, rec[i + 3] is d]
+    return out
+
+
 def run(loop: asyncio.AbstractEventLoop, mw: Any, scope: dict[str, Any], sent: list[Any]) -> Any:
     async def receive() -> dict[str, Any]:
         return {"type": "websocket.connect"} if scope["type"] == "websocket" else {"type": "http.request",
@@ -220,10 +241,17 @@ def run(loop: asyncio.AbstractEventLoop, mw: Any, scope: dict[str, Any], sent: l
         sent.append(m)
 
     try:
-        loop.run_until_complete(asyncio.wait_for(mw(dict(scope), receive, send), 10))
+        loop.run_until_complete(asyncio.wait_for(mw(scope, receive, send), 10))
     except Exception as e:  # the two paths must fail alike too
         return type(e)
     return None
+
+
+def copy(scope: dict[str, Any]) -> dict[str, Any]:
+    out = dict(scope)
+    if "state" in out:
+        out["state"] = dict(out["state"])
+    return out
 
 
 @settings(EQ)
@@ -239,21 +267,23 @@ def test_c_path_equals_python_path(loop: asyncio.AbstractEventLoop, cfg: dict[st
     assert c_mw._gate is not None
     for scope, d, later in reqs:
         # routed once first (the gate takes a path the Python path has routed)
-        if rategate.RateLimitMiddleware.rule_for is not None and scope["type"] == "http":
+        if scope["type"] == "http":
             try:
-                c_mw.rule_for(scope["path"], scope["method"])
+                c_mw.rule_for(route_path(scope), scope["method"])
             except Exception:
                 pass
         c_lim.answers = [(d, later)] * 2
         p_lim.answers = [(d, later)] * 2
-        c_err = run(loop, c_mw, scope, c_sent)
-        p_err = run(loop, p_mw, scope, p_sent)
+        c_scope, p_scope = copy(scope), copy(scope)
+        c_err = run(loop, c_mw, c_scope, c_sent)
+        p_err = run(loop, p_mw, p_scope, p_sent)
         assert c_err == p_err
         assert c_lim.calls == p_lim.calls
         assert normal(c_sent) == normal(p_sent)
+        assert record(c_scope, d) == record(p_scope, d)
         assert {k: v.as_dict() for k, v in c_lim._counts.items()} == \
             {k: v.as_dict() for k, v in p_lim._counts.items()}
-        assert (c_mw._failures.active, c_mw._failures.counts) == (p_mw._failures.active, p_mw._failures.counts)
+        assert c_mw._incidents.active == p_mw._incidents.active
 
 
 def test_the_gate_takes_the_common_case() -> None:
@@ -266,9 +296,16 @@ def test_the_gate_takes_the_common_case() -> None:
     lim.answers = [(rategate.Decision(True, 10, 9, 6.0, 0.0), False)]
     r = mw._gate(scope, print)
     assert type(r) is _core.GateSend
-    assert r.headers == [(b"ratelimit-limit", b"10"), (b"ratelimit-remaining", b"9"), (b"ratelimit-reset", b"6"),
-                         (b"ratelimit-policy", b"10;w=60")]
     assert lim.calls == [(b"default|2001:db8::1", ("10/minute",), 1)]
+    # the request's record, as the Python path makes it: the store key as str
+    rec = scope["state"]["rategate.record"]
+    assert rec[2] == 1 and rec[4] is lim and rec[5] == "default|2001:db8::1" and r.record is rec
+    msg = {"type": "http.response.start", "status": 200, "headers": ((b"x", b"1"),)}
+    r(msg)
+    assert msg["headers"] == [(b"x", b"1"), (b"ratelimit-limit", b"10"), (b"ratelimit-remaining", b"9"),
+                              (b"ratelimit-reset", b"6"), (b"ratelimit-policy", b"10;w=60")]
+    assert rec[2] == 3  # DONE: headers once
+    del scope["state"]
     lim.answers = [(rategate.Decision(False, 10, 0, 6.0, 1.5), False)]
     r = mw._gate(scope, print)
     assert type(r) is list and r[0]["status"] == 429 and (b"retry-after", b"2") in r[0]["headers"]
@@ -342,3 +379,50 @@ def test_each_proxy_header_as_configured() -> None:
             assert r is None and lim.calls == []
         else:
             assert r is not None and lim.calls[0][0] == want
+
+
+@settings(EQ, max_examples=int(os.environ.get("RATEGATE_GATE_EXAMPLES", "1000")) // 3)
+@given(outer=configs, inner=configs, reqs=st.lists(st.tuples(scopes, decisions, st.booleans()), min_size=1,
+                                                    max_size=4))
+def test_nested_middlewares_c_equals_python(loop: asyncio.AbstractEventLoop, outer: dict[str, Any],
+                                            inner: dict[str, Any], reqs: list[tuple[dict[str, Any], Any, bool]]) -> None:
+    # Two middlewares on one limiter, one inside the other (Seam 4: a limit
+    # checked once, one set of headers): the outer takes the C path, the
+    # inner meets the record and takes the Python path; all against both on
+    # the Python path.
+    def stack(gate: bool) -> tuple[Any, FakeLimiter, list[Any]]:
+        mw_in, lim, sent = build(inner, gate, "redis")
+        rs = [rategate.Rule(r.path, r.limits, methods=r.methods, key=r.key, cost=r.cost, name=r.name,
+                            concurrency=r.concurrency or None, charge=r.charge) for r in outer["rules"]]
+        mw_out = RateLimitMiddleware(mw_in, limiter=lim, limits=outer["limits"], rules=rs, key=outer["key"],
+                                     exempt=outer["exempt"], headers=outer["headers"], namespace="outer",
+                                     cost=outer["cost"], failure_status=outer["failure_status"])
+        if not gate:
+            mw_out._gate = None
+        return mw_out, lim, sent
+
+    try:
+        c_mw, c_lim, c_sent = stack(True)
+    except (ValueError, TypeError):
+        return
+    p_mw, p_lim, p_sent = stack(False)
+    for scope, d, later in reqs:
+        if scope["type"] == "http":
+            for m in (c_mw, c_mw.app):
+                try:
+                    m.rule_for(route_path(scope), scope["method"])
+                except Exception:
+                    pass
+        c_lim.answers = [(d, later)] * 4
+        p_lim.answers = [(d, later)] * 4
+        c_scope, p_scope = copy(scope), copy(scope)
+        assert run(loop, c_mw, c_scope, c_sent) == run(loop, p_mw, p_scope, p_sent)
+        assert c_lim.calls == p_lim.calls
+        assert normal(c_sent) == normal(p_sent)
+        assert record(c_scope, d) == record(p_scope, d)
+
+
+def test_disabled_and_shadow_take_no_gate() -> None:
+    for kw in ({"enabled": False}, {"shadow": True}):
+        mw = RateLimitMiddleware(lambda *a: None, limiter=FakeLimiter("redis"), limits="10/minute", **kw)
+        assert mw._gate is None
