@@ -107,6 +107,8 @@ int rg_denials_into(PyObject *d, const struct rg_denials *den, size_t max, uint6
 #define RG_DENIALS_SHOWN 16
 
 int rg_engine_types_init(PyObject *module, rg_state *st);
+/* rategate._core.Gate and its helpers (pygate.c). */
+int rg_gate_types_init(PyObject *module);
 
 /* entries()'s optional prefix (bytes or str; default empty): 0 or -1. */
 int rg_parse_prefix(PyObject *const *args, Py_ssize_t nargs, const char **prefix,

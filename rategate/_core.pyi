@@ -1,7 +1,7 @@
 """Types of the C extension rategate._core (see csrc/)."""
 
 import asyncio
-from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, TypedDict, Union, final
+from typing import Any, Dict, FrozenSet, List, Literal, Optional, Sequence, Tuple, TypedDict, Union, final
 
 from .rates import Rate
 
@@ -205,3 +205,27 @@ def _gcra_check(
     spec: Spec, now_us: float, cost: int, tats: List[float], charge: bool = False, /
 ) -> Tuple[int, int, int, int, int, int, List[float]]: ...
 def _live() -> Dict[str, int]: ...
+
+# The middleware's request path in C (csrc/pygate.c), built by RateLimitMiddleware.
+@final
+class GatePending:
+    @property
+    def future(self) -> "asyncio.Future[Decision]": ...
+    @property
+    def key(self) -> bytes: ...
+
+@final
+class GateSend:
+    @property
+    def record(self) -> List[Any]: ...
+    def __call__(self, message: Any, /) -> Any: ...
+
+@final
+class Gate:
+    def __new__(
+        cls, exempt: FrozenSet[str], route_cache: Dict[str, Any], passed: Any, rules: Sequence[Tuple[Any, ...]],
+        submit: Any, incidents: Any, key_digest: Any, sync_cached: bool, limiter: Any, record_key: str,
+        failure_status: int, failure_headers: Tuple[Tuple[bytes, bytes], ...], failure_body: bytes, /
+    ) -> "Gate": ...
+    def __call__(self, scope: Any, send: Any, /) -> Union[None, Any, List[Any], GatePending]: ...
+    def resume(self, pending: GatePending, decision: Decision, send: Any, /) -> Union[Any, List[Any]]: ...

@@ -44,6 +44,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import re
 import time
 from http import HTTPStatus
@@ -55,7 +56,7 @@ from .counts import RuleCounts, counts_for
 from .denials import denial_log_option
 from .headers import RateLimitHeaders, make_headers, retry_after_header
 from .incidents import IncidentLog
-from .keys import client_ip
+from .keys import client_ip, header, key_digest
 from .limiter import new_slot_id, shown_url
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -105,6 +106,13 @@ RateSpec = Any  # str | Rate | list of them (see rategate.rates.parse_rates)
 # Litestar, Quart (hypercorn's types) and Django each type scopes and messages
 # their own way; the middleware takes and is an app of any of them.
 AnyASGIApp = Callable[[Any, Any, Any], Awaitable[Any]]
+
+# RATEGATE_PYTHON_PATH=1 in the environment (read once, at import) turns the
+# request path in C (rategate._core.Gate, csrc/pygate.c) off: every request
+# then takes the Python code below, the reference the C path is tested
+# against (tests/test_gate.py).  The escape hatch if the C path is ever
+# suspected; docs/how-it-works.md.
+PYTHON_PATH = os.environ.get("RATEGATE_PYTHON_PATH", "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 _DYNAMIC = object()  # Rule.spec of a rule whose limits are a callable (see Rule.dynamic)
@@ -808,6 +816,29 @@ class RateLimitMiddleware:
         # The store's failures, logged as incidents: one log per limiter.
         self._incidents = incidents_of(limiter)
         self._shadow_log = ShadowLog()
+        # The common case of a request in one call into C (None: Python only).
+        self._gate = None if PYTHON_PATH else self._make_gate(names.values())
+
+    def _make_gate(self, rules: Iterable[Rule]) -> Any:
+        """The C request path (rategate._core.Gate) for this configuration,
+        or None when nothing could take it.  What it cannot do for a rule
+        (a key function or a cost of the user's, limits from a callable,
+        concurrency, charge) it hands back per request, before doing
+        anything: those requests take the Python path whole.  Shadow mode,
+        and a limiter without submit() (or not rategate's), take the Python
+        path always."""
+        from . import _core
+
+        lim = self.limiter
+        if self.shadow or not self.enabled or not (hasattr(lim, "submit") and hasattr(lim, "compile")) or \
+                type(self._Decision) is not type or self._Decision is not _core.Decision:
+            return None
+        table = []
+        for r in rules:
+            table.append(_gate_rule(r))
+        return _core.Gate(self.exempt, self._route_cache, _PASS, table, self._submit, self._incidents, key_digest,
+                          self._sync_cached, lim, RECORD_KEY, self.failure_status, self._failure_headers,
+                          self._failure_body)
 
     def _prepare(self, r: Rule) -> None:
         if r.limits is None and not r.concurrency:
@@ -928,6 +959,21 @@ class RateLimitMiddleware:
 
     # -- the request -----------------------------------------------------------
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        gate = self._gate
+        if gate is not None:
+            # The common case in C (see _make_gate): the send to call the
+            # app with, the denial's two messages, or a check to await; None:
+            # the Python path below.
+            r = gate(scope, send)
+            if r is not None:
+                if type(r) is _GatePending:
+                    r = gate.resume(r, await r.future, send)
+                if type(r) is list:
+                    await send(r[0])
+                    await send(r[1])
+                    return
+                await self.app(scope, receive, r)
+                return
         kind = scope["type"]
         if kind != "http" or not self.enabled:
             if not self.enabled:
@@ -1350,6 +1396,52 @@ def _denied_headers(rule: Rule, d: Any) -> list[tuple[bytes, bytes]]:
     h = rule.headers
     out += h.render_denied(d) if h is not None else retry_after_header(d)
     return out
+
+
+def _ip_config(k: client_ip) -> tuple[Any, ...]:
+    """client_ip's configuration as the C gate reads it."""
+    nets = [(n.version, n.network_address.packed, n.prefixlen) for n in k._nets]
+    hdr = {b"x-forwarded-for": 0, b"x-real-ip": 1, b"forwarded": 2}[k._hdr]
+    return ("ip", nets, k._trust_unix, k.ipv6_prefix or 0, k._plain, hdr, k._hdr)
+
+
+def _key_config(k: Any) -> tuple[Any, ...] | None:
+    """A key function's configuration for the C gate; None: a function of the user's."""
+    if type(k) is client_ip:
+        return _ip_config(k)
+    if type(k) is header:
+        fb = k.fallback
+        if fb is not None and type(fb) is not client_ip:
+            return None
+        return ("header", k._name, k._eq, k._hashed, None if fb is None else _ip_config(fb))
+    return None
+
+
+_STYLES = {None: 0, "draft-6": 1, "draft-11": 2, "x-ratelimit": 3}
+
+
+def _gate_rule(r: Rule) -> tuple[Any, ...]:
+    """One rule as the C gate reads it: (rule, methods, limited, gateable, spec,
+    prefixes (bytes, then str), key, cost, renderer, header style and its
+    constant parts, counts)."""
+    key = _key_config(r.key)
+    cost = 1 if r.cost is None else r.cost
+    try:
+        plain = r.bprefix == r.sprefix.encode("utf-8") and r.bhprefix == r.shprefix.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate in the name: submit() would refuse the str
+        plain = False
+    gateable = (r.spec is not None and r.spec is not _DYNAMIC and r.dynamic is None and not r.concurrency
+                and not r.charge and key is not None and type(cost) is int and plain and r.counts is not None)
+    h = r.headers
+    if not gateable:
+        return (r, r.methods, r.spec is not None, False, None, None, None, None, None, None, None, None, 0, None,
+                None, None, None)
+    return (r, r.methods, True, True, r.spec, r.bprefix, r.bhprefix, r.sprefix, r.shprefix, key, cost, h,
+            _STYLES[h.style if h is not None else None], h._pre if h is not None else (),
+            h._items if h is not None else (), h._full if h is not None else (), r.counts)
+
+
+from ._core import GatePending as _GatePending  # noqa: E402 - beside its one use
 
 
 def _dummy_rates() -> tuple[Any, ...]:
