@@ -72,6 +72,8 @@ typedef struct {
     double *full;
     Py_ssize_t n;      /* policies: len(pre) or len(full) */
     PyObject *counts;  /* RuleCounts */
+    PyObject *label;   /* counts.name: the rule's label in the denial log */
+    PyObject *redact;  /* the key function's redact (rategate.denials), or None */
 } grule;
 
 typedef struct {
@@ -88,6 +90,7 @@ typedef struct {
     Py_ssize_t nrules;
     PyObject *submit;
     PyObject *failures;    /* the limiter's IncidentLog (active, note()) */
+    PyObject *denials;     /* the middleware's DenialLog (note()), or None: not logged */
     PyObject *limiter;     /* the record's limiter of a limit */
     PyObject *record_key;  /* RECORD_KEY */
     PyObject *fail_status; /* failure_status (int) */
@@ -222,11 +225,12 @@ parse_key(PyObject *t, keysrc *k)
 static int
 parse_rule(PyObject *t, grule *r)
 {
-    PyObject *rule, *methods, *spec, *bp, *bhp, *sp, *shp, *key, *cost, *hd, *pre, *items, *full, *counts;
+    PyObject *rule, *methods, *spec, *bp, *bhp, *sp, *shp, *key, *cost, *hd, *pre, *items, *full, *counts,
+        *redact;
     Py_ssize_t i;
 
-    if (!PyArg_ParseTuple(t, "OOppOOOOOOOOiOOOO", &rule, &methods, &r->limited, &r->gateable, &spec, &bp, &bhp,
-                          &sp, &shp, &key, &cost, &hd, &r->style, &pre, &items, &full, &counts))
+    if (!PyArg_ParseTuple(t, "OOppOOOOOOOOiOOOOO", &rule, &methods, &r->limited, &r->gateable, &spec, &bp, &bhp,
+                          &sp, &shp, &key, &cost, &hd, &r->style, &pre, &items, &full, &counts, &redact))
         return -1;
     r->rule = Py_NewRef(rule);
     r->methods = methods == Py_None ? NULL : Py_NewRef(methods);
@@ -248,6 +252,10 @@ parse_rule(PyObject *t, grule *r)
     r->pre = Py_NewRef(pre);
     r->items = Py_NewRef(items);
     r->counts = Py_NewRef(counts);
+    r->redact = Py_NewRef(redact);
+    r->label = PyObject_GetAttrString(counts, "name");
+    if (r->label == NULL)
+        return -1;
     r->n = PyTuple_GET_SIZE(full);
     r->full = PyMem_Calloc((size_t)(r->n ? r->n : 1), sizeof(double));
     if (r->full == NULL) {
@@ -288,6 +296,8 @@ rules_free(GateObject *g)
         Py_CLEAR(r->pre);
         Py_CLEAR(r->items);
         Py_CLEAR(r->counts);
+        Py_CLEAR(r->label);
+        Py_CLEAR(r->redact);
         PyMem_Free(r->full);
         r->full = NULL;
         ipkey_clear(&r->key.ip);
@@ -301,13 +311,13 @@ rules_free(GateObject *g)
 }
 
 /* Gate(exempt, route_cache, pass, rules, submit, incidents, key_digest, sync_cached, limiter,
- *      record_key, failure_status, failure_headers, failure_body) */
+ *      record_key, failure_status, failure_headers, failure_body, denials) */
 static PyObject *
 gate_tp_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
 {
     rg_state *st = rg_state_of_type(tp);
     PyObject *exempt, *cache, *pass, *rules, *submit, *failures, *digest, *fast = NULL, *limiter, *rkey, *fst,
-        *fhd, *fbody;
+        *fhd, *fbody, *denials;
     int sync_cached;
     GateObject *g;
     Py_ssize_t i;
@@ -318,9 +328,9 @@ gate_tp_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
         PyErr_SetString(PyExc_TypeError, "Gate() takes no keyword arguments");
         return NULL;
     }
-    if (!PyArg_ParseTuple(args, "O!O!OOOOOpOUO!O!S:Gate", &PyFrozenSet_Type, &exempt, &PyDict_Type, &cache, &pass,
+    if (!PyArg_ParseTuple(args, "O!O!OOOOOpOUO!O!SO:Gate", &PyFrozenSet_Type, &exempt, &PyDict_Type, &cache, &pass,
                           &rules, &submit, &failures, &digest, &sync_cached, &limiter, &rkey, &PyLong_Type, &fst,
-                          &PyTuple_Type, &fhd, &fbody))
+                          &PyTuple_Type, &fhd, &fbody, &denials))
         return NULL;
     g = (GateObject *)tp->tp_alloc(tp, 0);
     if (g == NULL)
@@ -336,6 +346,7 @@ gate_tp_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
     g->pass = Py_NewRef(pass);
     g->submit = Py_NewRef(submit);
     g->failures = Py_NewRef(failures);
+    g->denials = Py_NewRef(denials);
     g->limiter = Py_NewRef(limiter);
     g->record_key = Py_NewRef(rkey);
     g->fail_status = Py_NewRef(fst);
@@ -425,12 +436,14 @@ gate_traverse(GateObject *g, visitproc visit, void *arg)
     Py_VISIT(g->index);
     Py_VISIT(g->submit);
     Py_VISIT(g->failures);
+    Py_VISIT(g->denials);
     Py_VISIT(g->limiter);
     Py_VISIT(g->key_digest);
     for (i = 0; i < g->nrules; i++) {
         Py_VISIT(g->rules[i].rule);
         Py_VISIT(g->rules[i].spec);
         Py_VISIT(g->rules[i].counts);
+        Py_VISIT(g->rules[i].redact);
     }
     return 0;
 }
@@ -444,6 +457,7 @@ gate_clear(GateObject *g)
     Py_CLEAR(g->index);
     Py_CLEAR(g->submit);
     Py_CLEAR(g->failures);
+    Py_CLEAR(g->denials);
     Py_CLEAR(g->limiter);
     Py_CLEAR(g->record_key);
     Py_CLEAR(g->fail_status);
@@ -1130,8 +1144,33 @@ answer(GateObject *g, const grule *r, DecisionObject *d, int cached, PyObject *s
 
     if (note(g, r, d, cached) < 0)
         return NULL;
-    if (!d->allowed)
+    if (!d->allowed) {
+        /* An enforced denial (the gate never runs in shadow mode) goes to
+         * the denial log, as the Python path's __call__ does:
+         * note(rule label, store key, scope["path"], retry_after, redact). */
+        if (d->error == Py_None && g->denials != Py_None) {
+            PyObject *path = PyDict_GetItemWithError(scope, g->s_path), *ra, *res;
+            if (path == NULL) {
+                if (!PyErr_Occurred())
+                    PyErr_SetObject(PyExc_KeyError, g->s_path);
+                return NULL;
+            }
+            ra = PyFloat_FromDouble(d->retry_after);
+            if (ra == NULL)
+                return NULL;
+            {
+                PyObject *argv[7] = {NULL, g->denials, r->label, key, path, ra, r->redact};
+                Py_INCREF(path); /* the scope may drop it while note() runs */
+                res = PyObject_VectorcallMethod(g->s_note, argv + 1, 6 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+                Py_DECREF(path);
+            }
+            Py_DECREF(ra);
+            if (res == NULL)
+                return NULL;
+            Py_DECREF(res);
+        }
         return denial(g, r, d);
+    }
     rec = record_new(g, r, d, scope, key);
     if (rec == NULL)
         return NULL;

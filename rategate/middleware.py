@@ -838,7 +838,7 @@ class RateLimitMiddleware:
             table.append(_gate_rule(r))
         return _core.Gate(self.exempt, self._route_cache, _PASS, table, self._submit, self._incidents, key_digest,
                           self._sync_cached, lim, RECORD_KEY, self.failure_status, self._failure_headers,
-                          self._failure_body)
+                          self._failure_body, self._denial_log)
 
     def _prepare(self, r: Rule) -> None:
         if r.limits is None and not r.concurrency:
@@ -1423,7 +1423,7 @@ _STYLES = {None: 0, "draft-6": 1, "draft-11": 2, "x-ratelimit": 3}
 def _gate_rule(r: Rule) -> tuple[Any, ...]:
     """One rule as the C gate reads it: (rule, methods, limited, gateable, spec,
     prefixes (bytes, then str), key, cost, renderer, header style and its
-    constant parts, counts)."""
+    constant parts, counts, the key function's redact for the denial log)."""
     key = _key_config(r.key)
     cost = 1 if r.cost is None else r.cost
     try:
@@ -1435,10 +1435,10 @@ def _gate_rule(r: Rule) -> tuple[Any, ...]:
     h = r.headers
     if not gateable:
         return (r, r.methods, r.spec is not None, False, None, None, None, None, None, None, None, None, 0, None,
-                None, None, None)
+                None, None, None, None)
     return (r, r.methods, True, True, r.spec, r.bprefix, r.bhprefix, r.sprefix, r.shprefix, key, cost, h,
             _STYLES[h.style if h is not None else None], h._pre if h is not None else (),
-            h._items if h is not None else (), h._full if h is not None else (), r.counts)
+            h._items if h is not None else (), h._full if h is not None else (), r.counts, r.redact)
 
 
 from ._core import GatePending as _GatePending  # noqa: E402 - beside its one use

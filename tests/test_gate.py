@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 
 import rategate
 from rategate import _core
+from rategate.denials import DenialLog
 from rategate.middleware import PYTHON_PATH, RateLimitMiddleware, route_path
 from test_fuzz import clients as fuzz_clients
 from test_fuzz import headers as fuzz_headers
@@ -179,6 +180,19 @@ class FakeLimiter:
         pass
 
 
+class NotedDenials(DenialLog):
+    """A denial log that keeps what it was told: the C path must tell it
+    exactly what the Python path does (rule label, store key, path,
+    retry_after, redact)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.noted: list[tuple[Any, ...]] = []
+
+    def note(self, *args: Any) -> None:  # type: ignore[override]
+        self.noted.append(args)
+
+
 def build(cfg: dict[str, Any], gate: bool, kind: str) -> tuple[RateLimitMiddleware, FakeLimiter, list[Any]]:
     lim = FakeLimiter(kind)
     sent: list[Any] = []
@@ -192,7 +206,7 @@ def build(cfg: dict[str, Any], gate: bool, kind: str) -> tuple[RateLimitMiddlewa
                         concurrency=r.concurrency or None, charge=r.charge) for r in cfg["rules"]]
     mw = RateLimitMiddleware(app, limiter=lim, limits=cfg["limits"], rules=rs, key=cfg["key"],
                              exempt=cfg["exempt"], headers=cfg["headers"], namespace=cfg["namespace"],
-                             cost=cfg["cost"], failure_status=cfg["failure_status"])
+                             cost=cfg["cost"], failure_status=cfg["failure_status"], denial_log=NotedDenials())
     if not gate:
         mw._gate = None
     return mw, lim, sent
@@ -292,6 +306,7 @@ def test_c_path_equals_python_path(loop: asyncio.AbstractEventLoop, cfg: dict[st
         assert {k: v.as_dict() for k, v in c_lim._counts.items()} == \
             {k: v.as_dict() for k, v in p_lim._counts.items()}
         assert c_mw._incidents.active == p_mw._incidents.active
+        assert c_mw._denial_log.noted == p_mw._denial_log.noted
 
 
 def test_the_gate_takes_the_common_case() -> None:
