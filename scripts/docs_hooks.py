@@ -6,6 +6,10 @@
   tables there, and ``<!-- numbers-summary -->`` the headline figures.
   Nothing in it is copied by hand.  ``bench/results/latest.png`` is added to
   the site as ``numbers.png``.
+- The README is no page of the site, so its copy of the headline table is
+  written into it by ``python scripts/docs_hooks.py --readme`` (``make
+  readme-numbers``), between :data:`README_BEGIN` and :data:`README_END`;
+  tests/test_docs.py fails while it is not latest.json's.
 - Docstrings use reST roles (``:class:`Limiter```); mkdocstrings renders
   them as text, so the role names are dropped from the HTML and the code
   stays (``Limiter``).
@@ -40,7 +44,13 @@ def _report() -> Any:
     return report
 
 
-SUMMARY_CASES = ("health", "rategate", "rategate-flood", "python-redis", "slowapi", "fastapi-limiter")
+#: The headline's rows, those the run has, in this order: the baseline, rategate (Redis, its flood
+#: of 429s, shm://), then the other limiters.
+SUMMARY_CASES = ("health", "rategate", "rategate-flood", "shm", "python-redis", "slowapi", "fastapi-limiter",
+                 "traffik", "throttled-py", "limits")
+README = ROOT / "README.md"
+README_BEGIN = "<!-- numbers-summary: written by `make readme-numbers` from bench/results/latest.json -->"
+README_END = "<!-- /numbers-summary -->"
 
 
 def summary(results: dict[str, Any]) -> str:
@@ -62,8 +72,17 @@ def summary(results: dict[str, Any]) -> str:
             out.append(f"| {case} | {r[1]} | {r[2]} | {r[4]} |")
     commit = str((results.get("machine") or {}).get("git_commit") or "")[:7]
     day = str(results.get("started", ""))[:10]
-    return (f"`{results.get('command')}` on commit {commit}, {day}, {workers} uvicorn workers "
+    command = str(results.get("command") or "").strip()
+    return (f"`{command}` on commit {commit}, {day}, {workers} uvicorn workers "
             f"({(results.get('machine') or {}).get('cores')} cores):\n\n" + "\n".join(out) + "\n")
+
+
+def readme_with_numbers(text: str, results: dict[str, Any]) -> str:
+    """``text`` (the README) with the headline table of ``results`` between its markers."""
+    begin, end = text.find(README_BEGIN), text.find(README_END)
+    if begin < 0 or end < begin:
+        raise ValueError(f"README.md has no {README_BEGIN!r} ... {README_END!r} block")
+    return text[:begin] + README_BEGIN + "\n" + summary(results) + "\n" + text[end:]
 
 
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
@@ -89,3 +108,20 @@ def on_files(files: Any, config: Any) -> Any:
 
 def on_page_content(html: str, page: Any, config: Any, files: Any) -> str:
     return _ROLE.sub("", html)
+
+
+def main(argv: list[str]) -> int:
+    if argv != ["--readme"]:
+        print("usage: python scripts/docs_hooks.py --readme   "
+              "(the README's headline table from bench/results/latest.json)", file=sys.stderr)
+        return 2
+    text = README.read_text(encoding="utf-8")
+    new = readme_with_numbers(text, _results())
+    if new != text:
+        README.write_text(new, encoding="utf-8")
+    print(f"README.md: the numbers of {RESULTS.relative_to(ROOT)} ({'rewritten' if new != text else 'unchanged'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

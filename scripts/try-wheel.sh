@@ -41,15 +41,15 @@ echo "try-wheel: fresh venv ($("$PY" --version)), pip install $(basename "$WHEEL
 (cd "$WORK" && venv/bin/python -c 'import rategate; print("try-wheel: rategate", rategate.__version__, "from", rategate.__file__)') \
     || { echo "try-wheel: the installed wheel does not import" >&2; exit 1; }
 
-# The README's two lines (the block after "FastAPI:" under "## Two lines").
+# The README's two lines: the block after "FastAPI:" under "## Two lines", a
+# whole module (its imports, `app = FastAPI()`, the add_middleware line).
 lines="$(awk '/^## Two lines/ {s = 1} s && /^FastAPI:/ {f = 1; next} f && /^```python/ {c = 1; next}
               c && /^```/ {exit} c {print}' README.md)"
-[ "$(printf '%s\n' "$lines" | wc -l)" -eq 2 ] || { echo "try-wheel: README's two lines not found:"$'\n'"$lines" >&2; exit 1; }
+grep -q '^app = FastAPI()$' <<<"$lines" && grep -q '^app.add_middleware(rategate.RateLimitMiddleware' <<<"$lines" \
+    || { echo "try-wheel: README's two lines not found:"$'\n'"$lines" >&2; exit 1; }
 rport="$(free_port)"
 grep -q 'redis://127.0.0.1:6379/0' <<<"$lines" || { echo "try-wheel: the README example's Redis URL changed" >&2; exit 1; }
 {
-    echo "from fastapi import FastAPI"
-    echo "app = FastAPI()"
     printf '%s\n' "${lines//redis:\/\/127.0.0.1:6379\/0/redis://127.0.0.1:$rport/0}"
     echo '@app.get("/")'
     echo 'def root() -> dict: return {"hello": "world"}'

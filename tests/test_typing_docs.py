@@ -61,21 +61,13 @@ uid = 42
 async def call_the_model(*args: Any, **kwargs: Any) -> Any: ...
 '''
 
-#: Blocks of the README as it stands that fail for a reason in their text,
-#: not in rategate's types; the README is being rewritten into docs/ (issue
-#: 19), which fixes them.  Keyed by the first 12 hex digits of the SHA-1 of
-#: the block's code: each is asserted to still fail (an xfail that passes is
-#: an error), and an entry that matches no block any more fails too, so the
-#: list cannot go stale.  Delete an entry when its block is fixed.
-KNOWN_BAD: dict[str, str] = {
-    "7e2a7676a58c": "README 'Limits that depend on the request': def plan_limits(scope) has no annotations "
-                    "(mypy --strict: no-untyped-def); write (scope: Scope) -> str | None",
-    "a9212475cfc1": "README 'Charging the real cost': estimate(scope) and completions(request) have no "
-                    "annotations (no-untyped-def)",
-    "af4703f9c5aa": "README 'Metrics': app.add_route() takes a request -> response endpoint, and "
-                    "metrics.asgi_app() is an ASGI app; mount it (app.routes.append(Route('/metrics', "
-                    "metrics.asgi_app()))) instead",
-}
+#: Blocks that fail for a reason in their text, not in rategate's types,
+#: keyed by the first 12 hex digits of the SHA-1 of the block's code: each
+#: is asserted to still fail (an xfail that passes is an error), and an entry
+#: that matches no block any more fails too, so the list cannot go stale.
+#: Empty: the README's three (untyped functions, add_route with an ASGI app)
+#: went with its rewrite (issue 18).  Fix a block rather than list it.
+KNOWN_BAD: dict[str, str] = {}
 
 _FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<lang>[\w+-]*)[^\n]*$")
 
