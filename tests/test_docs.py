@@ -82,7 +82,11 @@ def test_the_numbers_come_from_the_run_of_record() -> None:
     assert f"on commit {commit}" in page
     summary = h.summary(results)
     assert summary in page
-    assert summary.count("\n| ") == len(h.SUMMARY_CASES) + 1  # a row per case, and the separator
+    # a row per case of the headline the run has (in the summary's order), and the separator
+    headline = results["http"][str(h._report().groups(results)[0][0])]
+    present = [c for c in h.SUMMARY_CASES if c in headline]
+    assert summary.count("\n| ") == len(present) + 1
+    assert re.findall(r"^\| ([\w-]+) \|", summary, re.M)[1:] == present
 
 
 @pytest.mark.skipif(importlib.util.find_spec("mkdocs") is None, reason="MkDocs (the docs extra) is not installed")
@@ -167,3 +171,229 @@ def test_the_denial_log_sample_is_what_it_writes() -> None:
     t[0] += 60.0
     log.note("api", b"api|x-api-key=k-live-7Hq", "/api/chat", 0.5, key.redact)
     assert [lines[0], lines[2]] == sample.splitlines()
+
+
+# -- the README, and every code block of the docs ------------------------------------------------
+_FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<lang>[\w+-]*)[^\n]*$")
+#: What a fenced block may be: Python (type-checked by tests/test_typing_docs.py), commands
+#: (checked or run below), a TOML sample (loaded above), or text: what a program printed or wrote.
+LANGS = {"python", "sh", "toml", "text"}
+
+
+def markdown_files() -> list[str]:
+    return ["README.md"] + sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").rglob("*.md"))
+
+
+def fenced(path: str) -> list[tuple[int, str, str]]:
+    """(line, language, code) of every fenced block of a Markdown file of the repo."""
+    lines = (ROOT / path).read_text().splitlines()
+    out, i = [], 0
+    while i < len(lines):
+        m = _FENCE.match(lines[i])
+        if m is None:
+            i += 1
+            continue
+        start, indent, body = i, m.group("indent"), []
+        i += 1
+        while i < len(lines) and lines[i].strip() != "```":
+            body.append(lines[i][len(indent):] if lines[i].startswith(indent) else lines[i])
+            i += 1
+        out.append((start + 1, m.group("lang"), "\n".join(body)))
+        i += 1
+    return out
+
+
+def test_the_readme_is_short_and_keeps_the_two_commands() -> None:
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 250
+    # CI and visitors read the test command from the README's first block.
+    first = fenced("README.md")[0]
+    assert first[1] == "sh" and [line.split()[:2] for line in first[2].splitlines()] == [["make", "bench"],
+                                                                                            ["make", "test"]]
+    # The PyPI name is not ours: the warning comes before any command that would install that package.
+    assert text.index("`pip install rategate` installs something else") < text.index("pip install dist/")
+    assert "pip install rategate\n" not in text and "pip install rategate " not in text
+    assert "OpenSSL, once the core uses it" not in text
+
+
+def test_the_readme_shows_the_numbers_of_record() -> None:
+    """The README's table is the run of record's (`make readme-numbers` writes it)."""
+    h = hooks()
+    text = (ROOT / "README.md").read_text()
+    assert h.README_BEGIN in text and h.README_END in text
+    assert h.readme_with_numbers(text, h._results()) == text, "run `make readme-numbers`"
+
+
+def test_the_readme_links_resolve() -> None:
+    """Each relative link of the README names a file of the repo, and its #anchor a heading there."""
+    text = (ROOT / "README.md").read_text()
+    links = re.findall(r"\]\(([^)\s]+)\)", text)
+    assert len(links) >= 20
+    for link in links:
+        if link.startswith("https://"):
+            continue
+        path, _, anchor = link.partition("#")
+        target = ROOT / path
+        assert target.exists(), link
+        if anchor:
+            headings = re.findall(r"^#+ (.+)$", target.read_text(), re.M)
+            slugs = {re.sub(r"[^\w\- ]", "", h.lower()).strip().replace(" ", "-") for h in headings}
+            assert anchor in slugs, (link, sorted(slugs))
+
+
+def test_every_fenced_block_says_what_it_is() -> None:
+    """Every block is one this suite checks: python, sh, toml, or text (what a program printed)."""
+    bad = [(f, line, lang) for f in markdown_files() for line, lang, _ in fenced(f) if lang not in LANGS]
+    assert not bad, bad
+
+
+def _makefile_targets() -> set[str]:
+    return set(re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), re.M))
+
+
+def _apt_packages() -> set[str]:
+    text = (ROOT / "scripts" / "bootstrap.sh").read_text()
+    return {p for group in re.findall(r"APT_PACKAGES\+?=\(([^)]*)\)", text) for p in group.split()}
+
+
+#: The pages whose `rategate` and `redis-cli` lines test_the_documented_commands_run runs.
+RUN_PAGES = ("docs/cli.md", "docs/unblocking.md", "docs/changing-limits.md")
+
+
+def check_command(page: str, words: list[str]) -> str:
+    """Why the command ``words`` of ``page`` is real (what runs it, or what it was checked
+    against); raises AssertionError when it is not."""
+    while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", words[0]):
+        words = words[1:]  # VAR=value in front
+    cmd, args = words[0], words[1:]
+    if cmd == "export":
+        return "environment"
+    if cmd in ("rategate", "redis-cli"):
+        assert page in RUN_PAGES, f"{page}: add it to RUN_PAGES so its {cmd} lines run"
+        return "run by test_the_documented_commands_run"
+    if cmd == "make":
+        assert args and args[0] in _makefile_targets(), f"no Makefile target {args[:1]}"
+        assert all("=" in a for a in args[1:]), args
+        return "a Makefile target"
+    if cmd == "sudo":
+        cmd, args = args[0], args[1:]
+    if cmd == "apt-get":
+        assert args[0] == "install" and set(args[1:]) <= _apt_packages(), args
+        return "the packages scripts/bootstrap.sh installs"
+    if cmd == "pip":
+        import rategate
+
+        assert args[0] == "install", args
+        rest = args[1:]
+        while rest:
+            a = rest.pop(0)
+            if a.startswith("dist/"):  # what scripts/wheel.sh builds
+                assert re.fullmatch(rf"dist/rategate-{re.escape(rategate.__version__)}-(cp3\d+)-\1-"
+                                    r"manylinux_2_34_x86_64\.whl", a), a
+            elif a == "-r":
+                assert (ROOT / rest.pop(0)).is_file(), args
+            else:  # a checkout; never a name PyPI would resolve (`rategate` there is not this)
+                assert a in (".", "-e"), f"pip install {a}: not from PyPI"
+        return "the wheel's name, a requirements file of the repo, or the checkout"
+    if cmd == "uvicorn":
+        from uvicorn.main import main as uvicorn_cli
+
+        uvicorn_cli.make_context("uvicorn", list(args))  # its options, as uvicorn parses them
+        assert "--lifespan" in args and args[args.index("--lifespan") + 1] == "on", \
+            f"run commands use --lifespan on: {words}"
+        app = args[0].partition(":")[0]
+        assert app == "app" or (ROOT / (app.replace(".", "/") + ".py")).is_file(), app
+        return "uvicorn's own option parser"
+    if cmd == "bash":
+        assert (ROOT / args[0]).is_file(), args[0]
+        return "a script of the repo"
+    if cmd in ("python", ".venv/bin/python"):
+        if args[:2] == ["-m", "pytest"]:
+            files = [a.split("::")[0] for a in args[2:] if a.startswith("tests/")]
+            assert files and all((ROOT / f).is_file() for f in files), args
+            return "tests of the suite"
+        if args[:2] == ["-m", "bench.run"]:
+            sys.path.insert(0, str(ROOT))
+            from bench import run as bench_run
+
+            bench_run.parse_args(args[2:])  # exits on an unknown option or case
+            return "the benchmark's own option parser"
+        assert args and (ROOT / args[0]).is_file(), args
+        return "a script of the repo"
+    raise AssertionError(f"{page}: a command this test does not know: {' '.join(words)}")
+
+
+def test_every_command_in_the_docs_is_real() -> None:
+    """Every line of every sh block of the README and the docs is a command that is run by a
+    test (rategate, redis-cli, the README's uvicorn lines), or checked against what it names: a
+    Makefile target (CI runs them), uvicorn's and the benchmark's own option parsers, a test file,
+    a script, the apt packages bootstrap installs, the wheel's name."""
+    import shlex
+
+    seen = 0
+    for page in markdown_files():
+        for line_no, lang, code in fenced(page):
+            if lang != "sh":
+                continue
+            for line in code.splitlines():
+                words = shlex.split(line, comments=True)
+                if words:
+                    try:
+                        check_command(page, words)
+                    except (AssertionError, SystemExit) as e:
+                        raise AssertionError(f"{page}:{line_no}: {line}: {e}") from None
+                    seen += 1
+    assert seen >= 30
+
+
+def test_the_command_check_can_fail() -> None:
+    import click
+
+    for words in (["make", "tset"], ["uvicorn", "app:app"], ["uvicorn", "app:app", "--lifespan", "on", "--wrokers", "2"],
+                  ["python", "-m", "bench.run", "--cases", "nope"], ["pip", "install", "rategate"],
+                  ["sudo", "apt-get", "install", "libhiredis-devel"], ["curl", "http://x"]):
+        with pytest.raises((AssertionError, SystemExit, click.UsageError)):
+            check_command("docs/x.md", words)
+
+
+def _run_lines(page: str) -> list[list[str]]:
+    """The uvicorn lines of a page's sh blocks, as words."""
+    import shlex
+
+    return [shlex.split(line, comments=True) for _, lang, code in fenced(page) if lang == "sh"
+            for line in code.splitlines() if "uvicorn" in shlex.split(line, comments=True)[:3]]
+
+
+def test_the_readme_runs_as_written(redis_server: Any, tmp_path: Any) -> None:
+    """The README's FastAPI block is a whole app: served by the README's own uvicorn command, the
+    101st request is a 429 with Retry-After, /health is never limited; and the example command runs."""
+    from test_uvicorn import Uvicorn
+
+    redis_server.flushall()
+    (_, _, two_lines), = [b for b in fenced("README.md") if b[1] == "python" and "FastAPI()" in b[2]]
+    assert two_lines.count('"redis://127.0.0.1:6379/0"') == 1
+    (tmp_path / "app.py").write_text(
+        two_lines.replace("redis://127.0.0.1:6379/0", redis_server.url) + "\n\n\n"
+        '@app.get("/")\nasync def root() -> dict[str, str]:\n    return {"hello": "world"}\n\n\n'
+        '@app.get("/health")\nasync def health() -> dict[str, str]:\n    return {"ok": "yes"}\n')
+    runs = _run_lines("README.md")
+    assert [w[:2] for w in runs] == [["uvicorn", "app:app"], ["RATEGATE_REDIS_URL=redis://127.0.0.1:6379/0", "uvicorn"]]
+    srv = Uvicorn(*runs[0][1:], cwd=str(tmp_path))
+    try:
+        with srv.client("127.0.0.41") as c:
+            codes = [c.get("/").status_code for _ in range(101)]
+            assert codes == [200] * 100 + [429]
+            r = c.get("/")
+            assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+            assert r.headers["ratelimit-policy"] == "100;w=60"
+            assert [c.get("/health").status_code for _ in range(5)] == [200] * 5
+    finally:
+        srv.stop()
+    env_word, _, module, *args = runs[1]
+    srv = Uvicorn(module, *args, env={env_word.partition("=")[0]: redis_server.url})
+    try:
+        with srv.client("127.0.0.42") as c:
+            assert [c.get("/limited").status_code for _ in range(6)] == [200] * 5 + [429]
+            assert c.get("/health").status_code == 200
+    finally:
+        srv.stop()
