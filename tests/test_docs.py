@@ -104,8 +104,7 @@ def test_the_site_builds_strict(tmp_path: Any) -> None:
 
 def blocks(page: str, lang: str) -> list[str]:
     """The ```lang blocks of docs/<page>."""
-    text = (ROOT / "docs" / page).read_text()
-    return re.findall(rf"^```{lang}\n(.*?)^```", text, re.S | re.M)
+    return [code + "\n" for _, lg, code in fenced(f"docs/{page}") if lg == lang]
 
 
 def test_the_documented_commands_run(redis_server: Any, redis_url: str) -> None:
