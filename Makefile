@@ -5,7 +5,7 @@ CFLAGS_CI = -Wall -Wextra -Werror
 
 BENCH_ARGS ?=
 
-.PHONY: bootstrap bootstrap-bench bootstrap-docs bootstrap-wheel docs readme-numbers build test test-asan test-tsan test-valgrind test-wheel test-pythons wheel bench bench-quick clean
+.PHONY: bootstrap bootstrap-bench bootstrap-docs bootstrap-wheel docs build test test-asan test-tsan test-valgrind test-wheel test-pythons wheel bench bench-quick clean
 
 bootstrap:
 	bash scripts/bootstrap.sh test
@@ -26,6 +26,7 @@ docs: bootstrap-docs
 
 # The README's table of numbers, from the run of record (bench/results/latest.json,
 # which make bench writes); tests/test_docs.py fails while the two differ.
+.PHONY: readme-numbers
 readme-numbers:
 	$(PY) scripts/docs_hooks.py --readme
 
