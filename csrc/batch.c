@@ -242,6 +242,18 @@ int_at(const redisReply *r, size_t i, int *ok)
     return e->integer;
 }
 
+/* Bounds of the script's numbers: tokens (2^53: what a double holds
+ * exactly) and microseconds (a century: far inside nanoseconds in 64 bits
+ * when added to the monotonic clock). */
+#define RG_REPLY_COUNT_MAX (INT64_C(1) << 53)
+#define RG_REPLY_US_MAX (INT64_C(100) * 366 * 86400 * 1000000)
+
+static int
+in_range(int64_t v, int64_t max)
+{
+    return v >= -max && v <= max;
+}
+
 static void
 copy_text(char *why, size_t whylen, const char *s, size_t n)
 {
@@ -280,12 +292,19 @@ rg_batch_decode(rg_batch *b, const redisReply *reply, char *why, size_t whylen)
         int ok = 1;
         if (c == NULL)
             continue;
-        c->res.allowed = (int)int_at(reply, o, &ok);
-        c->res.rate = (int)int_at(reply, o + 1, &ok);
+        int64_t allowed = int_at(reply, o, &ok), rate = int_at(reply, o + 1, &ok);
+        /* Each number is checked as the 64-bit value it arrived as, before
+         * any narrowing: 2^32 + 1 must not pass as "allowed 1". */
         c->res.remaining = int_at(reply, o + 2, &ok);
         c->res.reset_us = int_at(reply, o + 3, &ok);
         c->res.retry_us = int_at(reply, o + 4, &ok);
         c->res.block_us = int_at(reply, o + 5, &ok);
+        if (allowed < -2 || allowed > INT32_MAX || rate < 0 || rate > RG_MAX_RATES ||
+            !in_range(c->res.remaining, RG_REPLY_COUNT_MAX) || !in_range(c->res.reset_us, RG_REPLY_US_MAX) ||
+            !in_range(c->res.retry_us, RG_REPLY_US_MAX) || !in_range(c->res.block_us, RG_REPLY_US_MAX))
+            ok = 0;
+        c->res.allowed = ok ? (int)allowed : 0;
+        c->res.rate = ok ? (int)rate : 0;
         if (ok && b->xslot && c->res.allowed == -2) {
             /* Not this node's key: nothing was written; the engine sends
              * the check again in a call of its own slot. */
