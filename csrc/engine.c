@@ -303,7 +303,7 @@ dest_down(rg_dest *d)
 }
 
 /* The priv of a ROLE or an ASKING command (never a batch). */
-static char role_priv, asking_priv;
+static char asking_priv;
 
 /* The connection is ready and (behind Sentinel) its server a master. */
 static void
@@ -329,50 +329,16 @@ dest_ready(rg_dest *d)
     send_waiting(s);
 }
 
+/* The connection is ready: its handshake loaded the script and (behind
+ * Sentinel) found the server a master by ROLE, within connect_timeout. */
 static void
 on_ready(void *owner, rg_conn *c, const char *sha)
 {
     rg_dest *d = owner;
-    rg_buf b = {0};
+    (void)c;
 
     memcpy(d->sha, sha, sizeof(d->sha));
-    if (d->disc == NULL) {
-        dest_ready(d);
-        return;
-    }
-    /* Sentinel's answer may be stale (a failover under way, a demoted
-     * master back up): ask the server itself before sending checks. */
-    if (rg_role_cmd(&b) == 0 && rg_conn_send(c, &b, &role_priv) == 0)
-        return;
-    rg_buf_free(&b);
-    set_error(d->shard, "out of memory asking ROLE", NULL);
-    d->conn = NULL;
-    rg_conn_close(c);
-    dest_down(d);
-}
-
-/* The reply to ROLE: ready if the server is a master; otherwise ask the
- * Sentinels again after the backoff. */
-static void
-role_reply(rg_dest *d, rg_conn *c, struct redisReply *r)
-{
-    char why[400];
-
-    char role[48];
-
-    if (r == NULL || c != d->conn)
-        return; /* lost (on_lost decides) or already let go */
-    if (rg_role_master(r, role, sizeof(role))) {
-        dest_ready(d);
-        return;
-    }
-    rg_msgf(why, sizeof(why),
-             "Sentinel named %s:%d as the master of '%s', but it answers ROLE as %s",
-             d->host, d->ccfg.port, d->shard->eng->cfg.service, role);
-    set_error(d->shard, why, NULL);
-    d->conn = NULL;
-    rg_conn_close(c);
-    dest_down(d);
+    dest_ready(d);
 }
 
 static void
@@ -579,7 +545,7 @@ map_dest(rg_shard *s, int i)
 static void
 dest_addr(const rg_dest *d, char *buf, size_t len)
 {
-    const rg_conn_cfg *cc = d != &d->shard->dest || d->disc != NULL ? &d->ccfg : &d->shard->eng->conn;
+    const rg_conn_cfg *cc = &d->ccfg;
 
     if (cc->path != NULL)
         rg_msgf(buf, len, "%s", cc->path);
@@ -786,10 +752,6 @@ on_reply(void *owner, rg_conn *c, void *priv, struct redisReply *r)
     char why[sizeof(s->eng->last_error)];
     int i, moved = 0;
 
-    if (priv == &role_priv) {
-        role_reply(d, c, r);
-        return;
-    }
     if (priv == &asking_priv)
         return; /* +OK (an error would show in the call that follows) */
     if (b->command) {
@@ -918,8 +880,7 @@ dest_connect(rg_dest *d)
         rg_disc_find(d->disc); /* then disc_found connects, or disc_failed */
         return;
     }
-    d->conn = rg_conn_open(&s->loop, d != &s->dest || d->disc != NULL ? &d->ccfg : &s->eng->conn,
-                           &dest_ops, d, err, sizeof(err));
+    d->conn = rg_conn_open(&s->loop, &d->ccfg, &dest_ops, d, err, sizeof(err));
     if (d->conn == NULL) {
         set_error(s, "connect failed", err);
         dest_down(d);
@@ -1567,7 +1528,9 @@ close_noop(uv_handle_t *h)
 static void
 node_closed(uv_handle_t *h)
 {
-    free(h->data);
+    rg_dest *d = h->data;
+    rg_conn_memo_clear(&d->memo);
+    free(d);
 }
 
 /* The shard's own handles. */
@@ -1640,6 +1603,7 @@ node_added(void *owner, rg_node *n)
     d->ccfg.host = d->host;
     d->ccfg.port = n->port;
     d->ccfg.path = NULL;
+    d->ccfg.memo = &d->memo;
     d->have_addr = 1;
     d->first_ns = rg_now_ns();
     d->node = n;
@@ -1807,6 +1771,9 @@ shutdown_shard(rg_shard *s, rg_check *queued)
     if (s->map != NULL)
         rg_map_free(s->map); /* closes its connection; the nodes go (their dests went) */
     s->map = NULL;
+    rg_conn_memo_clear(&s->dest.memo);
+    for (i = 0; i < s->eng->cfg.nseeds; i++)
+        rg_conn_memo_clear(&s->seed_memo[i]);
     flush(s);
     shard_close_handles(s);
 }
@@ -1988,13 +1955,20 @@ shard_init(rg_engine *e, rg_shard *s, int i, char *errbuf, size_t errlen)
     uv_idle_init(&s->loop, &s->poll_now);
     uv_check_start(&s->after_poll, after_poll_cb);
     dest_init(s, &s->dest);
+    /* The shard's own copies: each remembers its server (TLS session). */
+    for (r = 0; r < e->cfg.nseeds; r++) {
+        s->seeds[r] = e->seed_conn[r];
+        s->seeds[r].memo = &s->seed_memo[r];
+    }
+    s->dest.ccfg = e->conn;
+    s->dest.ccfg.memo = &s->dest.memo;
     s->wake.data = s;
     s->deadline_timer.data = s;
     s->after_poll.data = s;
     s->poll_now.data = s;
     if (e->cfg.cluster) {
         /* The nodes come from the slot map, asked for at once. */
-        s->map = rg_map_new(&s->loop, e->seed_conn, e->cfg.nseeds, &map_ops, s);
+        s->map = rg_map_new(&s->loop, s->seeds, e->cfg.nseeds, &map_ops, s);
         if (s->map == NULL) {
             snprintf(errbuf, errlen, "out of memory");
             shard_discard(s);
@@ -2008,10 +1982,10 @@ shard_init(rg_engine *e, rg_shard *s, int i, char *errbuf, size_t errlen)
         return -1;
     }
     if (e->cfg.nseeds > 0) {
-        s->dest.ccfg = e->conn;
         s->dest.ccfg.host = s->dest.host;
         s->dest.ccfg.path = NULL;
-        s->dest.disc = rg_disc_new(&s->loop, e->seed_conn, e->cfg.nseeds, e->cfg.service,
+        s->dest.ccfg.check_role = 1; /* Sentinel's answer may be stale */
+        s->dest.disc = rg_disc_new(&s->loop, s->seeds, e->cfg.nseeds, e->cfg.service,
                                    &disc_ops, &s->dest);
         if (s->dest.disc == NULL) {
             snprintf(errbuf, errlen, "out of memory");

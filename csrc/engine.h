@@ -118,6 +118,7 @@ typedef struct rg_dest {
     struct rg_node *node;      /* Cluster: the master of the map it talks to */
     int node_pos;              /* scratch, for topo_publish */
     int drops;                 /* ready connections lost before they answered, in a row */
+    rg_conn_memo memo;         /* what its connections remember (TLS session) */
     rg_check *pend[RG_BATCH_MAX]; /* checks for the next script call (dispatch) */
     int npend;
 } rg_dest;
@@ -149,6 +150,8 @@ typedef struct rg_shard {
     rg_dest **dests;
     int ndests, dcap;
     struct rg_map *map;        /* Cluster */
+    rg_conn_cfg seeds[RG_MAX_SEEDS]; /* the engine's seed_conn, each with its memo */
+    rg_conn_memo seed_memo[RG_MAX_SEEDS];
     uv_check_t after_poll;     /* the deadline pass, after the poll phase (see deadline_cb) */
     uv_idle_t poll_now;        /* makes that poll not block when a deadline is due */
     int due;                   /* a deadline or stall check is due */

@@ -475,35 +475,6 @@ rg_disc_free(rg_disc *d)
     free(d);
 }
 
-/* ---- ROLE ------------------------------------------------------------------------ */
-
-int
-rg_role_cmd(rg_buf *b)
-{
-    if (rg_buf_reserve(b, 32) != 0)
-        return -1;
-    rg_resp_array(b, 1);
-    rg_resp_bulk(b, "ROLE", 4);
-    return 0;
-}
-
-int
-rg_role_master(const redisReply *r, char *role, size_t rolelen)
-{
-    const redisReply *e;
-
-    if (r->type != REDIS_REPLY_ARRAY || r->elements == 0 ||
-        r->element[0]->type != REDIS_REPLY_STRING) {
-        rg_msgf(role, rolelen, "%s", r->type == REDIS_REPLY_ERROR ? "an error" : "unexpected");
-        return 0;
-    }
-    e = r->element[0];
-    if (e->len == 6 && memcmp(e->str, "master", 6) == 0)
-        return 1;
-    rg_msgf(role, rolelen, "%.*s", (int)(e->len > 40 ? 40 : e->len), e->str);
-    return 0;
-}
-
 /* ---- Cluster: the slot map ------------------------------------------------------- */
 
 struct rg_map {
@@ -585,6 +556,7 @@ map_add(rg_map *m, const char *host, int port, int *isnew)
     n->ask_cfg = m->seeds[0];
     n->ask_cfg.host = n->host;
     n->ask_cfg.port = port;
+    n->ask_cfg.memo = &n->memo;
     m->nodes[m->n++] = n;
     *isnew = 1;
     return n;
@@ -672,6 +644,7 @@ map_answer(void *owner, int idx, const redisReply *r, char *why, size_t whylen)
         if (!n->in_map) {
             if (n->data != NULL)
                 m->ops->removed(m->owner, n);
+            rg_conn_memo_clear(&n->memo);
             free(n);
             continue;
         }
@@ -790,8 +763,10 @@ rg_map_free(rg_map *m)
 
     rg_ask_free(m->ask);
     uv_close((uv_handle_t *)m->timer, free_handle);
-    for (i = 0; i < m->n; i++)
+    for (i = 0; i < m->n; i++) {
+        rg_conn_memo_clear(&m->nodes[i]->memo);
         free(m->nodes[i]);
+    }
     free(m->nodes);
     free(m);
 }

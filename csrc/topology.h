@@ -84,12 +84,6 @@ void rg_disc_free(rg_disc *d);
  * +switch-master), or "" if none has. */
 void rg_disc_named(const rg_disc *d, char *buf, size_t len);
 
-/* The ROLE command into b: 0, or -1 out of memory. */
-int rg_role_cmd(rg_buf *b);
-/* Whether r, the reply to ROLE, says "master"; if not, what it says goes
- * into role (for a message). */
-int rg_role_master(const struct redisReply *r, char *role, size_t rolelen);
-
 /*
  * Cluster: the slot map and its nodes.
  *
@@ -106,7 +100,8 @@ int rg_role_master(const struct redisReply *r, char *role, size_t rolelen);
  * server answered: MOVED (rg_map_moved), ASK (rg_map_node), READONLY
  * (rg_map_readonly), a connection ready or lost (rg_map_ready).  The map
  * reports through the callbacks it was given, from inside the callbacks of
- * its own connection or timer (never from inside an rg_map_* call):
+ * its own connection or timer, never from inside an rg_map_* call but
+ * for added() from rg_map_moved and rg_map_node (the owner asked for it):
  *
  * added(owner, n): n is a master to talk to (new): the owner sets n->data.
  * removed(owner, n): n is no longer named: the owner lets n->data go; n is
@@ -122,6 +117,7 @@ typedef struct rg_node {
     int stale;      /* answered READONLY since the map was read: nothing goes there */
     int ready;      /* the owner's connection to it is ready (rg_map_ready) */
     rg_conn_cfg ask_cfg; /* how to ask it for the map (no database, no script) */
+    rg_conn_memo memo;   /* what ask_cfg's connections remember */
 } rg_node;
 
 typedef struct rg_map rg_map;
