@@ -230,6 +230,7 @@ conn_free(rg_conn *c)
         freeaddrinfo(c->ai);
     free(c->fifo);
     free(c);
+    atomic_fetch_sub_explicit(&rg_live_conns, 1, memory_order_relaxed);
 }
 
 static void
@@ -1075,6 +1076,7 @@ rg_conn_open(uv_loop_t *loop, const rg_conn_cfg *cfg, const rg_conn_ops *ops, vo
         rg_msgf(err, errlen, "out of memory");
         return NULL;
     }
+    atomic_fetch_add_explicit(&rg_live_conns, 1, memory_order_relaxed);
     c->loop = loop;
     c->cfg = cfg;
     c->ops = ops;

@@ -111,6 +111,7 @@ class FakeServer:
         self.accepted = 0
         self.open_connections = 0
         self.scripts: dict[str, bool] = {}  # sha -> the cross-slot variant
+        self._closing = False
         self._lock = threading.Lock()
         self._writers: set[asyncio.StreamWriter] = set()
         self._loop = asyncio.new_event_loop()
@@ -131,9 +132,13 @@ class FakeServer:
             started.set()
             self._loop.run_forever()
             # Stopped (close()): every connection's task ends, then the loop.
+            # A connection accepted but whose task has not started yet sees
+            # _closing when it does.
+            self._closing = True
             self._server.close()
             for w in list(self._writers):
                 w.close()
+            self._loop.run_until_complete(asyncio.sleep(0.02))
             tasks = asyncio.all_tasks(self._loop)
             for t in tasks:
                 t.cancel()
@@ -168,6 +173,9 @@ class FakeServer:
 
     # -- the protocol ------------------------------------------------------
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._closing:
+            writer.close()
+            return
         with self._lock:
             self.accepted += 1
             conn = self.accepted
@@ -201,6 +209,10 @@ class FakeServer:
             with self._lock:
                 self.open_connections -= 1
             writer.close()
+            try:
+                await writer.wait_closed()
+            except (ConnectionError, asyncio.CancelledError):
+                pass
 
     @staticmethod
     async def _read_command(reader: asyncio.StreamReader) -> list[bytes] | None:
