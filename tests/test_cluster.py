@@ -392,3 +392,22 @@ def test_killed_master_every_check_answered_by_its_deadline(replicated: ClusterS
               f"longest {worst[-1]:.3f} s, {len(late)} past {timeout} + {allowance} s")
         assert not late, late[:5]
     cs.wait_healthy()
+
+
+def test_one_call_per_slot_only_where_script_flags_are_missing(cluster: ClusterSet) -> None:
+    """On Redis < 7.0 ("ERR Error compiling script" for the flagged script)
+    the batch falls back to one call per slot, and checks still decide; on
+    Redis 7 and Valkey the cross-slot call stays."""
+    from redisserver import OLD_SERVER
+
+    async def main() -> tuple[list[Any], Any]:
+        lim = rategate.Limiter(cluster.url(), timeout=2.0)
+        try:
+            ds = await asyncio.gather(*[lim.hit(f"flags-{i}", "5/minute") for i in range(60)])
+            return ds, lim.stats()["last_error"]
+        finally:
+            await lim.aclose()
+
+    ds, last = asyncio.run(main())
+    assert [d.error for d in ds] == [None] * 60, last
+    assert ("no cross-slot script on this server" in (last or "")) == OLD_SERVER, last
