@@ -222,8 +222,16 @@ conn_free(rg_conn *c)
 {
     if (c->reader != NULL)
         redisReaderFree(c->reader);
-    if (c->ssl != NULL)
+    if (c->ssl != NULL) {
+        /* OpenSSL makes the session of a connection that ended without
+         * close_notify unresumable (a TLS 1.2-era rule; TLS 1.3 dropped
+         * it): a Redis restart or a dropped connection would cost the next
+         * connection a full handshake.  Once the handshake was done, the
+         * end of the stream says nothing against the session. */
+        if (c->tls_done)
+            SSL_set_shutdown(c->ssl, SSL_SENT_SHUTDOWN | SSL_RECEIVED_SHUTDOWN);
         SSL_free(c->ssl); /* frees both BIOs */
+    }
     rg_buf_free(&c->pending);
     rg_buf_free(&c->out);
     if (c->ai != NULL)
