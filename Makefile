@@ -5,13 +5,24 @@ CFLAGS_CI = -Wall -Wextra -Werror
 
 BENCH_ARGS ?=
 
-.PHONY: bootstrap bootstrap-bench build test test-asan test-tsan test-valgrind test-wheel test-pythons test-servers wheel bench bench-quick clean
+.PHONY: bootstrap bootstrap-bench bootstrap-docs bootstrap-wheel docs build test test-asan test-tsan test-valgrind test-wheel test-pythons test-servers wheel bench bench-quick clean
 
 bootstrap:
 	bash scripts/bootstrap.sh test
 
 bootstrap-bench:
 	bash scripts/bootstrap.sh bench
+
+bootstrap-docs:
+	bash scripts/bootstrap.sh docs
+
+bootstrap-wheel:
+	bash scripts/bootstrap.sh wheel
+
+# The documentation site into site/ (mkdocs.yml); --strict: a warning (a
+# broken link, a page missing, a docstring it cannot read) fails the build.
+docs: bootstrap-docs
+	$(PY) -m mkdocs build --strict
 
 # Build the extension in place with warnings as errors.
 build:
@@ -46,9 +57,10 @@ test-valgrind: bootstrap
 	bash scripts/valgrind.sh
 
 # The sdist, then one wheel per CPython built from it, repaired by auditwheel
-# (the system libraries it links, bundled in rategate.libs/), into dist/
+# (the system libraries it links, bundled in rategate.libs/), into dist/.
+# It installs only what building needs (a compiler, the -dev packages).
 WHEEL_PYTHONS ?= 3.11 3.12 3.13
-wheel: bootstrap
+wheel: bootstrap-wheel
 	bash scripts/wheel.sh $(WHEEL_PYTHONS)
 
 # The suite against this Python's wheel installed in a fresh venv, with the
@@ -71,4 +83,4 @@ bench-quick: bootstrap-bench build
 	$(PY) -m bench.run --quick $(BENCH_ARGS)
 
 clean:
-	rm -rf build rategate/*.so .pytest_cache
+	rm -rf build rategate/*.so .pytest_cache site

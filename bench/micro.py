@@ -21,6 +21,9 @@ throughput  checks/s from one process: C tasks each awaiting ``hit`` in a loop
             for S seconds; only decisions without an error are counted.
 rss         VmRSS after 100,000 and after 1,000,000 checks (10% of them on keys
             over their limit, so the local cache is exercised).
+middleware  bench/middleware_cost.py: the middleware's event-loop CPU per request
+            over the bare app, allowed (Redis) and denied from the deny cache;
+            run with RATEGATE_PYTHON_PATH=1 for the Python path (the A/B).
 """
 
 from __future__ import annotations
@@ -342,6 +345,15 @@ async def fig_rss(a) -> dict:
 
 
 FIGURES = {"cpu": fig_cpu, "ffi": fig_ffi, "throughput": fig_throughput, "rss": fig_rss}
+
+
+async def fig_middleware(a) -> dict:
+    from bench.middleware_cost import measure
+
+    return await measure(a.url, a.checks, a.reps)
+
+
+FIGURES["middleware"] = fig_middleware
 
 
 def main(argv=None) -> None:

@@ -49,12 +49,22 @@ class PyRedisLimiter:
         self.rates = parse_rates(rates)
         self.suffixes = [f"{limit}/{round(period * 1000)}" for limit, period in self.rates]
         self.prefix = prefix
-        # the script's ARGV for one check (csrc/script.c): 1 check; op 0 (a hit); cost;
-        # rates; per rate T and tau (µs).  hit() puts the first three in front of this.
-        self.argv: list = [len(self.rates)]
-        for limit, period in self.rates:
+        # the script's ARGV for one check (csrc/script.c), as rategate sends a
+        # lone check: 1 check, read with MGET ("1"), then for one rate the
+        # common form (one spec "=1": T, tau in µs, a hit's TTL in ms; the
+        # check: the spec's name and the cost), for several the general
+        # form (no spec; op 0 (a hit), the cost, the rates, T and tau each).
+        # hit() appends the cost.
+        if len(self.rates) == 1:
+            limit, period = self.rates[0]
             t = period * 1e6 / limit
-            self.argv += [repr(t), repr(limit * t)]
+            self.argv: list = [1, "1", 1, "=1", repr(t), repr(limit * t), max(1, math.ceil(t / 1000)), "=1"]
+        else:
+            self.argv = [1, "0", 0, OP_HIT]
+            self.tail: list = [len(self.rates)]
+            for limit, period in self.rates:
+                t = period * 1e6 / limit
+                self.tail += [repr(t), repr(limit * t)]
         self.nkeys = len(self.rates)
         # RateLimit-Policy (draft-6), rendered once: "100;w=60, 1000;w=3600"
         self.policy = ", ".join(f"{limit};w={math.ceil(period)}" for limit, period in self.rates).encode()
@@ -62,11 +72,15 @@ class PyRedisLimiter:
     async def hit(self, key: str, cost: int = 1) -> list:
         """-> [allowed, rate index, remaining, reset_after_us, retry_after_us, block_us]"""
         keys = [f"{self.prefix}:{{{key}}}:{s}" for s in self.suffixes]
+        args = [*self.argv, cost] if len(self.rates) == 1 else [*self.argv, cost, *self.tail]
         try:
-            return await self.redis.evalsha(SHA, self.nkeys, *keys, 1, OP_HIT, cost, *self.argv)
+            out = await self.redis.evalsha(SHA, self.nkeys, *keys, *args)
         except NoScriptError:
             await self.redis.script_load(SCRIPT)
-            return await self.redis.evalsha(SHA, self.nkeys, *keys, 1, OP_HIT, cost, *self.argv)
+            out = await self.redis.evalsha(SHA, self.nkeys, *keys, *args)
+        # H = (allowed + 2) * 32 + rate, remaining, reset; retry and block when denied
+        h = out[0]
+        return [h // 32 - 2, h % 32, out[1], out[2], *(out[3:5] if len(out) >= 5 else (0, 0))]
 
     async def aclose(self) -> None:
         await self.redis.aclose()

@@ -34,7 +34,97 @@ TARGETS_13 = [
     ("loop threads µs/check", "rategate loop threads' CPU per check", "<=", 3.0, "µs"),
     ("added p99 at fixed load", "p99 over /health's at the fixed offered load", "<=", 1.0, "ms"),
     ("hot key, leased", "hot-key-lease req/s ÷ /health at workers = cores", ">=", 0.97, "×"),
+    # issue 19: shm://, no Redis on the path
+    ("shm allowed", "shm req/s ÷ /health at workers = cores", ">=", 0.97, "×"),
+    ("shm flood", "shm-flood req/s ÷ rategate-flood's at workers = cores", ">=", 1.0, "×"),
 ]
+
+
+# issue 20: the request path in C and the Redis side of a check
+TARGETS_20 = [
+    ("middleware CPU, allowed", "event-loop CPU per allowed request over the bare app (bench/middleware_cost.py, "
+     "C path; distinct addresses, Redis)", "<=", 5.0, "µs"),
+    ("middleware CPU, denied", "the same, per request denied from the deny cache", "<=", 2.5, "µs"),
+    ("app-host CPU", "event loop + rategate loops per allowed request over /health's event loop, workers = cores",
+     "<=", 6.0, "µs"),
+    ("Redis µs/check", "Redis command time per check (INFO commandstats), rategate, workers = cores", "<=", 3.5, "µs"),
+    ("allowed ratio, cores", "rategate req/s ÷ /health, workers = cores, median of the rounds", ">=", 0.92, "×"),
+    ("allowed ratio, 1 worker", "rategate req/s ÷ /health, 1 worker, median of the rounds", ">=", 0.97, "×"),
+]
+
+
+def _median(xs: list) -> float | None:
+    xs = sorted(x for x in xs if x is not None)
+    if not xs:
+        return None
+    m = len(xs) // 2
+    return xs[m] if len(xs) % 2 else (xs[m - 1] + xs[m]) / 2
+
+
+def _spread(xs: list) -> dict | None:
+    """median, min, max of the rounds' values (None when none)."""
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return None
+    return {"median": round(_median(xs), 3), "min": round(min(xs), 3), "max": round(max(xs), 3), "n": len(xs)}
+
+
+def targets_20(results: dict) -> list[dict]:
+    """Issue 20's targets, each with its spread over the rounds (the HTTP ones
+    pair /health's round i with rategate's round i)."""
+    g = groups(results)
+    head_w, head = g[0] if g else (0, {})
+    one = next((r for w, r in g if w == 1), {})
+    mc = _get(results, "micro", "middleware_cost") or {}
+
+    def rounds(group: dict, name: str, key: str) -> list:
+        return [r.get(key) for r in (group.get(name) or {}).get("rounds", [])]
+
+    def ratios(group: dict) -> list:
+        return [a / b if a is not None and b else None
+                for a, b in zip(rounds(group, "rategate", "rps"), rounds(group, "health", "rps"))]
+
+    host = [None if ev is None or hev is None else ev + (lp or 0.0) - hev
+            for ev, lp, hev in zip(rounds(head, "rategate", "event_loop_us"),
+                                   rounds(head, "rategate", "rategate_loops_us"),
+                                   rounds(head, "health", "event_loop_us"))]
+    c = mc.get("c") or {}
+    spreads = [
+        {"median": _get(c, "allowed_over_bare", "median_us"), "min": _get(c, "allowed_over_bare", "min_us"),
+         "max": _get(c, "allowed_over_bare", "max_us"), "n": mc.get("rounds")} if c else None,
+        {"median": _get(c, "denied_over_bare", "median_us"), "min": _get(c, "denied_over_bare", "min_us"),
+         "max": _get(c, "denied_over_bare", "max_us"), "n": mc.get("rounds")} if c else None,
+        _spread(host),
+        _spread(rounds(head, "rategate", "redis_us_per_check")),
+        _spread(ratios(head)),
+        _spread(ratios(one)),
+    ]
+    py = mc.get("python") or {}
+    ab = [f"Python path {_get(py, 'allowed_over_bare', 'median_us')} µs" if py else None,
+          f"Python path {_get(py, 'denied_over_bare', 'median_us')} µs" if py else None, None, None, None, None]
+    out = []
+    for (short, desc, op, goal, unit), sp, cmp in zip(TARGETS_20, spreads, ab):
+        v = None if sp is None else sp["median"]
+        status = "n/a" if v is None else ("PASS" if (v >= goal if op == ">=" else v <= goal) else "MISS")
+        out.append({"name": short, "description": desc, "value": v, "spread": sp, "op": op, "target": goal,
+                    "unit": unit, "status": status, "compare": cmp,
+                    "note": None if v is not None else "not run (needs --cases with health and rategate, and "
+                    "middleware-cost)"})
+    return out
+
+
+def target20_rows(results: dict) -> list[list[str]]:
+    rows = []
+    for t in results.get("targets_20", []):
+        goal = f"{t['op']} {_num(t['target'], t['unit'])}".replace(">=", "≥").replace("<=", "≤")
+        sp = t.get("spread")
+        measured = _num(t["value"], t["unit"]) if t["value"] is not None else f"— ({t['note']})"
+        rng = "—" if not sp else f"{_num(sp['min'], t['unit'])} to {_num(sp['max'], t['unit'])} ({sp['n']} rounds)"
+        rows.append([f"{t['name']}: {t['description']}", measured, rng, goal, t["status"], t.get("compare") or ""])
+    return rows
+
+
+TARGET20_COLS = ["figure", "median", "range", "target", "result", "A/B"]
 
 
 def groups(results: dict) -> list[tuple[int, dict]]:
@@ -63,6 +153,7 @@ def compute(results: dict) -> None:
             if f and h_fixed.get("latency_ms") and f["latency_ms"].get("p50") is not None:
                 f["added_ms"] = {k: round(f["latency_ms"][k] - h_fixed["latency_ms"][k], 3) for k in ("p50", "p99")}
     results["targets_13"] = targets_13(results)
+    results["targets_20"] = targets_20(results)
     http = one_worker(results)
     micro = results.get("micro", {})
     rb = micro.get("redis_benchmark", {})
@@ -127,6 +218,10 @@ def compute(results: dict) -> None:
     results["targets"] = out
 
 
+def _ratio(a, b):
+    return round(a / b, 3) if a and b else None
+
+
 def targets_13(results: dict) -> list[dict]:
     g = groups(results)
     head_w, head = g[0] if g else (0, {})
@@ -138,11 +233,14 @@ def targets_13(results: dict) -> list[dict]:
         _get(rg, "cpu_us_per_req", "rategate_loops"),  # all allowed: one check per request
         _get(rg, "fixed_load", "added_ms", "p99"),
         head.get("hot-key-lease", {}).get("ratio_to_health"),
+        head.get("shm", {}).get("ratio_to_health"),
+        _ratio(head.get("shm-flood", {}).get("rps"), head.get("rategate-flood", {}).get("rps")),
     ]
     out = []
     for (short, desc, op, goal, unit), v in zip(TARGETS_13, values):
         status = "n/a" if v is None else ("PASS" if (v >= goal if op == ">=" else v <= goal) else "MISS")
-        note = None if v is not None else ("not run" if short == "hot key, leased" else why)
+        note = None if v is not None else ("not run" if short in ("hot key, leased", "shm allowed", "shm flood")
+                                           else why)
         out.append({"name": short, "description": f"{desc} ({head_w} workers)", "value": v, "op": op,
                     "target": goal, "unit": unit, "status": status, "note": note})
     return out
@@ -228,6 +326,14 @@ def micro_line(name: str, micro: dict) -> str:
         rb = micro["redis_benchmark"]
         return (f"  {name:<20} EVALSHA {rb['unpipelined']['rps']:,.0f}/s unpipelined, "
                 f"{rb['pipelined_32']['rps']:,.0f}/s with -P 32")
+    if name == "middleware-cost":
+        m = micro["middleware_cost"]
+        c, p = m["c"], m["python"]
+        return (f"  {name:<20} over the bare app ({c['bare']['median_us']:.2f} µs): allowed "
+                f"{c['allowed_over_bare']['median_us']:.2f} µs (Python path {p['allowed_over_bare']['median_us']:.2f}), "
+                f"denied from the cache {c['denied_over_bare']['median_us']:.2f} µs "
+                f"(Python path {p['denied_over_bare']['median_us']:.2f}); {c['denied_from_cache']:,} of "
+                f"{c['denied_measured']:,} denials from the cache; medians of {m['rounds']} rounds")
     if name == "rss":
         m = micro["rss"]["marks"]
         return "  {:<20} ".format(name) + ", ".join(f"{x['checks']:,} checks: {x['rss_kb']:,} KB" for x in m)
@@ -417,6 +523,9 @@ def terminal(results: dict) -> str:
     if results.get("targets_13") and groups(results):
         parts.append("\nTargets (issue 13)")
         parts.append(_text_table(TARGET13_COLS, target13_rows(results), right={1}))
+    if any(t["value"] is not None for t in results.get("targets_20", [])):
+        parts.append("\nTargets (issue 20), median and range over the rounds")
+        parts.append(_text_table(TARGET20_COLS, target20_rows(results), right={1}))
     parts.append("\nTargets (issue 5, one worker)")
     parts.append(_text_table(TARGET_COLS, target_rows(results), right={2}))
     extra = micro_summary(results)
@@ -526,6 +635,9 @@ def markdown(results: dict) -> str:
             lines.append("")
     if results.get("targets_13") and groups(results):
         lines.append(md_table(TARGET13_COLS, target13_rows(results), {1}))
+        lines.append("")
+    if any(t["value"] is not None for t in results.get("targets_20", [])):
+        lines.append(md_table(TARGET20_COLS, target20_rows(results), {1}))
         lines.append("")
     lines.append(md_table(TARGET_COLS, target_rows(results), {2}))
     extra = micro_summary(results)

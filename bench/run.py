@@ -1,7 +1,7 @@
 """The rategate benchmark: one command, one machine, one run.
 
     python -m bench.run                 # every case at workers = cores and at 1 worker, 2 rounds
-    python -m bench.run --quick         # 3 s each, one round, shorter micro-benchmarks (about 3 minutes)
+    python -m bench.run --quick         # 3 s each, one round, shorter micro-benchmarks (about 6 minutes)
     python -m bench.run --cases health,rategate,rategate-flood --workers 2 --duration 20
 
 It starts its own redis-server on a free 127.0.0.1 port (or uses
@@ -86,6 +86,20 @@ HTTP_CASES = [
     HttpCase("fastapi-limiter", "bench.apps.fastapi_limiter_app:app",
              needs=("fastapi_limiter", "pyrate_limiter", "redis"),
              what="fastapi-limiter per its docs, pyrate-limiter RedisBucket (redis.asyncio), all allowed"),
+    HttpCase("fastapi-limiter-flood", "bench.apps.fastapi_limiter_app:app", mode="flood", expect_denied=True,
+             needs=("fastapi_limiter", "pyrate_limiter", "redis"), what="the same, limit 5/minute"),
+    HttpCase("traffik", "bench.apps.traffik_app:app", needs=("traffik", "redis"),
+             what="Traffik 1.2 per its README: RedisBackend (redis.asyncio), HTTPThrottle dependency, all allowed"),
+    HttpCase("traffik-flood", "bench.apps.traffik_app:app", mode="flood", expect_denied=True,
+             needs=("traffik", "redis"), what="the same, limit 5/minute"),
+    HttpCase("throttled-py", "bench.apps.throttled_app:app", needs=("throttled", "redis"),
+             what="throttled-py 3.5's FastAPI integration: Redis store, GCRA, @limiter.limit(), all allowed"),
+    HttpCase("throttled-py-flood", "bench.apps.throttled_app:app", mode="flood", expect_denied=True,
+             needs=("throttled", "redis"), what="the same, limit 5/minute"),
+    HttpCase("limits", "bench.apps.limits_app:app", needs=("limits", "redis"),
+             what="limits 5.8 limits.aio moving window on async+redis://, behind a minimal ASGI middleware"),
+    HttpCase("limits-flood", "bench.apps.limits_app:app", mode="flood", expect_denied=True, needs=("limits", "redis"),
+             what="the same, limit 5/minute"),
     HttpCase("redis-down", "bench.apps.rategate_app:app", expect_denied=True, redis="down", needs=RG,
              what="rategate, Redis killed after the warm-up: fail-closed 429s"),
     HttpCase("rategate-tls", "bench.apps.rategate_app:app", needs=RG, redis="tls",
@@ -95,14 +109,21 @@ HTTP_CASES = [
     HttpCase("hot-key-lease", "bench.apps.rategate_app:app", needs=RG,
              env={"BENCH_KEY": "global", "BENCH_LEASE": "1"},
              what="the same with lease=True: tokens leased in blocks, answered in C"),
+    # issue 19: shm:// (a shared memory segment of this host, no Redis), the same app
+    HttpCase("shm", "bench.apps.rategate_app:app", needs=RG, redis="shm",
+             what="RateLimitMiddleware on shm:// (every worker shares one segment, no Redis), all allowed"),
+    HttpCase("shm-flood", "bench.apps.rategate_app:app", mode="flood", expect_denied=True, needs=RG, redis="shm",
+             what="the same on shm://, limit 5/minute for the one client: all but the first 5 get 429"),
 ]
 HTTP_BY_NAME = {c.name: c for c in HTTP_CASES}
 
 # A figure without HTTP is one name here and one branch in run_micro_step.
 # "throughput-cluster": rategate's checks/s against a private 3-master Redis Cluster,
 # beside "throughput-rategate" against one Redis.
+# "middleware-cost": bench/middleware_cost.py (issue 20's first two targets), the C request
+# path and the Python one (RATEGATE_PYTHON_PATH=1) in interleaved processes, --rounds each.
 MICRO_STEPS = ["cpu-rategate", "cpu-python-redis", "ffi", "throughput-rategate", "throughput-cluster",
-               "throughput-python-redis", "redis-benchmark", "rss"]
+               "throughput-python-redis", "redis-benchmark", "rss", "middleware-cost"]
 GROUPS = {"http": [c.name for c in HTTP_CASES], "micro": MICRO_STEPS,
           "all": [c.name for c in HTTP_CASES] + MICRO_STEPS}
 
@@ -339,8 +360,31 @@ def redis_tls(ctx: Ctx, case: HttpCase) -> CaseRedis:
                      server=server)
 
 
+class ShmSegment:
+    """The shm:// cases' store: a segment of the case's own (its name is the
+    app's storage URL), removed when the case ends (as a Redis it started)."""
+
+    proc = None
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def stop(self) -> None:
+        try:  # what rategate.shm_unlink does, without importing rategate here
+            os.unlink(f"/dev/shm/rategate.{self.name}")
+        except FileNotFoundError:
+            pass
+
+    kill = stop
+
+
+def shm_segment(ctx: Ctx, case: HttpCase) -> CaseRedis:
+    seg = ShmSegment(f"bench-{os.getpid()}-{case.name}-{time.monotonic_ns()}")
+    return CaseRedis(f"shm://{seg.name}", None, None, server=seg)  # type: ignore[arg-type]
+
+
 # case.redis -> how to get it.
-REDIS_KINDS = {"shared": redis_shared, "down": redis_down, "tls": redis_tls}
+REDIS_KINDS = {"shared": redis_shared, "down": redis_down, "tls": redis_tls, "shm": shm_segment}
 
 
 def local_redis_pid(conf: dict) -> int | None:
@@ -511,7 +555,8 @@ def run_http_case(ctx: Ctx, case: HttpCase, workers: int) -> dict:
     if missing:
         res["skipped"] = f"not installed: {', '.join(missing)}"
         return res
-    if case.name in ("slowapi", "fastapi-limiter"):
+    if not case.app.startswith(("bench.apps.rategate_app", "bench.apps.health")):
+        # a peer: say why it cannot run rather than leave a blank
         err = check_import(f"import bench.apps.{case.app.split('.')[-1].split(':')[0]}")
         if err:
             res["skipped"] = f"import failed: {err}"
@@ -622,6 +667,48 @@ def run_micro(ctx: Ctx, figure: str, *extra: str, timeout: float = 120, total: f
     return data
 
 
+def run_middleware_cost(ctx: Ctx) -> dict:
+    """bench/middleware_cost.py in fresh processes, the C request path and the
+    Python path (RATEGATE_PYTHON_PATH=1) alternately, --rounds times each (at
+    least 3): each process measures one round of bare / allowed / denied; the
+    figures are the medians over the processes, with their range."""
+    a = ctx.args
+    n = 5_000 if a.quick else 20_000
+    runs: dict[str, list[dict]] = {"c": [], "python": []}
+    for _ in range(max(3, a.rounds)):
+        for path in ("c", "python"):
+            env = dict(os.environ)
+            env.pop("RATEGATE_PYTHON_PATH", None)
+            if path == "python":
+                env["RATEGATE_PYTHON_PATH"] = "1"
+            cmd = [PY, "-m", "bench.micro", "middleware", "--url", ctx.redis_url, "--loop", ctx.loop,
+                   "--checks", str(n), "--reps", "1"]
+            p = procs.spawn(cmd, capture=True, log=ctx.tmp / f"micro-middleware-{path}.err", cwd=ROOT, env=env)
+            out = wait_proc(p, 300, ctx.progress, f"middleware cost ({path} path)")
+            data = marker_json(out, "MICRO_JSON")
+            if data is None:
+                raise RuntimeError(f"bench.micro middleware failed (exit {p.returncode}):\n"
+                                   f"{procs.tail(ctx.tmp / f'micro-middleware-{path}.err')}")
+            runs[path].append(data)
+            if ctx.owns_redis:
+                redis_cmd(ctx.redis_conf, "FLUSHALL")
+
+    def fig(rs: list[dict], key: str) -> dict:
+        xs = sorted(r[key]["median_us"] for r in rs)
+        return {"median_us": round(xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2, 3),
+                "min_us": xs[0], "max_us": xs[-1], "rounds_us": [r[key]["median_us"] for r in rs]}
+
+    out: dict = {"requests_per_round": n, "rounds": len(runs["c"]),
+                 "cmd": "python -m bench.micro middleware --url URL --checks N --reps 1 "
+                        "(and with RATEGATE_PYTHON_PATH=1), alternately"}
+    for path, rs in runs.items():
+        out[path] = {k: fig(rs, k) for k in ("bare", "allowed", "denied", "allowed_over_bare", "denied_over_bare")}
+        out[path]["c_path"] = all(r["c_path"] for r in rs)
+        out[path]["denied_from_cache"] = sum(r["denied_from_cache"] for r in rs)
+        out[path]["denied_measured"] = sum(r["denied_measured"] for r in rs)
+    return out
+
+
 def run_cluster_throughput(ctx: Ctx) -> dict:
     """rategate's checks/s (as throughput-rategate: 1000 tasks, one Limiter, one loop
     thread) against a private 3-master Redis Cluster on this machine, started with the
@@ -659,8 +746,9 @@ def run_redis_benchmark(ctx: Ctx) -> dict:
     if r.returncode != 0 or not r.stdout.strip():
         raise RuntimeError(f"rategate is not built (make build): {r.stderr.strip()[-300:]}")
     script, which = r.stdout, "rategate._core.SCRIPT (one check per call)"
-    # ARGV (csrc/script.c): checks=1; op=0 (a hit), cost=1, rates=1; T=1 µs, tau=burst*T=1000000 µs
-    args = ["1", "rg:{bench:__rand_int__}:1000000/1000", "1", "0", "1", "1", "1", "1000000"]
+    # ARGV (csrc/script.c): checks=1, MGET, one spec "=1" (T=1 µs, tau=burst*T=1000000 µs,
+    # a hit's TTL 1 ms); the check in the common form: spec "=1", cost 1
+    args = ["1", "rg:{bench:__rand_int__}:1000000/1000", "1", "1", "1", "=1", "1", "1000000", "1", "=1", "1"]
     sha = redis_cmd(ctx.redis_conf, "SCRIPT", "LOAD", script)
     sha = sha.decode() if isinstance(sha, bytes) else sha
     conf = ctx.redis_conf
@@ -763,7 +851,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--quick", action="store_true",
                    help="short run (3 s per case, 1 s warm-up, one round, shorter micro-benchmarks): "
-                        "about 3.5 minutes on 2 cores")
+                        "about 6 minutes on 2 cores")
     p.add_argument("--duration", type=float,
                    help="seconds of measurement per HTTP case, whole (default 10, quick 3)")
     p.add_argument("--warmup", type=float, help="seconds of warm-up per HTTP case, whole, 0 = none "
@@ -971,8 +1059,11 @@ def pick_best(prev: dict | None, new: dict) -> dict:
     rounds = (prev or {}).get("rounds", [])
     if "rps" in new:
         fixed = new.get("fixed_load") or {}
+        cpu = new.get("cpu_us_per_req") or {}
         rounds = rounds + [{"rps": new["rps"], "p99_ms": new["latency_ms"]["p99"], "loadavg": new.get("loadavg"),
-                            "fixed_load_p99_ms": (fixed.get("latency_ms") or {}).get("p99")}]
+                            "fixed_load_p99_ms": (fixed.get("latency_ms") or {}).get("p99"),
+                            "event_loop_us": cpu.get("event_loop"), "rategate_loops_us": cpu.get("rategate_loops"),
+                            "redis_us_per_check": (new.get("redis") or {}).get("usec_per_check")}]
     else:
         rounds = rounds + [{"error": new.get("error") or new.get("skipped")}]
     best = new if prev is None or "rps" not in prev or ("rps" in new and new["rps"] > prev["rps"]) else prev
@@ -982,7 +1073,8 @@ def pick_best(prev: dict | None, new: dict) -> dict:
 
 def run_micro_step(ctx: Ctx, name: str, micro: dict) -> None:
     a = ctx.args
-    rg_needed = name in ("cpu-rategate", "ffi", "throughput-rategate", "throughput-cluster", "rss")
+    rg_needed = name in ("cpu-rategate", "ffi", "throughput-rategate", "throughput-cluster", "rss",
+                         "middleware-cost")
     if rg_needed and ctx.rategate_error:
         micro.setdefault("skipped", {})[name] = ctx.rategate_error
         return
@@ -1008,6 +1100,8 @@ def run_micro_step(ctx: Ctx, name: str, micro: dict) -> None:
     elif name == "rss":
         micro["rss"] = run_micro(ctx, "rss", "--impl", "rategate", "--concurrency", "500",
                                  "--deadline", str(a.rss_deadline), timeout=a.rss_deadline + 60)
+    elif name == "middleware-cost":
+        micro["middleware_cost"] = run_middleware_cost(ctx)
     if ctx.owns_redis:
         redis_cmd(ctx.redis_conf, "FLUSHALL")
 

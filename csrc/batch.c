@@ -4,6 +4,7 @@
  */
 #include "batch.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -160,13 +161,40 @@ conc_sent(const rg_check *c)
     return c->spec->conc_limit > 0 && (c->op == RG_OP_HIT || c->op == RG_OP_RELEASE);
 }
 
+/* The common check (script.c): a hit of one rate with no concurrency part
+ * and no lease, sent as its spec's name and its cost. */
+static int
+is_common(const rg_check *c)
+{
+    return c->op == RG_OP_HIT && c->spec->n == 1 && c->spec->conc_limit == 0 && !c->lease;
+}
+
+/* A spec's name in the call: "=" and its number, 1 to RG_BATCH_MAX (no
+ * printf on the loop thread's path). */
+static size_t
+spec_name(char name[8], int j)
+{
+    size_t n = 1;
+    name[0] = '=';
+    if (j >= 100)
+        name[n++] = (char)('0' + j / 100);
+    if (j >= 10)
+        name[n++] = (char)('0' + j / 10 % 10);
+    name[n++] = (char)('0' + j % 10);
+    return n;
+}
+
 int
 rg_batch_write(rg_batch *b, const char *sha, rg_buf *out)
 {
     const char *script = b->xslot ? rg_script_xslot : rg_script;
     size_t script_len = b->xslot ? rg_script_xslot_len : rg_script_len;
-    size_t argc = b->xslot ? 5 : 4, bytes = 96 + RG_RESP_BULK_MAX(script_len);
-    int i, j, n = 0, nkeys = 0;
+    size_t argc = b->xslot ? 7 : 6, bytes = 160 + RG_RESP_BULK_MAX(script_len);
+    /* the specs of the common checks, and each common check's spec (1-based;
+     * 0: sent in the general form) */
+    const rg_spec *specs[RG_BATCH_MAX];
+    unsigned char sidx[RG_BATCH_MAX];
+    int i, j, n = 0, nkeys = 0, nspecs = 0, ncommon = 0;
 
     for (i = 0; i < b->n; i++) {
         rg_check *c = b->checks[i];
@@ -178,13 +206,28 @@ rg_batch_write(rg_batch *b, const char *sha, rg_buf *out)
         nr = rates_sent(c);
         cc = conc_sent(c);
         nkeys += nr + cc;
-        argc += 3 + 3 * (size_t)nr + 4 * (size_t)cc;
         /* per rate: the key (with a tag of up to 16 hex digits and the
          * rate part) and two numbers of at most 31 characters; the
          * concurrency part: its key, two numbers and the slot id */
         bytes += 96 + (size_t)(nr + cc) * (RG_RESP_BULK_MAX(c->keylen + 24 + 48) +
                                            2 * RG_RESP_BULK_MAX(32)) +
                  (size_t)cc * RG_RESP_BULK_MAX(c->sidlen);
+        if (n > RG_BATCH_MAX || !is_common(c)) {
+            if (n <= RG_BATCH_MAX)
+                sidx[n - 1] = 0;
+            argc += 3 + 3 * (size_t)nr + 4 * (size_t)cc; /* keys and arguments */
+            continue;
+        }
+        for (j = 0; j < nspecs && specs[j] != c->spec; j++)
+            ;
+        if (j == nspecs) {
+            specs[nspecs++] = c->spec;
+            argc += 4;
+            bytes += 4 * RG_RESP_BULK_MAX(32);
+        }
+        sidx[n - 1] = (unsigned char)(j + 1);
+        argc += 3;
+        ncommon++;
     }
     b->n = n;
     if (n == 0)
@@ -212,9 +255,28 @@ rg_batch_write(rg_batch *b, const char *sha, rg_buf *out)
             write_key(out, c, "c", 1, tag, taglen);
     }
     rg_resp_bulk_int(out, n);
+    /* one MGET reads every key first, unless the keys are undeclared
+     * (several cluster slots: one command may not span them) */
+    rg_resp_bulk(out, !b->xslot && ncommon > 0 ? "1" : "0", 1);
+    rg_resp_bulk_int(out, nspecs);
+    for (j = 0; j < nspecs; j++) {
+        const rg_spec *sp = specs[j];
+        char name[8];
+        long long ms = (long long)ceil(sp->rates[0].T / 1000.0);
+        rg_resp_bulk(out, name, spec_name(name, j + 1));
+        rg_resp_bulk(out, sp->arg_T[0], sp->arg_T_len[0]);
+        rg_resp_bulk(out, sp->arg_tau[0], sp->arg_tau_len[0]);
+        rg_resp_bulk_int(out, ms < 1 ? 1 : ms);
+    }
     for (i = 0; i < n; i++) {
         rg_check *c = b->checks[i];
         int nr = rates_sent(c), cc = conc_sent(c);
+        if (i < RG_BATCH_MAX && sidx[i] != 0) {
+            char name[8];
+            rg_resp_bulk(out, name, spec_name(name, sidx[i]));
+            rg_resp_bulk_int(out, (long long)c->cost);
+            continue;
+        }
         rg_resp_bulk_int(out, c->op + (cc ? RG_OP_CONC_FLAG : 0) + (c->lease ? RG_OP_LEASE_FLAG : 0));
         rg_resp_bulk_int(out, (long long)c->cost);
         rg_resp_bulk_int(out, nr);
@@ -266,7 +328,7 @@ copy_text(char *why, size_t whylen, const char *s, size_t n)
 int
 rg_batch_decode(rg_batch *b, const redisReply *reply, char *why, size_t whylen)
 {
-    size_t want = (size_t)b->n * 6;
+    size_t at = 0, end;
     int i;
 
     why[0] = '\0';
@@ -276,36 +338,53 @@ rg_batch_decode(rg_batch *b, const redisReply *reply, char *why, size_t whylen)
             return RG_BATCH_NOSCRIPT;
         return RG_BATCH_FAILED;
     }
-    /* Six integers per check, then Redis's error text if a command of the
-     * script failed (see script.c). */
-    if (reply->type != REDIS_REPLY_ARRAY ||
-        (reply->elements != want &&
-         !(reply->elements == want + 1 && reply->element[want]->type == REDIS_REPLY_STRING))) {
-        copy_text(why, whylen, "unexpected reply to the script", 30);
-        return RG_BATCH_FAILED;
+    if (reply->type != REDIS_REPLY_ARRAY)
+        goto unexpected;
+    /* Per check H = (allowed + 2) * 32 + rate, remaining, reset_us, and when
+     * not allowed retry_us and block_us; then Redis's error text if a
+     * command of the script failed (see script.c).  The lengths follow
+     * from each H: the walk must end exactly at the end. */
+    end = reply->elements;
+    if (end > 0 && reply->element[end - 1]->type == REDIS_REPLY_STRING) {
+        end--;
+        copy_text(why, whylen, reply->element[end]->str, reply->element[end]->len);
     }
-    if (reply->elements == want + 1)
-        copy_text(why, whylen, reply->element[want]->str, reply->element[want]->len);
     for (i = 0; i < b->n; i++) {
         rg_check *c = b->checks[i];
-        size_t o = (size_t)i * 6;
         int ok = 1;
-        if (c == NULL)
+        int64_t h, allowed;
+        size_t len;
+
+        if (at >= end)
+            goto unexpected;
+        h = int_at(reply, at, &ok);
+        if (!ok || h < 0)
+            goto unexpected;
+        allowed = h / 32 - 2;
+        len = allowed >= 1 ? 3 : 5;
+        if (end - at < len)
+            goto unexpected;
+        if (c == NULL) {
+            at += len;
             continue;
-        int64_t allowed = int_at(reply, o, &ok), rate = int_at(reply, o + 1, &ok);
-        /* Each number is checked as the 64-bit value it arrived as, before
-         * any narrowing: 2^32 + 1 must not pass as "allowed 1". */
-        c->res.remaining = int_at(reply, o + 2, &ok);
-        c->res.reset_us = int_at(reply, o + 3, &ok);
-        c->res.retry_us = int_at(reply, o + 4, &ok);
-        c->res.block_us = int_at(reply, o + 5, &ok);
-        if (allowed < -2 || allowed > INT32_MAX || rate < 0 || rate > RG_MAX_RATES ||
-            !in_range(c->res.remaining, RG_REPLY_COUNT_MAX) || !in_range(c->res.reset_us, RG_REPLY_US_MAX) ||
-            !in_range(c->res.retry_us, RG_REPLY_US_MAX) || !in_range(c->res.block_us, RG_REPLY_US_MAX))
+        }
+        c->res.rate = (int)(h % 32);
+        c->res.remaining = int_at(reply, at + 1, &ok);
+        c->res.reset_us = int_at(reply, at + 2, &ok);
+        c->res.retry_us = len == 5 ? int_at(reply, at + 3, &ok) : 0;
+        c->res.block_us = len == 5 ? int_at(reply, at + 4, &ok) : 0;
+        at += len;
+        /* a lease: the tokens taken; every number checked as the 64-bit
+         * value it arrived as (a block of 2^62 us would overflow the deny
+         * cache's clock) */
+        if (allowed > (c->lease ? c->cost : 1) || !in_range(c->res.remaining, RG_REPLY_COUNT_MAX) ||
+            !in_range(c->res.reset_us, RG_REPLY_US_MAX) || !in_range(c->res.retry_us, RG_REPLY_US_MAX) ||
+            !in_range(c->res.block_us, RG_REPLY_US_MAX)) {
             ok = 0;
-        c->res.allowed = ok ? (int)allowed : 0;
-        c->res.rate = ok ? (int)rate : 0;
-        if (ok && b->xslot && c->res.allowed == -2) {
+            allowed = 0;
+        }
+        c->res.allowed = (int)allowed;
+        if (ok && b->xslot && allowed == -2) {
             /* Not this node's key: nothing was written; the engine sends
              * the check again in a call of its own slot. */
             c->declared = 1;
@@ -313,9 +392,8 @@ rg_batch_decode(rg_batch *b, const redisReply *reply, char *why, size_t whylen)
             continue;
         }
         /* rate n is the concurrency limit, when there is one */
-        if (c->res.rate < 0 || c->res.rate > c->spec->n ||
-            (c->res.rate == c->spec->n && c->spec->conc_limit == 0) || c->res.allowed < 0 ||
-            c->res.allowed > (c->lease ? c->cost : 1)) /* a lease: the tokens taken */
+        if (c->res.rate > c->spec->n || (c->res.rate == c->spec->n && c->spec->conc_limit == 0) ||
+            allowed < 0)
             ok = 0;
         if (ok && c->op == RG_OP_RESET) {
             /* Deleted: rate 0's bucket is full. */
@@ -325,6 +403,8 @@ rg_batch_decode(rg_batch *b, const redisReply *reply, char *why, size_t whylen)
         }
         c->err = ok ? RG_ERR_NONE : RG_ERR_REDIS;
     }
+    if (at != end)
+        goto unexpected;
     if (why[0] == '\0')
         for (i = 0; i < b->n; i++)
             if (b->checks[i] != NULL && b->checks[i]->err == RG_ERR_REDIS) {
@@ -332,4 +412,7 @@ rg_batch_decode(rg_batch *b, const redisReply *reply, char *why, size_t whylen)
                 break;
             }
     return RG_BATCH_DECIDED;
+unexpected:
+    copy_text(why, whylen, "unexpected reply to the script", 30);
+    return RG_BATCH_FAILED;
 }

@@ -19,7 +19,12 @@ rg_hash_seed(uint64_t seed)
 uint64_t
 rg_hash(const char *key, size_t len)
 {
-    uint64_t h = hash_seed;
+    return rg_hash_from(hash_seed, key, len);
+}
+
+uint64_t
+rg_hash_from(uint64_t h, const char *key, size_t len)
+{
     size_t i;
     for (i = 0; i < len; i++) {
         h ^= (unsigned char)key[i];
@@ -83,6 +88,16 @@ rg_cache_free(rg_cache *c)
     c->e = NULL;
     c->nsets = 0;
     c->max_sets = 0;
+}
+
+void
+rg_cache_forget_all(rg_cache *c)
+{
+    size_t set;
+    int i;
+    for (set = 0; set < c->nsets; set++)
+        for (i = 0; i < WAYS; i++)
+            c->sets[set].until_ns[i] = 0;
 }
 
 size_t

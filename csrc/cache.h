@@ -80,8 +80,13 @@ void rg_cache_forget(rg_cache *c, uint64_t hash, uint64_t spec,
                      const char *key, size_t keylen);
 /* Forget the key under every spec (limiter.reset()). */
 void rg_cache_forget_key(rg_cache *c, uint64_t hash, const char *key, size_t keylen);
+/* Forget every key (limiter.clear()); keeps the table. */
+void rg_cache_forget_all(rg_cache *c);
 /* 64-bit hash of a key, seeded per process (FNV-1a with a final mix). */
 uint64_t rg_hash(const char *key, size_t len);
+/* The same from the seed h (the FNV offset basis 0xcbf29ce484222325: the
+ * unseeded hash, reproducible outside the process). */
+uint64_t rg_hash_from(uint64_t h, const char *key, size_t len);
 void rg_hash_seed(uint64_t seed);
 
 #endif

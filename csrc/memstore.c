@@ -47,6 +47,27 @@ rg_memstore_size(const rg_memstore *m)
     return m->used;
 }
 
+size_t
+rg_memstore_clear(rg_memstore *m, uint64_t now_ns)
+{
+    double now = (double)(now_ns - m->t0_ns) / 1000.0;
+    size_t i, live = 0;
+
+    if (m->e == NULL)
+        return 0;
+    for (i = 0; i < m->cap; i++) {
+        rg_mem_entry *e = &m->e[i];
+        if (e->hash == 0)
+            continue;
+        if (e->tat > now)
+            live++;
+        entry_free(e);
+    }
+    memset(m->e, 0, m->cap * sizeof(rg_mem_entry));
+    m->used = 0;
+    return live;
+}
+
 static rg_mem_entry *
 slot_for(rg_mem_entry *tab, size_t cap, uint64_t h, const char *k, size_t kl)
 {
@@ -285,4 +306,33 @@ rg_memstore_delete(rg_memstore *m, const rg_spec *spec, const char *key, size_t 
         if (k != buf)
             free(k);
     }
+}
+
+/* Whether e is live at now, and its value (see memstore.h). */
+static int
+entry_live(const rg_mem_entry *e, double now, double *value)
+{
+    uint32_t i, n = 0;
+    if (e->hash == 0 || e->tat <= now)
+        return 0;
+    /* "key\0c" is a concurrency key: no key_id is "c". */
+    if (!(e->keylen >= 2 && e->key[e->keylen - 2] == '\0' && e->key[e->keylen - 1] == 'c')) {
+        *value = e->tat - now;
+        return 1;
+    }
+    for (i = 0; i < e->nsl; i++)
+        if (e->sl[i].exp > now)
+            n++;
+    *value = (double)n;
+    return n > 0;
+}
+
+const rg_mem_entry *
+rg_memstore_next(const rg_memstore *m, size_t *i, uint64_t now_ns, double *value)
+{
+    double now = (double)(now_ns - m->t0_ns) / 1000.0;
+    for (; *i < m->cap; (*i)++)
+        if (entry_live(&m->e[*i], now, value))
+            return &m->e[(*i)++];
+    return NULL;
 }

@@ -40,6 +40,13 @@ typedef struct rg_memstore {
 
 int rg_memstore_init(rg_memstore *m);
 void rg_memstore_free(rg_memstore *m);
+/* Seam 2's entries(): the next live entry from *i (start at 0; NULL at the
+ * end), *value: the microseconds until a rate's bucket is full, or a key's
+ * live slots (an entry is live while its bucket is not full, or its key
+ * holds a slot that has not expired).  Its key is "key\0key_id" (the key_id
+ * never holds a NUL: it is after the last one). */
+const rg_mem_entry *rg_memstore_next(const rg_memstore *m, size_t *i, uint64_t now_ns,
+                                     double *value);
 /* Do one check of op RG_OP_HIT (with the spec's concurrency limit, take
  * slot `sid`), RG_OP_CHARGE or RG_OP_RELEASE (give `sid` back), exactly as
  * the Redis script does; -1 on out of memory (nothing changed). */
@@ -51,5 +58,9 @@ int rg_memstore_op(rg_memstore *m, int op, const rg_spec *spec, const char *key,
 void rg_memstore_delete(rg_memstore *m, const rg_spec *spec, const char *key,
                         size_t keylen);
 size_t rg_memstore_size(const rg_memstore *m);
+/* Forget every bucket and concurrency slot set (limiter.clear()); returns
+ * how many were live at now_ns (a full bucket left in the table is the same
+ * as none, as a Redis key past its TTL).  Keeps the table: cannot fail. */
+size_t rg_memstore_clear(rg_memstore *m, uint64_t now_ns);
 
 #endif

@@ -16,6 +16,7 @@
 #include "cache.h"
 #include "engine.h"
 #include "script.h"
+#include "topk.h"
 
 unsigned long rg_fork_generation;
 
@@ -571,6 +572,29 @@ rg_parse_reset(rg_state *st, PyObject *const *args, Py_ssize_t nargs, const char
     return parse_key_spec(st, args[0], args[1], key, keylen, spec);
 }
 
+int
+rg_parse_prefix(PyObject *const *args, Py_ssize_t nargs, const char **prefix, Py_ssize_t *plen)
+{
+    *prefix = "";
+    *plen = 0;
+    if (nargs > 1) {
+        PyErr_Format(PyExc_TypeError, "entries() takes (prefix=b''), got %zd arguments", nargs);
+        return -1;
+    }
+    if (nargs == 0)
+        return 0;
+    if (PyBytes_Check(args[0])) {
+        *prefix = PyBytes_AS_STRING(args[0]);
+        *plen = PyBytes_GET_SIZE(args[0]);
+        return 0;
+    }
+    if (PyUnicode_Check(args[0]))
+        return (*prefix = PyUnicode_AsUTF8AndSize(args[0], plen)) == NULL ? -1 : 0;
+    PyErr_Format(PyExc_TypeError, "entries(): prefix must be bytes or str, not %.100s",
+                 Py_TYPE(args[0])->tp_name);
+    return -1;
+}
+
 PyObject *
 rg_counters_dict(rg_state *st, const rg_counters *k)
 {
@@ -656,8 +680,84 @@ mod_live(PyObject *module, PyObject *unused)
 }
 
 
+/* ---- the denial summary (topk.h) in stats() --------------------------------- */
+
+int
+rg_denials_into(PyObject *d, const rg_denials *den, size_t max, uint64_t now_ns)
+{
+    rg_denied_key top[RG_TOPK_K];
+    size_t n = rg_denials_top(den, top, max < RG_TOPK_K ? max : RG_TOPK_K), i;
+    PyObject *list = PyList_New((Py_ssize_t)n), *v;
+    int rc = -1;
+
+    if (list == NULL)
+        return -1;
+    for (i = 0; i < n; i++) {
+        /* Keys are bytes (a str key is its UTF-8): shown as text, any
+         * other byte escaped. */
+        PyObject *key = PyUnicode_DecodeUTF8(top[i].key, (Py_ssize_t)top[i].keylen,
+                                             "backslashreplace");
+        if (key == NULL)
+            goto done;
+        v = Py_BuildValue("{sNsKsKsO}", "key", key, "denials", (unsigned long long)top[i].count,
+                          "overcount", (unsigned long long)top[i].error, "truncated",
+                          top[i].truncated ? Py_True : Py_False);
+        if (v == NULL)
+            goto done;
+        PyList_SET_ITEM(list, (Py_ssize_t)i, v);
+    }
+    v = Py_BuildValue("{sOsKsK}", "top_denied", list, "denials_summarized",
+                      (unsigned long long)rg_denials_total(den), "denied_clients_1m",
+                      (unsigned long long)rg_denials_recent(den, now_ns));
+    if (v == NULL)
+        goto done;
+    rc = PyDict_Update(d, v);
+    Py_DECREF(v);
+done:
+    Py_DECREF(list);
+    return rc;
+}
+
+/* _denials(keys, times_ns, max) -> the stats() entries of a fresh summary
+ * fed key i at times_ns[i] (the tests compare it with a Python model). */
+static PyObject *
+mod_denials(PyObject *module, PyObject *args)
+{
+    PyObject *keys, *times, *out = NULL;
+    Py_ssize_t i, n, max;
+    rg_denials den = {0};
+    uint64_t now = 0;
+    (void)module;
+
+    if (!PyArg_ParseTuple(args, "O!O!n:_denials", &PyList_Type, &keys, &PyList_Type, &times,
+                          &max))
+        return NULL;
+    n = PyList_GET_SIZE(keys);
+    if (PyList_GET_SIZE(times) != n || max < 0) {
+        PyErr_SetString(PyExc_ValueError, "one time per key, max >= 0");
+        return NULL;
+    }
+    for (i = 0; i < n; i++) {
+        char *k;
+        Py_ssize_t kl;
+        if (PyBytes_AsStringAndSize(PyList_GET_ITEM(keys, i), &k, &kl) < 0)
+            goto done;
+        now = (uint64_t)PyLong_AsUnsignedLongLong(PyList_GET_ITEM(times, i));
+        if (PyErr_Occurred())
+            goto done;
+        rg_denials_note(&den, rg_hash(k, (size_t)kl), k, (size_t)kl, now);
+    }
+    out = PyDict_New();
+    if (out != NULL && rg_denials_into(out, &den, (size_t)max, now) < 0)
+        Py_CLEAR(out);
+done:
+    rg_denials_free(&den);
+    return out;
+}
+
 static PyMethodDef module_methods[] = {
     {"_gcra_check", mod_gcra_check, METH_VARARGS, "The C GCRA, for tests."},
+    {"_denials", mod_denials, METH_VARARGS, "The denial summary (topk.h), for tests."},
     {"_live", mod_live, METH_NOARGS, "Live checks, ports and connections (leak tests)."},
     {NULL, NULL, 0, NULL},
 };
@@ -691,7 +791,7 @@ module_exec(PyObject *m)
     TYPE(DecisionType, decision_spec, NULL);
     TYPE(SpecType, spec_spec, NULL);
 #undef TYPE
-    if (rg_engine_types_init(m, st) < 0)
+    if (rg_engine_types_init(m, st) < 0 || rg_shm_types_init(m) < 0 || rg_gate_types_init(m) < 0)
         goto done;
 
     st->err_str[0] = Py_NewRef(Py_None);

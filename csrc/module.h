@@ -99,7 +99,23 @@ int rg_parse_release(rg_state *st, PyObject *const *args, Py_ssize_t nargs,
 int rg_parse_reset(rg_state *st, PyObject *const *args, Py_ssize_t nargs,
                    const char **key, Py_ssize_t *keylen, SpecObject **spec);
 
+/* Add the denial summary (topk.h) to a stats() dict: "top_denied" (at most
+ * `max` keys, most denied first: {"key", "denials", "overcount",
+ * "truncated"}), "denials_summarized" and "denied_clients_1m". */
+struct rg_denials;
+int rg_denials_into(PyObject *d, const struct rg_denials *den, size_t max, uint64_t now_ns);
+#define RG_DENIALS_SHOWN 16
+
 int rg_engine_types_init(PyObject *module, rg_state *st);
+/* rategate._core.Gate and its helpers (pygate.c). */
+int rg_gate_types_init(PyObject *module);
+
+/* entries()'s optional prefix (bytes or str; default empty): 0 or -1. */
+int rg_parse_prefix(PyObject *const *args, Py_ssize_t nargs, const char **prefix,
+                    Py_ssize_t *plen);
+
+/* ShmEngine and shm_unlink() (pyshm.c). */
+int rg_shm_types_init(PyObject *module);
 
 /* Bumped in the child after fork(): engines started before it are gone. */
 extern unsigned long rg_fork_generation;

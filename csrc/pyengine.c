@@ -24,6 +24,7 @@
 #include "lease.h"
 #include "memstore.h"
 #include "port.h"
+#include "topk.h"
 
 typedef struct PortObject PortObject;
 
@@ -35,6 +36,7 @@ typedef struct {
     rg_cache cache;
     rg_lease_table lease;
     rg_counters k;
+    rg_denials denials;  /* the keys denied most, distinct clients (topk.h) */
     int failure_open;
     int closed;
     unsigned long fork_gen;
@@ -197,6 +199,8 @@ engine_decide(EngineObject *e, const rg_check *c)
              * nothing about that, and changes nothing). */
             rg_cache_forget(&e->cache, c->hash, c->spec->id, c->key, c->keylen);
         }
+        if (c->op == RG_OP_HIT && !res.allowed)
+            rg_denials_note(&e->denials, c->hash, c->key, c->keylen, rg_now_ns());
         /* a lease's take answers its request, of cost 1 */
         d = rg_answer(st, k, c->spec, &res, c->lease ? 1 : c->cost);
     }
@@ -846,6 +850,7 @@ engine_after_fork(EngineObject *self)
     Py_CLEAR(self->last_loop);
     Py_CLEAR(self->last_port);
     rg_lease_clear(&self->lease); /* the parent holds those tokens */
+    rg_denials_clear(&self->denials); /* the parent's denials */
     self->fork_gen = rg_fork_generation;
 }
 
@@ -1080,8 +1085,10 @@ done:
 
 /* The denial of a key the deny cache holds (entry e, found at now), counted. */
 static PyObject *
-engine_cached(EngineObject *self, const rg_spec *sp, const rg_cache_entry *e, uint64_t now)
+engine_cached(EngineObject *self, const rg_spec *sp, const rg_cache_entry *e, uint64_t now,
+              const char *key, size_t keylen, uint64_t hash)
 {
+    rg_denials_note(&self->denials, hash, key, keylen, now);
     self->k.checks++;
     self->k.cached++;
     self->k.denied++;
@@ -1128,7 +1135,7 @@ engine_leased(EngineObject *self, const char *key, size_t keylen, SpecObject *sp
     /* Over the limit: the deny cache answers (see cache.h), with no take. */
     e = rg_cache_get(&self->cache, hash, sp->id, key, keylen, now);
     if (e != NULL)
-        return engine_cached(self, sp, e, now);
+        return engine_cached(self, sp, e, now, key, keylen, hash);
     /* l is still valid: no Python code since rg_lease_get */
     if (l != NULL && l->taking_ns <= now) { /* none in flight (or it can no longer answer) */
         refund = l->tokens; /* an expired lease's leftovers go back */
@@ -1175,7 +1182,7 @@ engine_submit(EngineObject *self, PyObject *const *args, Py_ssize_t nargs)
         const rg_cache_entry *e =
             rg_cache_get(&self->cache, hash, spec->spec->id, key, (size_t)keylen, now);
         if (e != NULL)
-            return engine_cached(self, spec->spec, e, now);
+            return engine_cached(self, spec->spec, e, now, key, (size_t)keylen, hash);
     }
     if (atomic_load_explicit(&self->eng.shards[(hash >> 40) % (uint64_t)self->eng.cfg.nshards].down,
                              memory_order_relaxed)) {
@@ -1291,6 +1298,18 @@ engine_reset(EngineObject *self, PyObject *const *args, Py_ssize_t nargs)
     rg_lease_forget_key(&self->lease, hash, key, (size_t)keylen);
     return engine_enqueue(self, key, (size_t)keylen, spec, 0, RG_OP_RESET, hash, NULL, 0, 0);
 }
+
+/* forget_local() -> None: forget every key in this process's deny cache and
+ * drop its leases (limiter.clear() deleted the buckets they speak of). */
+static PyObject *
+engine_forget_local(EngineObject *self, PyObject *unused)
+{
+    (void)unused;
+    rg_cache_forget_all(&self->cache);
+    rg_lease_clear(&self->lease);
+    Py_RETURN_NONE;
+}
+
 /* ---- the operator's interface: connect(), command(), topology() -------------- */
 
 /* An operator's timeout: None (connect_timeout) or seconds in range. */
@@ -1738,7 +1757,7 @@ engine_stats(EngineObject *self, PyObject *unused)
                       "spins", atomic_load_explicit(&self->eng.spins, memory_order_relaxed),
                       "spin_hits",
                       atomic_load_explicit(&self->eng.spin_hits, memory_order_relaxed));
-    if (v == NULL || PyDict_Update(d, v) < 0) {
+    if (v == NULL || PyDict_Update(d, v) < 0 || rg_denials_into(d, &self->denials, RG_DENIALS_SHOWN, rg_now_ns()) < 0) {
         Py_XDECREF(v);
         Py_DECREF(d);
         return NULL;
@@ -1788,6 +1807,7 @@ engine_dealloc(EngineObject *self)
     Py_CLEAR(self->ports);
     rg_cache_free(&self->cache);
     rg_lease_free(&self->lease);
+    rg_denials_free(&self->denials);
     rg_engine_free_cfg(&self->eng.cfg);
     rg_topo_snap_decref(self->eng.topo); /* NULL once stopped */
     self->eng.topo = NULL;
@@ -1809,6 +1829,8 @@ static PyMethodDef engine_methods[] = {
      "charge(key, spec, cost) -> Decision | Future[Decision]"},
     {"release", (PyCFunction)(void (*)(void))engine_release, METH_FASTCALL,
      "release(key, spec, slot_id) -> bool (sent)"},
+    {"forget_local", (PyCFunction)engine_forget_local, METH_NOARGS,
+     "forget_local() -> None: empty this process's deny cache and leases"},
     {"close", (PyCFunction)engine_close, METH_NOARGS, "Stop and join the loop threads."},
     {"stats", (PyCFunction)engine_stats, METH_NOARGS, "Counters."},
     {"connect", (PyCFunction)(void (*)(void))engine_connect, METH_FASTCALL,
@@ -1851,6 +1873,7 @@ typedef struct {
     PyObject *module;
     rg_memstore mem;
     rg_counters k;
+    rg_denials denials;
     int failure_open;
     int closed;
 } MemoryEngineObject;
@@ -1901,15 +1924,19 @@ mem_submit(MemoryEngineObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t keylen, sidlen;
     SpecObject *spec;
     long long cost;
+    uint64_t now;
     rg_result r;
 
     if (rg_parse_submit(self->st, args, nargs, &key, &keylen, &spec, &cost) < 0 ||
         rg_parse_sid(spec, args, nargs, &sid, &sidlen) < 0 || mem_ready(self) < 0)
         return NULL;
     self->k.checks++;
+    now = rg_now_ns();
     if (rg_memstore_op(&self->mem, RG_OP_HIT, spec->spec, key, (size_t)keylen, sid,
-                       (size_t)sidlen, cost, rg_now_ns(), &r) < 0)
+                       (size_t)sidlen, cost, now, &r) < 0)
         return rg_failure(self->st, &self->k, spec->spec, self->failure_open, RG_ERR_OVERLOADED);
+    if (!r.allowed)
+        rg_denials_note(&self->denials, rg_hash(key, (size_t)keylen), key, (size_t)keylen, now);
     return rg_answer(self->st, &self->k, spec->spec, &r, cost);
 }
 
@@ -1965,6 +1992,16 @@ mem_reset(MemoryEngineObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_TRUE;
 }
 
+/* clear() -> int: forget every bucket and slot set; how many were live. */
+static PyObject *
+mem_clear(MemoryEngineObject *self, PyObject *unused)
+{
+    (void)unused;
+    if (mem_ready(self) < 0)
+        return NULL;
+    return PyLong_FromSize_t(rg_memstore_clear(&self->mem, rg_now_ns()));
+}
+
 static PyObject *
 mem_close(MemoryEngineObject *self, PyObject *unused)
 {
@@ -1984,7 +2021,7 @@ mem_stats(MemoryEngineObject *self, PyObject *unused)
     v = Py_BuildValue("{sisisOsOsnsi}", "in_flight", 0, "reconnects", 0, "connected", Py_True,
                       "last_error", Py_None, "keys", (Py_ssize_t)rg_memstore_size(&self->mem),
                       "threads", 0);
-    if (v == NULL || PyDict_Update(d, v) < 0) {
+    if (v == NULL || PyDict_Update(d, v) < 0 || rg_denials_into(d, &self->denials, RG_DENIALS_SHOWN, rg_now_ns()) < 0) {
         Py_XDECREF(v);
         Py_DECREF(d);
         return NULL;
@@ -1993,11 +2030,49 @@ mem_stats(MemoryEngineObject *self, PyObject *unused)
     return d;
 }
 
+/* entries(prefix=b"") -> [(key, key_id, value)] (Seam 2): every live entry
+ * whose key starts with prefix; value: microseconds until a rate's bucket is
+ * full, or a key's live slots (key_id b"c").  Builds bytes only: no Python
+ * code runs while the table is walked. */
+static PyObject *
+mem_entries(MemoryEngineObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    const char *prefix;
+    Py_ssize_t plen;
+    const rg_mem_entry *e;
+    uint64_t now = rg_now_ns();
+    size_t i = 0;
+    double v;
+    PyObject *out;
+
+    if (rg_parse_prefix(args, nargs, &prefix, &plen) < 0 || mem_ready(self) < 0)
+        return NULL;
+    if ((out = PyList_New(0)) == NULL)
+        return NULL;
+    while ((e = rg_memstore_next(&self->mem, &i, now, &v)) != NULL) {
+        const char *nul = memrchr(e->key, '\0', e->keylen);
+        size_t kl = (size_t)(nul - e->key);
+        PyObject *t;
+        if (kl < (size_t)plen || memcmp(e->key, prefix, (size_t)plen) != 0)
+            continue;
+        t = Py_BuildValue("(y#y#d)", e->key, (Py_ssize_t)kl, nul + 1,
+                          (Py_ssize_t)(e->keylen - kl - 1), v);
+        if (t == NULL || PyList_Append(out, t) < 0) {
+            Py_XDECREF(t);
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_DECREF(t);
+    }
+    return out;
+}
+
 static void
 mem_dealloc(MemoryEngineObject *self)
 {
     PyTypeObject *tp = Py_TYPE(self);
     rg_memstore_free(&self->mem);
+    rg_denials_free(&self->denials);
     Py_CLEAR(self->module);
     tp->tp_free((PyObject *)self);
     Py_DECREF(tp);
@@ -2012,8 +2087,12 @@ static PyMethodDef mem_methods[] = {
      "charge(key, spec, cost) -> Decision"},
     {"release", (PyCFunction)(void (*)(void))mem_release, METH_FASTCALL,
      "release(key, spec, slot_id) -> True"},
+    {"clear", (PyCFunction)mem_clear, METH_NOARGS,
+     "clear() -> int: forget every bucket and slot set (how many were live)"},
     {"close", (PyCFunction)mem_close, METH_NOARGS, "Forget every bucket."},
     {"stats", (PyCFunction)mem_stats, METH_NOARGS, "Counters."},
+    {"entries", (PyCFunction)(void (*)(void))mem_entries, METH_FASTCALL,
+     "entries(prefix=b'') -> [(key, key_id, value)]"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.applications import Starlette
@@ -35,6 +36,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 import rategate
+from rategate.admin import rule_part, store_key
 
 REDIS_URL = os.environ.get("RATEGATE_REDIS_URL", "redis://127.0.0.1:6379/0")
 
@@ -49,7 +51,7 @@ def api_key(scope: Any) -> str | None:
     """The caller: its API key header (None: not limited here, refused below)."""
     for name, value in scope["headers"]:
         if name == b"x-api-key":
-            return value.decode("latin-1")
+            return bytes(value).decode("latin-1")
     return None
 
 
@@ -84,7 +86,7 @@ async def completions(request: Request) -> Any:
         rategate.set_cost(request, used)  # charged (the difference) after the response
         return JSONResponse({"text": " ".join(words), "usage": {"total_tokens": used}})
 
-    async def chunks() -> Any:
+    async def chunks() -> AsyncIterator[bytes]:
         for w in words:
             yield (w + " ").encode()
             await asyncio.sleep(0.001)
@@ -97,8 +99,9 @@ async def budget(request: Request) -> JSONResponse:
     key = api_key(request.scope)
     if key is None:
         return JSONResponse({"detail": "x-api-key required"}, status_code=401)
-    # The budget rule's key: its namespace and name, then the API key.
-    d = await limiter.hit(f"tokens:budget|{key}", TOKENS_PER_DAY, cost=0)
+    # A peek (cost 0) at the budget rule's bucket: its store key is made from
+    # the rule's name and namespace and the API key (rategate.admin).
+    d = await limiter.hit(store_key(rule_part("budget", "tokens"), key), TOKENS_PER_DAY, cost=0)
     return JSONResponse({"tokens_left_today": d.remaining})
 
 

@@ -368,13 +368,22 @@ class header:  # noqa: N801 - used like a function: key=header("x-api-key")
     :func:`client_ip` with no trusted proxies, i.e. the socket address), or
     ``None`` to leave such requests unlimited.  If a header appears several
     times, the first one counts.
+
+    ``secret`` (default True): the header's values are secrets (API keys),
+    so the denial log and ``Limiter.stats()`` show them as a hash
+    (``x-api-key=#<16 hex digits>``, see :meth:`redact` and
+    :mod:`rategate.denials`); ``secret=False`` shows them as they are (a
+    tenant name).
     """
 
-    __slots__ = ("name", "fallback", "_name", "_eq", "_hashed")
+    __slots__ = ("name", "fallback", "secret", "_name", "_eq", "_hashed")
 
     _DEFAULT = object()
 
-    def __init__(self, name: str, fallback: Any = _DEFAULT) -> None:
+    def __init__(self, name: str, fallback: Any = _DEFAULT, *, secret: bool = True) -> None:
+        if not isinstance(secret, bool):
+            raise ValueError(f"header({name!r}): secret must be True or False, got {secret!r}")
+        self.secret = secret
         if not isinstance(name, str) or not name.strip() or any(c in name for c in " \t\r\n:"):
             raise ValueError(f'header name must be a non-empty HTTP header name like "x-api-key", got {name!r}')
         if fallback is header._DEFAULT:
@@ -391,7 +400,26 @@ class header:  # noqa: N801 - used like a function: key=header("x-api-key")
         self._hashed = self._name + b"~"
 
     def __repr__(self) -> str:
-        return f"header({self.name!r}, fallback={self.fallback!r})"
+        return f"header({self.name!r}, fallback={self.fallback!r}, secret={self.secret!r})"
+
+    def redact(self, key: str | bytes) -> str:
+        """How a key of this function is shown in logs and ``stats()``: a
+        value of the header as ``<name>=#<hash>`` when ``secret`` (as it is
+        otherwise), a hashed long value as it is (a digest already), a
+        fallback's key as the fallback shows it."""
+        from .denials import hashed
+
+        b = key.encode("utf-8", "surrogatepass") if isinstance(key, str) else bytes(key)
+        if b.startswith(self._eq):
+            value = b[len(self._eq):]
+            shown = hashed(value) if self.secret else value.decode("latin-1")
+            return self.name + "=" + shown
+        if b.startswith(self._hashed):
+            return b.decode("latin-1")
+        fb = getattr(self.fallback, "redact", None)
+        if fb is not None:
+            return str(fb(key))
+        return b.decode("latin-1") if isinstance(key, bytes) else key
 
     def __call__(self, scope: Scope) -> str | bytes | None:
         name = self._name

@@ -9,20 +9,31 @@ core resolves in batches.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
+import logging
 import os
+import re
 import weakref
-from typing import TYPE_CHECKING, Any, Awaitable, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Awaitable, Dict, List, Optional, Protocol, Tuple, Union
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from . import _core
 from ._core import Decision, Spec
 from .counts import RuleCounts
+from .incidents import IncidentLog
 from .rates import Rate, RateLike, parse_rates
 
-__all__ = ["ConcurrencyLimitExceeded", "Limiter", "Decision", "Slot", "as_limiter", "parse_storage_url"]
+__all__ = ["ConcurrencyLimitExceeded", "Limiter", "Decision", "Slot", "as_limiter", "parse_storage_url",
+           "shm_unlink"]
+
+logger = logging.getLogger("rategate")
 
 FAILURE_MODES = ("closed", "open")
+# Rules (and their specs) registered per limiter for reset_client(): labels,
+# and distinct specs per label (a limits callable's plans).
+MAX_REGISTERED_RULES = 4096
+MAX_REGISTERED_SPECS = 1024
 # Rule labels counted apart per limiter (stats()["rules"], metrics' "rule" label).
 MAX_RULE_LABELS = 4096
 # TLS options, by redis-py's names: in a rediss:// URL's query or as Limiter keywords.
@@ -97,6 +108,33 @@ def tls_options(query: Dict[str, Any], keywords: Dict[str, Any], url: str) -> Di
 _live: "weakref.WeakSet[Limiter]" = weakref.WeakSet()
 
 
+class Submit(Protocol):
+    """``Limiter.submit``: a Decision when the store answers at once (memory://,
+    the deny cache, a lease, a store known to be down), else a future of one.
+    ``slot_id``: the concurrency slot to take, for a spec with a concurrency limit."""
+
+    def __call__(self, key: Union[str, bytes], spec: Spec, cost: int, slot_id: Union[str, bytes] = ...,
+                 /) -> Union[Decision, "asyncio.Future[Decision]"]: ...
+
+
+_PASSWORD_IN_QUERY = re.compile(r"((?:^|[?&])sentinel_password=)[^&]*")
+
+
+def shown_url(url: str) -> str:
+    """``url`` with its passwords (the userinfo's, sentinel_password) replaced by ``***``."""
+    try:
+        u = urlsplit(url)
+        password = u.password
+    except ValueError:
+        return "<a storage URL that does not parse>"
+    out = url
+    if password is not None:
+        userinfo = u.netloc.rpartition("@")[0]
+        name, _, _ = userinfo.partition(":")
+        out = out.replace(userinfo + "@", f"{name}:***@", 1)
+    return _PASSWORD_IN_QUERY.sub(r"\1***", out)
+
+
 def new_slot_id() -> bytes:
     """A concurrency slot id unique across processes and servers (96 random
     bits; fork-safe: os.urandom has no state a child shares)."""
@@ -148,7 +186,7 @@ class Slot:
     async def __aenter__(self) -> "Slot":
         lim = self.limiter
         r = lim.submit(self.key, self.spec, 1, self.id)  # one token of the rates, if any
-        d = r if r.__class__ is Decision else await r
+        d = r if type(r) is Decision else await r
         self.decision = d
         if not d.allowed:
             raise ConcurrencyLimitExceeded(self.key, self.spec.concurrency, d)
@@ -295,6 +333,59 @@ def _parse_sentinel_url(url: str, u: Any, scheme: str, ssl: Optional[Dict[str, A
             "sentinel_password": query.get("sentinel_password"), **tls}
 
 
+# shm://NAME (csrc/shmstore.c): the segment /dev/shm/rategate.NAME.
+SHM_NAME_MAX: int = _core.SHM_NAME_MAX
+_SHM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
+_SHM_MAX_CAPACITY = 100_000_000
+
+
+def shm_name(name: Any) -> str:
+    """``name`` if it can name a shm:// segment; ValueError naming it otherwise."""
+    if not isinstance(name, str) or not 1 <= len(name) <= SHM_NAME_MAX or not _SHM_NAME.match(name):
+        raise ValueError(
+            f"bad shm name {name!r}: 1 to {SHM_NAME_MAX} letters, digits, '.', '_' or '-', starting "
+            "with a letter or digit (the segment is /dev/shm/rategate.NAME)"
+        )
+    return name
+
+
+def _parse_shm_url(url: str, u: Any) -> Dict[str, Any]:
+    """shm://NAME[?capacity=N]: a shared memory segment of this host."""
+    example = "write it like shm://myapp or shm://myapp?capacity=100000"
+    if u.path or not u.netloc:
+        raise ValueError(
+            f"bad storage URL {url!r}: shm:// takes one NAME and no path ({example})"
+            if u.netloc else f"bad storage URL {url!r}: no NAME after shm:// ({example})"
+        )
+    try:
+        name = shm_name(unquote(u.netloc))
+    except ValueError as e:
+        raise ValueError(f"bad storage URL {url!r}: {e}") from None
+    query = _query(url, u, "shm", ("capacity",))
+    capacity = 0  # the existing segment's, or the default for a new one
+    if "capacity" in query:
+        v = query["capacity"].replace("_", "")
+        if not v.isdigit() or not 1 <= int(v) <= _SHM_MAX_CAPACITY:
+            raise ValueError(
+                f"bad storage URL {url!r}: capacity={query['capacity']!r} must be a number of "
+                f"buckets from 1 to {_SHM_MAX_CAPACITY:,} (default {_core.SHM_DEFAULT_CAPACITY}: "
+                f"about {_core.shm_size(_core.SHM_DEFAULT_CAPACITY) >> 20} MiB)"
+            )
+        capacity = int(v)
+    return {"kind": "shm", "name": name, "capacity": capacity}
+
+
+def shm_unlink(name: str) -> bool:
+    """Remove the segment of ``shm://NAME`` (the file /dev/shm/rategate.NAME).
+
+    True if it was there, False if there was none.  Processes that have it
+    open keep using it (and each other's buckets); the next process to open
+    NAME makes a new, empty one.  So unlink once every process using it has
+    stopped (a deploy that changes ``capacity``, a test), not under load.
+    """
+    return bool(_core.shm_unlink(shm_name(name)))
+
+
 def parse_storage_url(url: str, ssl: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Split a storage URL into engine arguments; ValueError names the bad part.
 
@@ -317,6 +408,8 @@ def parse_storage_url(url: str, ssl: Optional[Dict[str, Any]] = None) -> Dict[st
         if u.netloc or u.path or u.query:
             raise ValueError(f"bad storage URL {url!r}: memory:// takes nothing after it")
         return {"kind": "memory"}
+    if scheme == "shm":
+        return _parse_shm_url(url, u)
     if scheme in ("redis", "rediss", "unix"):
         user = unquote(u.username) if u.username else None
         password = unquote(u.password) if u.password is not None else None
@@ -387,7 +480,7 @@ def parse_storage_url(url: str, ssl: Optional[Dict[str, Any]] = None) -> Dict[st
     if scheme == "redis+tls":
         raise ValueError(f"bad storage URL {url!r}: for TLS write rediss://")
     raise ValueError(
-        f"bad storage URL {url!r}: unknown scheme {u.scheme!r}; use redis://, rediss://, redis+sentinel://, redis+cluster:// (rediss+ for TLS), unix:// or memory://"
+        f"bad storage URL {url!r}: unknown scheme {u.scheme!r}; use redis://, rediss://, redis+sentinel://, redis+cluster:// (rediss+ for TLS), unix://, shm://NAME or memory://"
     )
 
 
@@ -398,7 +491,10 @@ class Limiter:
     also ``rediss://`` (TLS), ``redis+sentinel://s1:26379,s2:26379/mymaster/0``
     (the master Sentinel names, followed across failovers),
     ``redis+cluster://n1:7000,n2:7001`` (Redis Cluster), ``rediss+sentinel://``
-    and ``rediss+cluster://``, ``unix:///path.sock`` and ``memory://``.
+    and ``rediss+cluster://``, ``unix:///path.sock``, ``memory://``, and
+    ``shm://NAME[?capacity=N]`` (every process of this host that opens NAME
+    shares its buckets in a shared memory segment, decided at once in C; see
+    docs/shm.md).
 
     * ``timeout``: the deadline of one check, in seconds; past it the
       failure mode decides (``error="timeout"``).
@@ -477,6 +573,7 @@ class Limiter:
             stall_timeout = min(max(2.0, 20 * timeout), _MAX_SECONDS)
         stall_timeout = _seconds("stall_timeout", stall_timeout, 1e-6, _MAX_SECONDS)
         self.storage = storage
+        self.connect_timeout = connect_timeout
         self._closed = True  # until the engine exists (__del__, __repr__ rely on it)
         cfg = parse_storage_url(storage, {
             "ssl_ca_certs": ssl_ca_certs, "ssl_certfile": ssl_certfile, "ssl_keyfile": ssl_keyfile,
@@ -487,12 +584,26 @@ class Limiter:
         self.kind = cfg["kind"]
         self.lease = lease
         self._specs: Dict[Any, Spec] = {}
+        # The rules of the middlewares and dependencies using this limiter, by
+        # label (what stats()["rules"] shows): (rule part of the store key,
+        # the distinct specs checked), for reset_client() (see _register).
+        self._rules: Dict[str, Tuple[str, List[Spec]]] = {}
+        #: The store's failures, logged as incidents (rategate.incidents).
+        self.incidents = IncidentLog(shown_url(storage), self.stats)
+        self._startup: Optional[Tuple[int, int]] = None
         # Per-rule decision counts of the middlewares and dependencies using
         # this limiter (rategate.counts), by rule label; in stats()["rules"].
         self._rule_counts: Dict[str, RuleCounts] = {}
+        # escaped rule name -> its key function's redact (rategate.denials):
+        # how stats()["top_denied"] shows that rule's clients.
+        self._redacts: Dict[str, Any] = {}
         self._closed = False
         if cfg["kind"] == "memory":
             self._engine: Any = _core.MemoryEngine(failure_mode == "open")
+        elif cfg["kind"] == "shm":
+            # Decided in the caller's thread; `timeout` bounds the wait for a
+            # lock that a stopped process holds.
+            self._engine = _core.ShmEngine(cfg["name"], cfg["capacity"], failure_mode == "open", timeout)
         else:
             self._engine = _core.Engine(
                 cfg["host"], cfg["port"], cfg["path"], cfg["username"], cfg["password"], cfg["db"],
@@ -506,7 +617,7 @@ class Limiter:
         self._slots_held = 0  # concurrency slots this process holds (stats()["slots_held"])
         self._closed = False
         # The hot path: bound once, called per request.
-        self.submit = self._engine.submit
+        self.submit: Submit = self._engine.submit
         _live.add(self)
 
     def __del__(self) -> None:
@@ -520,9 +631,7 @@ class Limiter:
                 pass
 
     def __repr__(self) -> str:
-        u = urlsplit(self.storage)
-        shown = self.storage if u.password is None else self.storage.replace(f":{u.password}@", ":***@")
-        return f"Limiter({shown!r}, timeout={self.timeout}, failure_mode={self.failure_mode!r})"
+        return f"Limiter({shown_url(self.storage)!r}, timeout={self.timeout}, failure_mode={self.failure_mode!r})"
 
     def compile(
         self, rates: Union[RateLike, Spec, None], *, concurrency: int = 0, ttl: float = 60.0,
@@ -588,9 +697,9 @@ class Limiter:
         except (KeyError, TypeError):
             spec = self.compile(rates)
         r = self.submit(key, spec, cost)
-        if r.__class__ is Decision:
+        if type(r) is Decision:
             return r
-        return await r  # type: ignore[no-any-return]
+        return await r
 
     async def charge(self, key: Union[str, bytes], rates: Union[RateLike, Spec], cost: int) -> Decision:
         """Consume ``cost`` tokens of ``key``'s buckets for ``rates`` without denying.
@@ -656,6 +765,14 @@ class Limiter:
         after its ttl)."""
         self._engine.release(key, spec, slot_id)
 
+    def unlink(self) -> bool:
+        """shm:// only: remove the segment's name (:func:`shm_unlink`); True
+        if it was there.  This Limiter, and every process that has the
+        segment open, keep using it; the next to open the NAME makes a new one."""
+        if self.kind != "shm":
+            raise ValueError(f"unlink() is for shm:// limiters (a segment to remove); this one is {self.storage!r}")
+        return bool(self._engine.unlink())
+
     # The count of slots this process holds (stats()["slots_held"]), kept by
     # Slot and the middleware around the slots they take and give back.
     def _took_slot(self) -> None:
@@ -678,15 +795,168 @@ class Limiter:
             return r
         return bool(await r)
 
+    # -- the operator's side (store-key layout: rategate.admin) ----------------------
+    async def connect(self) -> None:
+        """Connect now, instead of on the first check: returns once the store
+        has answered (Redis: every shard's connection is ready and the script
+        loaded; Sentinel: the master it names confirmed; Cluster: the slot map
+        read and every master connected).  memory:// returns at once.
+
+        Raises ``ConnectionError`` naming the URL (password hidden) and the
+        cause when it cannot within ``connect_timeout``; the engine keeps
+        reconnecting after that, and checks meanwhile get the failure mode.
+        The middleware calls it at the ASGI lifespan startup; an app that uses
+        only the FastAPI dependency calls it from its own lifespan.
+        """
+        connect = getattr(self._engine, "connect", None)
+        if connect is None:  # memory://: nothing to connect to
+            return
+        try:
+            await connect(self.connect_timeout)
+        except (ConnectionError, TimeoutError, OSError) as e:
+            raise ConnectionError(
+                f"rategate could not connect to {shown_url(self.storage)} within connect_timeout "
+                f"({self.connect_timeout:g}s): {e}"
+            ) from None
+
+    async def clear(self) -> int:
+        """Remove every bucket and concurrency slot set this limiter's store
+        holds under rategate's key prefix (``rg:``), of every rule and client;
+        returns how many keys went.  For tests and emergencies: O(keys in the
+        store).  Redis: ``SCAN MATCH rg:*`` (never ``KEYS``) on the server,
+        the Sentinel's master, or every master of a Cluster, and ``DEL``; this
+        process's over-limit cache and leases are emptied too, other
+        processes' deny a key they cached for at most their
+        ``deny_cache_ttl``.  memory://: the table is emptied at once.
+        ``ConnectionError`` when the store cannot be reached.
+        """
+        from .admin import clear
+
+        return await clear(self)
+
+    async def reset_client(self, client: Union[str, bytes], *, rule: Optional[str] = None,
+                           namespace: Optional[str] = None, slots: bool = False) -> List[bytes]:
+        """Give ``client`` a full bucket again, by the key the key function
+        returns (``"203.0.113.9"``, an API key) and a rule's name or path as
+        written (``"default"``, ``"/api/chat"``, ``"POST /login"``; the FastAPI
+        dependency's ``"dep:GET /items/{item_id}"``; the labels of
+        ``stats()["rules"]``), without knowing how store keys are made.
+
+        ``rule=None``: every rule.  ``namespace``: the middleware's
+        ``namespace=`` (or write ``rule="ns:name"``); with ``rule=None``,
+        every rule of that namespace.  A rule this process's middlewares and
+        dependencies use is reset exactly (its rates are known: one delete
+        per rate, no scan); another rule, or every rule, is found by scanning
+        the store (O(keys): memory:// looks at its own table; Redis scans
+        with SCAN MATCH on every master).  Concurrency slots are left alone
+        (they are requests in flight) unless ``slots=True``: then the
+        client's slot sets are deleted too on Redis (for a client locked out
+        by slots that requests of a dead process hold; ``rategate reset``
+        does this); memory:// and shm:// keep theirs (requests in flight on
+        this host).  Returns the Redis keys reset (the same layout names
+        memory://'s buckets).  ``ConnectionError`` when the store cannot be
+        reached.
+        """
+        from .admin import reset_client
+
+        if not isinstance(slots, bool):
+            raise ValueError(f"reset_client: slots must be True or False, got {slots!r}")
+        return await reset_client(self, client, rule, namespace, slots)
+
+    def _register(self, label: str, part: str, spec: Any) -> None:
+        """A middleware or dependency checks rule ``label`` (its stats label)
+        with store keys ``part`` + "|" + client and ``spec``: remembered for
+        reset_client() (bounded; a limits callable adds one spec per plan)."""
+        if not isinstance(spec, Spec):
+            return
+        entry = self._rules.get(label)
+        if entry is None:
+            if len(self._rules) >= MAX_REGISTERED_RULES:
+                return
+            entry = self._rules[label] = (part, [])
+        specs = entry[1]
+        if spec not in specs and len(specs) < MAX_REGISTERED_SPECS:
+            specs.append(spec)
+
+    def _shown_url(self) -> str:
+        return shown_url(self.storage)
+
+    async def _startup_connect(self) -> None:
+        """:meth:`connect` at an ASGI lifespan startup: once per process and
+        event loop, however many middlewares share this limiter; when the store
+        cannot be reached, one warning (the URL, password hidden, and the
+        cause), and the app starts anyway: the failure mode answers meanwhile."""
+        try:
+            here = (os.getpid(), id(asyncio.get_running_loop()))
+        except RuntimeError:  # pragma: no cover - called from a running loop only
+            here = (os.getpid(), 0)
+        if self._startup == here:
+            return
+        self._startup = here
+        try:
+            await self.connect()
+        except ConnectionError as e:
+            treated = "let through" if self.failure_mode == "open" else "refused"
+            logger.warning("%s; starting anyway: until it answers, limited requests are %s "
+                           "(failure_mode=%r)", e, treated, self.failure_mode)
+
     def stats(self) -> Dict[str, Any]:
         """Counters: checks, allowed, denied, cached_denials, leased (allowed from a lease, with no
         round trip), errors by kind, in_flight, reconnects,
         connected; ``slots_held``: concurrency slots this process holds now; and ``rules``: per rule label, the decisions of the middlewares and FastAPI
-        dependencies using this limiter, by outcome (see :mod:`rategate.counts`)."""
+        dependencies using this limiter, by outcome (see :mod:`rategate.counts`).
+
+        The denial summary of this process (csrc/topk.h): ``top_denied``, the
+        16 keys denied most since the process started (Space-Saving over 64
+        counters: a key denied more than 1/64 of all denials is always
+        there), most first, each ``{"rule", "client", "denials",
+        "overcount"}`` (``denials`` over-counts by at most ``overcount``; a
+        secret key shown as its key function's ``redact`` says, see
+        :mod:`rategate.denials`); ``denials_summarized``, the denials fed to
+        it; ``denied_clients_1m``, an estimate (HyperLogLog, about 3 %) of the
+        distinct clients denied in the last minute."""
         stats: Dict[str, Any] = self._engine.stats()
+        if "top_denied" in stats:
+            from .denials import describe_top
+
+            stats["top_denied"] = describe_top(stats["top_denied"], self._redacts)
         stats["slots_held"] = self._slots_held
         stats["rules"] = {name: c.as_dict() for name, c in list(self._rule_counts.items())}
         return stats
+
+    async def buckets(self, client: Union[str, bytes], *, rule: Optional[str] = None,
+                      namespace: Optional[str] = None) -> List[Any]:
+        """The buckets of ``client`` (the key the key function returns: an IP
+        address, ``x-api-key=<value>``) under every rule, or ``rule`` (its name
+        or label, as ``reset_client`` takes it), across every process sharing
+        the store: a list of :class:`rategate.buckets.Bucket` (rule, rate,
+        tokens left now, time to full, retry-after; concurrency slots held).
+        A client with full buckets has none (a full bucket leaves nothing in
+        the store).  Redis: found with ``SCAN`` (never ``KEYS``) on every
+        master, O(keys in the store); memory:// and shm://: the engine's
+        table.  ``ConnectionError`` when the store cannot be reached."""
+        from .buckets import buckets
+
+        return await buckets(self, client, rule, namespace)
+
+    async def blocked(self, *, rule: Optional[str] = None, namespace: Optional[str] = None,
+                      limit: int = 100, budget: float = 10.0) -> Tuple[List[Any], bool]:
+        """The clients over a limit right now (a request of cost 1 would be
+        denied), across every process sharing the store, most blocked (the
+        longest retry-after) first, at most ``limit``: ``(buckets,
+        complete)``.  Redis: ``SCAN`` with the key prefix (of ``rule``, or of
+        ``namespace``'s rules) on every master, never ``KEYS``; it stops after
+        ``budget`` seconds, or when a master cannot be scanned, with
+        ``complete`` False."""
+        from .buckets import blocked
+
+        return await blocked(self, rule, namespace, limit, budget)
+
+    def _redact_keys(self, escaped_rule: str, redact: Any) -> None:
+        """Show the clients of rule ``escaped_rule`` (its name as in the
+        store key) through ``redact`` in stats()["top_denied"]."""
+        if len(self._redacts) < MAX_RULE_LABELS:
+            self._redacts[escaped_rule] = redact
 
     def rule_counts(self, name: str) -> RuleCounts:
         """The decision counts of rule label ``name`` (created on first use), shared by every

@@ -42,21 +42,28 @@ Why it is written the way it is:
 from __future__ import annotations
 
 import copy
+import json
 import logging
+import os
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping
+from http import HTTPStatus
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Union
 
+from .admin import MESSAGES_PREFIX, NAME_ESCAPES, prefixed_key, rule_part
 from .counts import RuleCounts, counts_for
+from .denials import denial_log_option
 from .headers import RateLimitHeaders, make_headers, retry_after_header
-from .keys import MAX_KEY_LENGTH, client_ip, key_digest
-from .limiter import new_slot_id
+from .incidents import IncidentLog
+from .keys import client_ip, header, key_digest
+from .limiter import new_slot_id, shown_url
 
 if TYPE_CHECKING:  # pragma: no cover
-    from starlette.types import ASGIApp, Message, Receive, Scope, Send
+    from starlette.types import Message, Receive, Scope, Send
 
-__all__ = ["COST_KEY", "DynamicLimits", "FailureLog", "RateLimitMiddleware", "Rule", "ShadowLog", "set_cost"]
+__all__ = ["COST_KEY", "RECORD_KEY", "DynamicLimits", "RateLimitMiddleware", "Rule", "ShadowLog", "route_path",
+           "set_cost"]
 
 logger = logging.getLogger("rategate")
 
@@ -81,17 +88,10 @@ _SHADOW_LOG_MAX = 4096
 # per request, never memory.
 _DYNAMIC_MAX = 1024
 
-# A rule's name goes into the Redis key as "<name>|<client key>" (or
-# "<name>#<digest>" for a hashed client key); these characters are escaped in
-# names so that the split is unambiguous, and braces so they never form a
-# Redis Cluster hash tag of their own.
-_NAME_ESCAPES = {ord(c): f"%{ord(c):02X}" for c in "%|#{}"}
-# A namespace is joined to a rule's name with ":", so it escapes ":" too.
-_NAMESPACE_ESCAPES = {ord(c): f"%{ord(c):02X}" for c in "%|#{}:"}
-# The counters of a rule's WebSocket messages are the rule's name with this in
-# front: an escaped name never starts with "%w" ("%" is always followed by two
-# hex digits there), so they never share a Redis key with a rule's handshakes.
-_WS_MESSAGES_PREFIX = "%ws:"
+# A rule's name goes into the store key as "<name>|<client key>" (or
+# "<name>#<digest>" for a hashed client key), escaped: rategate.admin holds
+# the layout (and the FastAPI dependency imports the escapes from here).
+_NAME_ESCAPES = NAME_ESCAPES
 _WS_ACTIONS = ("close", "drop")
 # The options a rule takes (Rule's keyword arguments; a rules dict's keys).
 _RULE_OPTIONS = ("limits", "methods", "key", "cost", "name", "websocket_messages", "websocket_over_limit",
@@ -102,25 +102,176 @@ COST_KEY = "rategate.cost"
 _DISCONNECTS = frozenset({"http.disconnect", "websocket.disconnect"})
 
 RateSpec = Any  # str | Rate | list of them (see rategate.rates.parse_rates)
+# What the middleware wraps, for type checkers: any ASGI app.  Starlette,
+# Litestar, Quart (hypercorn's types) and Django each type scopes and messages
+# their own way; the middleware takes and is an app of any of them.
+AnyASGIApp = Callable[[Any, Any, Any], Awaitable[Any]]
+
+# RATEGATE_PYTHON_PATH=1 in the environment (read once, at import) turns the
+# request path in C (rategate._core.Gate, csrc/pygate.c) off: every request
+# then takes the Python code below, the reference the C path is tested
+# against (tests/test_gate.py).  The escape hatch if the C path is ever
+# suspected; docs/how-it-works.md.
+PYTHON_PATH = os.environ.get("RATEGATE_PYTHON_PATH", "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
-_DENY = object()  # _settle(): the request is denied
 _DYNAMIC = object()  # Rule.spec of a rule whose limits are a callable (see Rule.dynamic)
+_SEEN = object()  # _check()'s slot id: the limit is in the request's record already
 # The messages that start a response, where the rate-limit headers go.
 _HTTP_START = frozenset({"http.response.start"})
 _WS_START = frozenset({"websocket.accept", "websocket.http.response.start"})
 
 
-def _adding(hdrs: list[tuple[bytes, bytes]], send: Send, starts: frozenset[str]) -> Send:
-    """``send``, adding ``hdrs`` to the message that starts the response.
-
-    The app's header list is copied, never edited in place: an app may send
-    the same Response object twice.
+def route_path(scope: Scope) -> str:
+    """The path the app routes on: ``scope["path"]`` without ``scope["root_path"]``
+    (which a server's ``--root-path`` or a Starlette ``Mount`` put there), as
+    Starlette's router matches it (``starlette._utils.get_route_path``), but
+    ``"/"`` where that gives ``""``.  Rules and ``exempt`` are matched against it.
     """
+    path: str = scope["path"]
+    root = scope.get("root_path")
+    if root and path.startswith(root):
+        n = len(root)
+        if len(path) == n:
+            return "/"
+        if path[n] == "/":
+            return path[n:]
+    return path or "/"
+
+
+# -- one request, several checkers: the per-request record (Seam 4) ---------------------
+#
+# A request may meet several rategate checkers: nested middlewares (an app's
+# and a mounted sub-app's), a middleware and FastAPI dependencies, two
+# dependencies.  They share one record, a list kept in scope["state"] under
+# RECORD_KEY (scope["state"] is created if the server gave none; a Starlette
+# Mount and every middleware pass the same dict on), so that:
+#
+# - a limit already checked for this request is not charged again: a limit is
+#   (limiter, store key, spec), the same limiter object, an equal store key
+#   (as given to submit: "default|203.0.113.9"), and the same Spec object or
+#   one with equal rates and concurrency; a checker that meets it uses the
+#   recorded decision (no store call, no counting, no log, no slot, no charge;
+#   the first checker's cost and charge= apply), applies its own verdict (its
+#   shadow=), and offers its own renderer for the headers (record_offer);
+# - a different limit is checked and joins the record;
+# - the response carries one set of rate-limit headers: those of the most
+#   restrictive decision among the record's entries that have headers to show
+#   (a renderer, i.e. headers= not None, and no error: a failure in "open" mode
+#   knows no counts).  Most restrictive: a denial (shadow mode lets one
+#   through) over an allowance; between denials the longer retry_after; between
+#   allowances the fewer remaining; on a tie, the one recorded first.
+#
+# The record, index by index (a list: cheap to make, simple to mirror in C):
+#
+#   [R_BEST]     the Decision whose headers the response carries, or None
+#   [R_HEADERS]  its RateLimitHeaders (its renderer), or None
+#   [R_MODE]     who puts the headers on the response:
+#                  OPEN        nobody yet: the next checker with headers to show
+#                              takes it (a middleware wraps send: WRAPPED; a
+#                              dependency renders into its response: DEPENDENCY)
+#                  WRAPPED     a middleware's send wrapper renders R_BEST at the
+#                              response's start message (http.response.start,
+#                              websocket.accept, websocket.http.response.start),
+#                              then sets DONE
+#                  DEPENDENCY  each FastAPI dependency renders R_BEST into its
+#                              Response (replacing R_ADDED, what an earlier one
+#                              added, when R_BEST changed)
+#                  DONE        the response has its headers: rendered, or a denial
+#                              (429 or failure_status) answered with its own
+#                              headers by the checker that denied; nothing is added
+#   [R_ADDED]    DEPENDENCY mode: (the Response, the header list rendered into it)
+#   [R_ENTRIES:] four items per limit checked, in order: limiter, store key,
+#                Spec, Decision
+#
+# The first checker makes the record when it allows the request (a denial
+# answers at once: no later checker runs); a checker that denies sets DONE on
+# a record that exists.  The common case, one middleware and one rule, costs
+# one list, a dict store and the send wrapper it always needed (inlined in
+# RateLimitMiddleware.__call__; measured with bench/middleware_cost.py and
+# callgrind: no more instructions per request than before the record).
+# csrc/gate.c mirrors these functions (record_new, record_find, record_offer,
+# record_add, more_restrictive, _rendering and RateLimitMiddleware._join) and
+# must give byte-identical responses; it reads and writes the same list, so a
+# C checker and a Python one (a dependency) share a request.
+RECORD_KEY = "rategate.record"
+R_BEST, R_HEADERS, R_MODE, R_ADDED, R_ENTRIES = 0, 1, 2, 3, 4
+OPEN, WRAPPED, DEPENDENCY, DONE = 0, 1, 2, 3
+
+
+def record_of(scope: Scope) -> list[Any] | None:
+    """The request's record, or None (no checker has allowed it yet)."""
+    state = scope.get("state")
+    return state.get(RECORD_KEY) if state else None
+
+
+def record_new(scope: Scope, limiter: Any, key: Any, spec: Any, d: Any, h: RateLimitHeaders | None) -> list[Any]:
+    """The record of a request whose first limit is (limiter, key, spec),
+    decided ``d`` with renderer ``h``; stored in scope["state"]."""
+    rec: list[Any] = [None, None, OPEN, None, limiter, key, spec, d]
+    if h is not None and d.error is None:
+        rec[R_BEST] = d
+        rec[R_HEADERS] = h
+    state = scope.get("state")
+    if state is None:
+        state = scope["state"] = {}
+    state[RECORD_KEY] = rec
+    return rec
+
+
+def record_find(rec: list[Any], limiter: Any, key: Any, spec: Any) -> Any:
+    """The Decision recorded for the limit (limiter, key, spec), or None."""
+    i, n = R_ENTRIES, len(rec)
+    while i < n:
+        if rec[i] is limiter and rec[i + 1] == key:
+            s = rec[i + 2]
+            if s is spec or (s.rates == spec.rates and s.concurrency == spec.concurrency):
+                return rec[i + 3]
+        i += 4
+    return None
+
+
+def more_restrictive(d: Any, best: Any) -> bool:
+    """Whether ``d`` carries the headers rather than ``best`` (None: nothing yet)."""
+    if best is None:
+        return True
+    if d.allowed != best.allowed:
+        return not d.allowed
+    if not d.allowed:
+        return bool(d.retry_after > best.retry_after)
+    return bool(d.remaining < best.remaining)
+
+
+def record_offer(rec: list[Any], d: Any, h: RateLimitHeaders | None) -> bool:
+    """Offer decision ``d`` with renderer ``h`` for the response's headers;
+    True if they became the response's (the most restrictive so far)."""
+    if h is not None and d.error is None and more_restrictive(d, rec[R_BEST]):
+        rec[R_BEST] = d
+        rec[R_HEADERS] = h
+        return True
+    return False
+
+
+def record_add(rec: list[Any], limiter: Any, key: Any, spec: Any, d: Any, h: RateLimitHeaders | None) -> bool:
+    """Add the limit (limiter, key, spec) decided ``d`` and offer its headers
+    (renderer ``h``); True if they became the response's.  A checker that
+    meets a limit already recorded only offers its renderer (record_offer):
+    an outer checker with ``headers=None`` leaves the choice to an inner one."""
+    rec += (limiter, key, spec, d)
+    return record_offer(rec, d, h)
+
+
+def _rendering(rec: list[Any], send: Send, starts: frozenset[str]) -> Send:
+    """``send``, adding the record's headers to the message that starts the
+    response (WRAPPED mode; see the record above).  The app's header list is
+    copied, never edited in place: an app may send the same Response twice."""
 
     async def send_with_headers(message: Message) -> None:
-        if message["type"] in starts:
-            message["headers"] = [*message.get("headers", ()), *hdrs]
+        if rec[R_MODE] == WRAPPED and message["type"] in starts:
+            rec[R_MODE] = DONE
+            d = rec[R_BEST]
+            if d is not None:
+                message["headers"] = [*message.get("headers", ()), *rec[R_HEADERS].render(d)]
         await send(message)
 
     return send_with_headers
@@ -345,7 +496,7 @@ class Rule:
     __slots__ = ("path", "regex", "limits", "methods", "key", "cost", "name", "spec", "headers",
                  "sprefix", "bprefix", "shprefix", "bhprefix", "rates", "dynamic", "counts",
                  "ws_limits", "ws_action", "ws_rule", "concurrency", "concurrency_ttl", "charge",
-                 "lease")
+                 "lease", "redact")
 
     def __init__(
         self,
@@ -417,6 +568,7 @@ class Rule:
         self.dynamic: DynamicLimits | None = None  # set when limits is a callable
         self.counts: RuleCounts | None = None
         self.ws_rule: Rule | None = None  # the rule of its WebSocket messages
+        self.redact: Any = None  # the key function's redact (rategate.denials), if any
 
     def __repr__(self) -> str:
         p = f"re.compile({self.regex.pattern!r})" if self.regex is not None else repr(self.path)
@@ -528,7 +680,24 @@ class RateLimitMiddleware:
     :class:`rategate.metrics.PrometheusMetrics`, or None), ``charge``
     (default False: after each response, charge the actual cost the app
     reported with :func:`set_cost` to the rule's rates; per rule with
-    ``Rule(charge=...)``).
+    ``Rule(charge=...)``), ``failure_status`` (default 429: the status of a
+    request refused because the store failed, in ``failure_mode="closed"``,
+    with ``Retry-After: 1`` and no ``RateLimit-*`` fields; 503 says "our
+    fault, not yours": see docs/failures.md), ``enabled`` (default True;
+    False: no checks, no headers, no connection: the app runs as if the
+    middleware were not there, for tests), ``denial_log`` (True, the default: enforced
+    denials go to the logger ``rategate.denials``, rate-limited, through the
+    process's :data:`rategate.denials.DEFAULT`; False: not logged; or a
+    :class:`rategate.denials.DenialLog`).
+
+    Paths (``exempt``, rules) are matched as the app routes them: without the
+    ``root_path`` that ``uvicorn --root-path`` or a ``Mount`` put in
+    ``scope["path"]`` (see :func:`route_path`).  At the ASGI lifespan startup
+    it connects to the store (``Limiter.connect()``) before the server takes
+    traffic, logging one warning and starting anyway when it cannot.
+    Several middlewares and FastAPI dependencies on one request share a
+    record (see RECORD_KEY): one limit is charged once, and a response
+    carries one set of rate-limit headers, the most restrictive.
 
     Every decision is counted per rule in ``limiter.stats()["rules"]`` (and
     in ``metrics``), labelled ``"<namespace>:<rule name>"`` (or the name
@@ -538,7 +707,7 @@ class RateLimitMiddleware:
 
     def __init__(
         self,
-        app: ASGIApp,
+        app: AnyASGIApp,
         limiter: Any,
         limits: RateSpec | None = None,
         rules: Mapping[Any, Any] | Iterable[Rule] | None = None,
@@ -553,11 +722,20 @@ class RateLimitMiddleware:
         websocket_over_limit: str = "close",
         metrics: Any = None,
         charge: bool = False,
+        failure_status: int = 429,
+        enabled: bool = True,
+        denial_log: Any = True,
     ) -> None:
         self.app = app
+        self._denial_log = denial_log_option(denial_log, "RateLimitMiddleware")
         if not isinstance(charge, bool):
             raise TypeError(f"charge must be True or False, got {charge!r}")
         self.charge = charge
+        if not isinstance(enabled, bool):
+            raise TypeError(f"enabled must be True or False, got {enabled!r}")
+        self.enabled = enabled
+        self.failure_status, self._failure_body, self._failure_headers = failure_response(
+            failure_status, "RateLimitMiddleware")
         from .limiter import as_limiter
 
         limiter = as_limiter(limiter, "RateLimitMiddleware")
@@ -581,8 +759,8 @@ class RateLimitMiddleware:
         self.metrics = _check_metrics(metrics, "RateLimitMiddleware")
         # A Decision returned by submit() at once, denied and without error,
         # came from the core's local over-limit cache, except on memory://
-        # (which answers every check at once).
-        self._sync_cached = getattr(limiter, "kind", "memory") != "memory"
+        # and shm:// (which answer every check at once, from the store).
+        self._sync_cached = getattr(limiter, "kind", "memory") not in ("memory", "shm")
         self.key = _check_key(key, "RateLimitMiddleware") or client_ip()
         self.cost = _check_cost(cost, "RateLimitMiddleware")
 
@@ -630,14 +808,37 @@ class RateLimitMiddleware:
             self._submit = limiter.submit
         else:  # a limiter with only hit(): correct, one await per request
             self._submit = limiter.hit
-        self._Decision = _decision_type()
+        self._Decision: Any = _decision_type()
 
         if self.metrics is not None:
             self.metrics.watch(limiter)
 
-        # Failure incidents: logged when one starts and when it ends.
-        self._failures = FailureLog(cause=getattr(limiter, "stats", None))
+        # The store's failures, logged as incidents: one log per limiter.
+        self._incidents = incidents_of(limiter)
         self._shadow_log = ShadowLog()
+        # The common case of a request in one call into C (None: Python only).
+        self._gate = None if PYTHON_PATH else self._make_gate(names.values())
+
+    def _make_gate(self, rules: Iterable[Rule]) -> Any:
+        """The C request path (rategate._core.Gate) for this configuration,
+        or None when nothing could take it.  What it cannot do for a rule
+        (a key function or a cost of the user's, limits from a callable,
+        concurrency, charge) it hands back per request, before doing
+        anything: those requests take the Python path whole.  Shadow mode,
+        and a limiter without submit() (or not rategate's), take the Python
+        path always."""
+        from . import _core
+
+        lim = self.limiter
+        if self.shadow or not self.enabled or not (hasattr(lim, "submit") and hasattr(lim, "compile")) or \
+                type(self._Decision) is not type or self._Decision is not _core.Decision:
+            return None
+        table = []
+        for r in rules:
+            table.append(_gate_rule(r))
+        return _core.Gate(self.exempt, self._route_cache, _PASS, table, self._submit, self._incidents, key_digest,
+                          self._sync_cached, lim, RECORD_KEY, self.failure_status, self._failure_headers,
+                          self._failure_body, self._denial_log)
 
     def _prepare(self, r: Rule) -> None:
         if r.limits is None and not r.concurrency:
@@ -647,9 +848,11 @@ class RateLimitMiddleware:
             raise ValueError(f"{where}: concurrency needs a rategate.Limiter (with release()), got {self.limiter!r}")
         label = r.name if self.namespace is None else f"{self.namespace}:{r.name}"
         r.counts = self._counts(label)
+        name = rule_part(r.name, self.namespace)
+        r.set_prefixes(name)
         if callable(r.limits):
             r.spec = _DYNAMIC
-            r.dynamic = DynamicLimits(r.limits, lambda v: self._resolved(r, v), where)
+            r.dynamic = DynamicLimits(r.limits, lambda v: self._resolved(r, label, v), where)
         else:
             try:
                 r.spec, r.rates = compile_limits(self.limiter, r.limits, r.concurrency, r.concurrency_ttl,
@@ -657,12 +860,12 @@ class RateLimitMiddleware:
             except ValueError as e:
                 raise ValueError(f"{where}: {e}") from None
             r.headers = make_headers(self.header_style, r.rates, r.name, r.concurrency)
-        name = r.name.translate(_NAME_ESCAPES)
-        if self.namespace is not None:
-            name = self.namespace.translate(_NAMESPACE_ESCAPES) + ":" + name
-        r.set_prefixes(name)
+            register(self.limiter, label, name, r.spec)
         if r.key is None:
             r.key = self.key
+        r.redact = getattr(r.key, "redact", None)
+        if r.redact is not None and hasattr(self.limiter, "_redact_keys"):
+            self.limiter._redact_keys(name, r.redact)
         if r.cost is None:
             r.cost = self.cost
         if r.charge is None:
@@ -681,7 +884,10 @@ class RateLimitMiddleware:
                 m.spec, m.rates = compile_limits(self.limiter, ws)
             except ValueError as e:
                 raise ValueError(f"{where}: websocket_messages: {e}") from None
-            m.set_prefixes(_WS_MESSAGES_PREFIX + name)
+            m.set_prefixes(MESSAGES_PREFIX + name)
+            register(self.limiter, f"{label} (messages)", MESSAGES_PREFIX + name, m.spec)
+            if r.redact is not None and hasattr(self.limiter, "_redact_keys"):
+                self.limiter._redact_keys(MESSAGES_PREFIX + name, r.redact)
 
     def _counts(self, label: str) -> RuleCounts:
         c = counts_for(self.limiter, label)
@@ -689,7 +895,7 @@ class RateLimitMiddleware:
             self.metrics.attach(c)
         return c
 
-    def _resolved(self, r: Rule, limits: Any) -> Rule:
+    def _resolved(self, r: Rule, label: str, limits: Any) -> Rule:
         """Rule ``r`` (whose limits are a callable) with the rates it returned:
         a copy, compiled once per distinct value by r.dynamic's cache."""
         out = copy.copy(r)
@@ -697,6 +903,7 @@ class RateLimitMiddleware:
         out.spec, out.rates = compile_limits(self.limiter, limits, r.concurrency, r.concurrency_ttl,
                                              r.lease)
         out.headers = make_headers(self.header_style, out.rates, r.name, r.concurrency)
+        register(self.limiter, label, r.sprefix[:-1], out.spec)
         return out
 
     def __repr__(self) -> str:
@@ -751,32 +958,153 @@ class RateLimitMiddleware:
         return None if e is _PASS else e
 
     # -- the request -----------------------------------------------------------
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        kind = scope["type"]
-        if kind != "http":
-            if kind == "websocket" and self.websocket:
-                await self._websocket(scope, receive, send)
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        gate = self._gate
+        if gate is not None:
+            # The common case in C (see _make_gate): the send to call the
+            # app with, the denial's two messages, or a check to await; None:
+            # the Python path below.
+            r = gate(scope, send)
+            if r is not None:
+                if type(r) is _GatePending:
+                    r = gate.resume(r, await r.future, send)
+                if type(r) is list:
+                    await send(r[0])
+                    await send(r[1])
+                    return
+                await self.app(scope, receive, r)
                 return
-            await self.app(scope, receive, send)  # lifespan and anything else
+        kind = scope["type"]
+        if kind != "http" or not self.enabled:
+            if not self.enabled:
+                await self.app(scope, receive, send)
+            elif kind == "websocket" and self.websocket:
+                await self._websocket(scope, receive, send)
+            elif kind == "lifespan":
+                await self._lifespan(scope, receive, send)
+            else:
+                await self.app(scope, receive, send)  # anything else
             return
-        r = await self._decide(scope, scope["method"])
-        if r is None:
+        c = self._check(scope, scope["method"])
+        if c is None:
             await self.app(scope, receive, send)
             return
-        rule, d, hdrs, k, cost, sid = r
-        if hdrs is not _DENY:
-            send = send if hdrs is None else _adding(hdrs, send, _HTTP_START)
-            if sid is not None:
-                await self._run_holding(rule, d, k, cost, sid, scope, receive, send)
-                return
+        rule, k, d, cost, sid, rec = c
+        if type(d) is not self._Decision:
+            d = await d
+            allow = self._settle(rule, k, d, False)
+        elif sid is _SEEN:
+            allow = d.allowed or self.shadow
+        else:
+            allow = self._settle(rule, k, d, self._sync_cached)
+        if not allow:
+            if rec is not None:
+                rec[R_MODE] = DONE  # this denial's own headers; an outer wrapper adds none
+            # (_deny_http inlined for a flood of 429s: no coroutine of its own)
+            if d.error is None:
+                if self._denial_log is not None and sid is not _SEEN:
+                    self._denial_log.note(rule.counts.name, k, scope["path"], d.retry_after, rule.redact)  # type: ignore[union-attr]
+                await send({"type": "http.response.start", "status": 429, "headers": _denied_headers(rule, d)})
+                await send({"type": "http.response.body", "body": DENIED_BODY})
+            else:
+                await self._deny_http(rule, d, send)
+            return
+        h = rule.headers
+        if rec is None and h is not None and d.error is None:
+            # The common case (the first checker, with headers to show):
+            # record_new() and the wrapping of _join(), inlined.
+            rec = [d, h, WRAPPED, None, self.limiter, k, rule.spec, d]
+            state = scope.get("state")
+            if state is None:
+                state = scope["state"] = {}
+            state[RECORD_KEY] = rec
+
+            async def send_with_headers(message: Message, send: Send = send, rec: list[Any] = rec) -> None:
+                # _rendering(rec, send, _HTTP_START), inlined: no call, no
+                # closure cell on this hot path (measured: bench/middleware_cost.py).
+                if message["type"] == "http.response.start" and rec[R_MODE] == WRAPPED:
+                    rec[R_MODE] = DONE
+                    message["headers"] = [*message.get("headers", ()), *rec[R_HEADERS].render(rec[R_BEST])]
+                await send(message)
+
+            send = send_with_headers
+        else:
+            send = self._join(scope, rec, rule, k, d, sid is _SEEN, send, _HTTP_START)
+        if sid is _SEEN:  # a limit an outer checker charged: nothing to hold or charge here
+            await self.app(scope, receive, send)
+        elif sid is not None:
+            await self._run_holding(rule, d, k, cost, sid, scope, receive, send)
+        elif rule.charge:
             try:
                 await self.app(scope, receive, send)
             finally:
-                if rule.charge:
-                    self._charge_reported(rule, d, k, cost, scope)
+                self._charge_reported(rule, d, k, cost, scope)
+        else:
+            await self.app(scope, receive, send)
+
+    def _join(self, scope: Scope, rec: list[Any] | None, rule: Rule, k: str | bytes, d: Any, seen: bool,
+              send: Send, starts: frozenset[str]) -> Send:
+        """Put an allowed decision in the request's record (made here by the
+        first checker); wrap ``send`` if this checker is the first with headers
+        to show (see the record, above)."""
+        if rec is None:
+            rec = record_new(scope, self.limiter, k, rule.spec, d, rule.headers)
+        elif seen:
+            record_offer(rec, d, rule.headers)
+        else:
+            record_add(rec, self.limiter, k, rule.spec, d, rule.headers)
+        if rec[R_MODE] == OPEN and rec[R_BEST] is not None:
+            rec[R_MODE] = WRAPPED
+            return _rendering(rec, send, starts)
+        return send
+
+    async def _deny_http(self, rule: Rule, d: Any, send: Send) -> None:
+        """Answer a denied request: 429 with the rule's headers, or, for a
+        store failure (closed mode), failure_status with Retry-After: 1 only."""
+        if d.error is not None:
+            await send({"type": "http.response.start", "status": self.failure_status,
+                        "headers": list(self._failure_headers)})
+            await send({"type": "http.response.body", "body": self._failure_body})
             return
         await send({"type": "http.response.start", "status": 429, "headers": _denied_headers(rule, d)})
         await send({"type": "http.response.body", "body": DENIED_BODY})
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Pass the lifespan on to the app unchanged, connecting to the store
+        (Limiter.connect: the script loaded too) when the startup message
+        arrives, before the app (and so the server) goes on: the first
+        requests find a ready connection.  If the store cannot be reached: one
+        warning, and the app starts (the failure mode answers meanwhile).
+        An app that does not speak the lifespan protocol (it raises, as
+        Django's ASGI handler does, or returns at once) is connected for
+        anyway, and its error goes on to the server unchanged.  At the
+        shutdown, the incident log writes what it held back."""
+        started = False
+
+        async def startup() -> None:
+            nonlocal started
+            started = True
+            connect = getattr(self.limiter, "_startup_connect", None)
+            if connect is not None:
+                await connect()
+
+        async def receive_connecting() -> Message:
+            message = await receive()
+            t = message["type"]
+            if t == "lifespan.startup" and not started:
+                await startup()
+            elif t == "lifespan.shutdown":
+                self._incidents.flush()
+            return message
+
+        try:
+            await self.app(scope, receive_connecting, send)
+        except Exception:
+            if not started:
+                await startup()
+            raise
+        if not started:
+            await startup()
 
     async def _run_holding(self, rule: Rule, d: Any, key: str | bytes, cost: int, sid: bytes,
                            scope: Scope, receive: Receive, send: Send) -> None:
@@ -816,30 +1144,23 @@ class RateLimitMiddleware:
         if state and COST_KEY in state:
             charge_reported(self.limiter, rule.spec, rule.rates, d, key, cost, state)
 
-    async def _decide(self, scope: Scope, method: str) -> tuple[Rule, Any, Any, Any, int, Any] | None:
-        """Check one request: None if it is not limited, else (rule, decision,
-        headers, key, cost, slot id), headers being _DENY for a denial, the
-        slot id None unless the rule has a concurrency limit.  Suspends only
-        to await Redis: a denial the core answers at once returns without
-        suspending."""
-        c = self._check(scope, method)
-        if c is None:
-            return None
-        rule, k, d, cost, sid = c
-        if type(d) is not self._Decision:
-            d = await d
-            return rule, d, self._settle(rule, k, d, False), k, cost, sid
-        return rule, d, self._settle(rule, k, d, self._sync_cached), k, cost, sid
-
-    def _check(self, scope: Scope, method: str) -> tuple[Rule, str | bytes, Any, int, Any] | None:
+    def _check(self, scope: Scope, method: str) -> tuple[Rule, Any, Any, int, Any, Any] | None:
         """Route, key and submit one request (HTTP or WebSocket handshake).
 
         None: not limited (exempt, no rule, or the key function said None).
-        Otherwise (rule, key, Decision or a future of one, cost, slot id or
-        None).  A plain function,
-        not a coroutine: a denial the core answers at once never suspends.
+        Otherwise (rule, store key, Decision or a future of one, cost, slot
+        id, the request's record or None).  The slot id is None unless the
+        rule has a concurrency limit, and _SEEN when the record already holds
+        this limit (the Decision is the recorded one: nothing was submitted).
+        A plain function, not a coroutine: a denial the core answers at once
+        never suspends.
         """
-        rule = self.rule_for(scope["path"], method)
+        # route_path(scope), inlined: this runs on every request.
+        path = scope["path"]
+        root = scope.get("root_path")
+        if root:
+            path = route_path(scope)
+        rule = self.rule_for(path, method)
         if rule is None:
             return None
         if rule.dynamic is not None:  # limits from a callable: this request's rule
@@ -850,6 +1171,12 @@ class RateLimitMiddleware:
         if k is None:
             return None
         k = prefixed_key(k, rule.sprefix, rule.bprefix, rule.shprefix, rule.bhprefix, rule)
+        state = scope.get("state")
+        rec = state.get(RECORD_KEY) if state else None
+        if rec is not None:
+            seen = record_find(rec, self.limiter, k, rule.spec)
+            if seen is not None:
+                return rule, k, seen, 0, _SEEN, rec
         cost = rule.cost
         if cost is None:
             cost = 1
@@ -857,55 +1184,70 @@ class RateLimitMiddleware:
             cost = cost(scope)
         if rule.concurrency:
             sid = new_slot_id()
-            return rule, k, self._submit(k, rule.spec, cost, sid), cost, sid
-        return rule, k, self._submit(k, rule.spec, cost), cost, None
+            return rule, k, self._submit(k, rule.spec, cost, sid), cost, sid, rec
+        return rule, k, self._submit(k, rule.spec, cost), cost, None, rec
 
-    def _settle(self, rule: Rule, k: str | bytes, d: Any, cached: bool = False) -> Any:
-        """Log and count a decision: _DENY, or let it through with these
-        headers (None: no headers to add).  ``cached``: ``d`` was answered
-        at once by a store with a local over-limit cache (see RuleCounts)."""
+    def _settle(self, rule: Rule, k: str | bytes, d: Any, cached: bool = False) -> bool:
+        """Count and log decision ``d`` of ``rule``; whether the request goes
+        on (allowed, or a denial shadow mode lets through).  ``cached``: ``d``
+        was answered at once by a store with a local over-limit cache (see
+        RuleCounts)."""
         assert rule.counts is not None
         rule.counts.note(d, cached, self.shadow)
-        err = d.error
-        if err is not None or self._failures.active:
-            self._failures.note(d)
-        if d.allowed or self.shadow:
-            if not d.allowed:
-                self._shadow_log.note(rule.name, k, d)
-            h = rule.headers
-            # No headers, or nothing true to say: a failure decision in
-            # "open" mode knows no counts (its remaining=0 would make
-            # well-behaved clients back off for no reason).
-            return None if h is None or err is not None else h.render(d)
-        return _DENY
+        if d.error is not None or self._incidents.active:
+            self._incidents.note(d)
+        if d.allowed:
+            return True
+        if self.shadow:
+            self._shadow_log.note(rule.name, k, d)
+            return True
+        return False
 
     # -- WebSocket -------------------------------------------------------------
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Limit the handshake: allowed -> the app, headers on the accept; denied -> 429 or close."""
-        r = await self._decide(scope, "GET")  # a handshake is a GET
-        if r is None:
+        c = self._check(scope, "GET")  # a handshake is a GET
+        if c is None:
             await self.app(scope, receive, send)
             return
-        rule, d, hdrs, k, cost, sid = r
-        if hdrs is not _DENY:
-            if rule.ws_rule is not None:
+        rule, k, d, cost, sid, rec = c
+        if type(d) is not self._Decision:
+            d = await d
+            allow = self._settle(rule, k, d, False)
+        elif sid is _SEEN:
+            allow = d.allowed or self.shadow
+        else:
+            allow = self._settle(rule, k, d, self._sync_cached)
+        if allow:
+            if rule.ws_rule is not None and sid is not _SEEN:
                 receive, send = self._limit_messages(rule.ws_rule, scope, receive, send)
-            send = send if hdrs is None else _adding(hdrs, send, _WS_START)
-            if sid is not None:  # a slot held for the connection's life
+            send = self._join(scope, rec, rule, k, d, sid is _SEEN, send, _WS_START)
+            if sid is not None and sid is not _SEEN:  # a slot held for the connection's life
                 await self._run_holding(rule, d, k, cost, sid, scope, receive, send)
             else:
                 await self.app(scope, receive, send)
             return
+        if rec is not None:
+            rec[R_MODE] = DONE
         # Denied.  Wait for the handshake request (websocket.connect), then
-        # answer it with a 429 if the server can send HTTP responses for
-        # WebSockets, else reject it (servers answer that with a 403).
+        # answer it with a 429 (failure_status for a store failure) if the
+        # server can send HTTP responses for WebSockets, else reject it
+        # (servers answer that with a 403): 1008, or 1013 (try again later)
+        # for a store failure answered other than 429.
+        if self._denial_log is not None and d.error is None and sid is not _SEEN:
+            self._denial_log.note(rule.counts.name, k, scope["path"], d.retry_after, rule.redact)  # type: ignore[union-attr]
         message = await receive()
         if message["type"] != "websocket.connect":
             return  # the client went away
+        failed = d.error is not None
         if "websocket.http.response" in (scope.get("extensions") or {}):
-            await send({"type": "websocket.http.response.start", "status": 429,
-                        "headers": _denied_headers(rule, d)})
-            await send({"type": "websocket.http.response.body", "body": DENIED_BODY})
+            await send({"type": "websocket.http.response.start",
+                        "status": self.failure_status if failed else 429,
+                        "headers": list(self._failure_headers) if failed else _denied_headers(rule, d)})
+            await send({"type": "websocket.http.response.body",
+                        "body": self._failure_body if failed else DENIED_BODY})
+        elif failed and self.failure_status != 429:
+            await send({"type": "websocket.close", "code": 1013, "reason": "Try Again Later"})
         else:
             await send({"type": "websocket.close", "code": 1008, "reason": "Too Many Requests"})
 
@@ -928,6 +1270,7 @@ class RateLimitMiddleware:
         submit, spec, decision, cached = self._submit, m.spec, self._Decision, self._sync_cached
         drop = m.ws_action == "drop"
         closed = False
+        denials, label, path = self._denial_log, m.counts.name, scope["path"]  # type: ignore[union-attr]
 
         async def receive_limited() -> Message:
             nonlocal closed
@@ -937,11 +1280,14 @@ class RateLimitMiddleware:
                     return message
                 d = submit(mk, spec, 1)
                 if type(d) is decision:  # answered at once: no suspension
-                    verdict = self._settle(m, mk, d, cached)
+                    allow = self._settle(m, mk, d, cached)
                 else:
-                    verdict = self._settle(m, mk, await d, False)
-                if verdict is not _DENY:
+                    d = await d
+                    allow = self._settle(m, mk, d, False)
+                if allow:
                     return message
+                if denials is not None and d.error is None:
+                    denials.note(label, mk, path, d.retry_after, m.redact)
                 if drop:
                     continue
                 closed = True
@@ -956,86 +1302,6 @@ class RateLimitMiddleware:
                 await send(message)
 
         return receive_limited, send_unless_closed
-
-
-class FailureLog:
-    """Logs limiter failures once when an incident starts, and once when it ends.
-
-    An incident starts with the first decision carrying ``error`` and ends
-    with the first one without; the closing line counts the failed checks by
-    kind.  A flood during a Redis outage thus writes two log lines, not one per
-    request.  The opening line says the cause (``cause()``: the limiter's
-    ``stats()``, whose ``last_error`` names it: "connect failed:
-    127.0.0.1:6390: connection refused", Redis's own error text...).  A
-    flapping connection makes many short incidents: an opening line is
-    written at most once per ``quiet`` seconds (the ones left out are counted
-    in the next), and a closing line only for an incident whose opening was.
-    Call :meth:`note` for a decision with an error, and for every decision
-    while :attr:`active`.
-    """
-
-    __slots__ = ("active", "started", "counts", "what", "cause", "quiet", "logged", "last_logged",
-                 "unlogged")
-
-    def __init__(self, what: str = "the limiter", cause: Any = None, quiet: float = 60.0) -> None:
-        self.active = False
-        self.started = 0.0
-        self.counts: dict[str, int] = {}
-        self.what = what
-        self.cause = cause
-        self.quiet = quiet
-        self.logged = False
-        self.last_logged = -float("inf")
-        self.unlogged = 0
-
-    def _cause(self, err: str) -> str:
-        if err == "timeout":
-            return "no answer within the check's deadline"
-        if err == "overloaded":
-            return "too many checks outstanding (max_pending)"
-        try:
-            last = self.cause().get("last_error") if self.cause is not None else None
-        except Exception:  # a limiter closing in another thread: no cause, still a line
-            last = None
-        return str(last) if last else ""
-
-    def note(self, d: Any) -> None:
-        err = d.error
-        if err is None:
-            if self.active:
-                self.active = False
-                counts, self.counts = self.counts, {}
-                if self.logged:
-                    logger.warning(
-                        "rategate: %s is answering again after %.1fs; failed checks: %s",
-                        self.what,
-                        time.monotonic() - self.started,
-                        ", ".join(f"{k}={v}" for k, v in sorted(counts.items())),
-                    )
-            return
-        counts = self.counts
-        counts[err] = counts.get(err, 0) + 1
-        if not self.active:
-            self.active = True
-            now = self.started = time.monotonic()
-            self.logged = now - self.last_logged >= self.quiet
-            if not self.logged:
-                self.unlogged += 1
-                return
-            self.last_logged = now
-            cause = self._cause(err)
-            more = (f"; {self.unlogged} shorter incidents in the last {self.quiet:.0f}s were not logged"
-                    if self.unlogged else "")
-            self.unlogged = 0
-            logger.warning(
-                "rategate: %s failed (%s%s); until it recovers, limited requests are %s "
-                "(logged once per incident%s)",
-                self.what,
-                err,
-                f": {cause}" if cause else "",
-                "let through (failure_mode='open')" if d.allowed else "answered 429 (failure_mode='closed')",
-                more,
-            )
 
 
 class ShadowLog:
@@ -1057,28 +1323,6 @@ class ShadowLog:
         ra = d.retry_after
         seen[key] = now + (ra if 1.0 <= ra < 3600.0 else 1.0)
         logger.warning("rategate shadow mode: would deny %r (rule %r, retry after %.2fs)", key, name, ra)
-
-
-def prefixed_key(k: Any, sp: str, bp: bytes, shp: str, bhp: bytes, owner: Any) -> str | bytes:
-    """The limiter key for client key ``k``: its prefix + ``k``, or past
-    MAX_KEY_LENGTH the hashed prefix + its digest, so a huge header never
-    makes a huge Redis key.  Subclasses of str/bytes are made plain; any
-    other type is a TypeError naming ``owner`` (a Rule, or a string)."""
-    t = type(k)
-    if t is not str and t is not bytes:
-        if isinstance(k, str):
-            k, t = str(k), str
-        elif isinstance(k, (bytes, bytearray, memoryview)):
-            k, t = bytes(k), bytes
-        else:
-            who = f"rule {owner.name!r}" if isinstance(owner, Rule) else str(owner)
-            raise TypeError(
-                f"the key function of {who} returned {type(k).__name__}; "
-                "it must return str, bytes, or None (do not limit)"
-            )
-    if t is str:
-        return sp + k if len(k) <= MAX_KEY_LENGTH else shp + key_digest(k)
-    return bp + k if len(k) <= MAX_KEY_LENGTH else bhp + key_digest(k).encode()
 
 
 def compile_limits(
@@ -1107,11 +1351,97 @@ def _check_metrics(metrics: Any, who: str) -> Any:
     return metrics
 
 
+def failure_response(status: Any, who: str) -> tuple[int, bytes, tuple[tuple[bytes, bytes], ...]]:
+    """(status, body, headers) of a request refused because the store failed
+    (failure_mode="closed"): ``status`` (429 or 503 are the sensible ones),
+    ``Retry-After: 1`` and no RateLimit-* fields (nothing is known of the
+    client's quota).  ValueError naming ``who`` for a status that is not an
+    HTTP error."""
+    if isinstance(status, bool) or not isinstance(status, int) or not 400 <= status <= 599:
+        raise ValueError(
+            f"{who}: failure_status must be an HTTP error status: 429 (the default: \"too many "
+            f"requests\") or 503 (\"service unavailable\": the store failed, not the client), got {status!r}"
+        )
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "Error"
+    body = json.dumps({"detail": phrase}, separators=(",", ":")).encode()
+    headers = ((b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               (b"retry-after", b"1"))
+    return status, body, headers
+
+
+def incidents_of(limiter: Any) -> Any:
+    """The limiter's incident log (one per Limiter), or a log of its own for
+    a limiter object that has none."""
+    log = getattr(limiter, "incidents", None)
+    if log is None:
+        storage = getattr(limiter, "storage", None)
+        log = IncidentLog(shown_url(storage) if isinstance(storage, str) else repr(limiter),
+                          getattr(limiter, "stats", None))
+    return log
+
+
+def register(limiter: Any, label: str, part: str, spec: Any) -> None:
+    """Tell ``limiter`` that rule ``label`` checks store keys ``part`` + "|"
+    + client with ``spec`` (Limiter.reset_client resets it without a scan)."""
+    reg = getattr(limiter, "_register", None)
+    if reg is not None:
+        reg(label, part, spec)
+
+
 def _denied_headers(rule: Rule, d: Any) -> list[tuple[bytes, bytes]]:
     out = list(_DENIED_BASE)
     h = rule.headers
     out += h.render_denied(d) if h is not None else retry_after_header(d)
     return out
+
+
+def _ip_config(k: client_ip) -> tuple[Any, ...]:
+    """client_ip's configuration as the C gate reads it."""
+    nets = [(n.version, n.network_address.packed, n.prefixlen) for n in k._nets]
+    hdr = {b"x-forwarded-for": 0, b"x-real-ip": 1, b"forwarded": 2}[k._hdr]
+    return ("ip", nets, k._trust_unix, k.ipv6_prefix or 0, k._plain, hdr, k._hdr)
+
+
+def _key_config(k: Any) -> tuple[Any, ...] | None:
+    """A key function's configuration for the C gate; None: a function of the user's."""
+    if type(k) is client_ip:
+        return _ip_config(k)
+    if type(k) is header:
+        fb = k.fallback
+        if fb is not None and type(fb) is not client_ip:
+            return None
+        return ("header", k._name, k._eq, k._hashed, None if fb is None else _ip_config(fb))
+    return None
+
+
+_STYLES = {None: 0, "draft-6": 1, "draft-11": 2, "x-ratelimit": 3}
+
+
+def _gate_rule(r: Rule) -> tuple[Any, ...]:
+    """One rule as the C gate reads it: (rule, methods, limited, gateable, spec,
+    prefixes (bytes, then str), key, cost, renderer, header style and its
+    constant parts, counts, the key function's redact for the denial log)."""
+    key = _key_config(r.key)
+    cost = 1 if r.cost is None else r.cost
+    try:
+        plain = r.bprefix == r.sprefix.encode("utf-8") and r.bhprefix == r.shprefix.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate in the name: submit() would refuse the str
+        plain = False
+    gateable = (r.spec is not None and r.spec is not _DYNAMIC and r.dynamic is None and not r.concurrency
+                and not r.charge and key is not None and type(cost) is int and plain and r.counts is not None)
+    h = r.headers
+    if not gateable:
+        return (r, r.methods, r.spec is not None, False, None, None, None, None, None, None, None, None, 0, None,
+                None, None, None, None)
+    return (r, r.methods, True, True, r.spec, r.bprefix, r.bhprefix, r.sprefix, r.shprefix, key, cost, h,
+            _STYLES[h.style if h is not None else None], h._pre if h is not None else (),
+            h._items if h is not None else (), h._full if h is not None else (), r.counts, r.redact)
+
+
+from ._core import GatePending as _GatePending  # noqa: E402 - beside its one use
 
 
 def _dummy_rates() -> tuple[Any, ...]:

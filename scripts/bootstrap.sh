@@ -7,13 +7,25 @@
 #   PYTHON=/path/to/python3 VENV=.venv313 scripts/bootstrap.sh test
 #
 # makes the venv from another interpreter (make test-pythons does).
+#
+# Modes: test (the default: everything the suite needs), bench (that and
+# bench/requirements.txt), docs (a venv with the docs extra only: the site
+# needs no compiler and no Redis), wheel (only the system packages a wheel
+# build needs: scripts/wheel.sh makes its own build venvs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(gcc make pkg-config libhiredis-dev libuv1-dev libssl-dev openssl redis-server redis-tools wrk curl valgrind)
+MODE="${1:-test}"
+APT_PACKAGES=(gcc make pkg-config libhiredis-dev libuv1-dev libssl-dev)
+case "$MODE" in
+    test|bench) APT_PACKAGES+=(openssl redis-server redis-tools wrk curl valgrind) ;;
+    docs) APT_PACKAGES=() ;;
+    wheel) ;;
+    *) echo "bootstrap: unknown mode '$MODE' (test, bench, docs or wheel)" >&2; exit 2 ;;
+esac
 
 missing=()
-for p in "${APT_PACKAGES[@]}"; do
+for p in "${APT_PACKAGES[@]+"${APT_PACKAGES[@]}"}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 if ((${#missing[@]})); then
@@ -30,14 +42,16 @@ if ((${#missing[@]})); then
     # Debian starts a redis-server service on 6379; ours use private ports.
 fi
 
+[ "$MODE" = wheel ] && exit 0
+
 PYTHON="${PYTHON:-python3}"
 VENV="${VENV:-.venv}"
 if [ ! -x "$VENV/bin/python" ]; then
     echo "bootstrap: creating $VENV with $("$PYTHON" --version)"
     "$PYTHON" -m venv "$VENV"
 fi
-# test: what the suite needs; bench: that and bench/requirements.txt.
-MODE="${1:-test}"
+# test: what the suite needs; bench: that and bench/requirements.txt; docs:
+# the docs extra of pyproject.toml.
 stamp="$VENV/.rategate-deps-$MODE"
 want="$( { cat pyproject.toml; [ "$MODE" = bench ] && cat bench/requirements.txt; true; } | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
@@ -46,8 +60,10 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     # The test extra of pyproject.toml, the one list of the suite's needs
     # (read with tomllib, so nothing here repeats it; rategate itself is
     # built in place, not installed).
+    extra=test
+    [ "$MODE" = docs ] && extra=docs
     mapfile -t test_deps < <("$VENV/bin/python" -c \
-        'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["test"]))')
+        'import sys, tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"][sys.argv[1]]))' "$extra")
     "$VENV/bin/python" -m pip install -q "${test_deps[@]}"
     if [ "$MODE" = bench ]; then
         "$VENV/bin/python" -m pip install -q -r bench/requirements.txt

@@ -33,7 +33,8 @@ tsan)
     export LD_PRELOAD="$(gcc -print-file-name=libtsan.so)"
     export TSAN_OPTIONS="halt_on_error=0:exitcode=66:second_deadlock_stack=1"
     if ((${#tests[@]} == 0)); then
-        tests=(tests/test_stress.py tests/test_correctness.py tests/test_limiter_concurrency.py tests/test_lease.py -k "not fork")
+        tests=(tests/test_stress.py tests/test_correctness.py tests/test_limiter_concurrency.py tests/test_lease.py
+               tests/test_shm.py tests/test_shm_procs.py tests/test_uvicorn_shm.py -k "not fork")
     fi
     ;;
 *)

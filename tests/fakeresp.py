@@ -85,14 +85,15 @@ def encode(v: Any) -> bytes:
 
 def grant(argv: list[bytes], xslot: bool) -> list[int]:
     """The script's answer allowing every check of the call ``argv``
-    (EVALSHA/EVAL sha-or-body numkeys ...): six integers per check."""
+    (EVALSHA/EVAL sha-or-body numkeys ...): per check H = (allowed + 2) * 32
+    + rate, remaining and reset (csrc/script.c: three integers when allowed)."""
     if xslot:  # no declared key: ARGV[1] is the number of keys (see csrc/script.c)
         nkeys = int(argv[3])
         n = int(argv[4 + nkeys])
     else:
         nkeys = int(argv[2])
         n = int(argv[3 + nkeys])
-    return [1, 0, 0, 1000, 0, 0] * n
+    return [(1 + 2) * 32 + 0, 0, 1000] * n
 
 
 class FakeServer:

@@ -445,7 +445,11 @@ async def test_allowed_calls_the_app_once_unchanged(limiters: Any) -> None:
         sent.append(m)
 
     await mw(scope, receive, send)
+    # Unchanged but for the per-request record in scope["state"] (Seam 4), which
+    # the server had not created here.
+    state = scope.pop("state")
     assert len(app.calls) == 1 and app.calls[0] is scope and scope == before
+    assert list(state) == ["rategate.record"]
     assert app.raw_send[0] is not send  # wrapped: headers were added
     start = sent[0]
     assert start["status"] == 200
@@ -527,9 +531,15 @@ async def test_lifespan_and_other_scopes_pass_through(limiters: Any) -> None:
     async def send(m: Any) -> None:
         pass
 
-    for scope in ({"type": "lifespan", "asgi": {"version": "3.0"}}, {"type": "something-else"}):
-        await mw(scope, receive, send)
-        assert seen[-1][0] is scope and seen[-1][1] is receive and seen[-1][2] is send
+    scope = {"type": "something-else"}
+    await mw(scope, receive, send)
+    assert seen[-1][0] is scope and seen[-1][1] is receive and seen[-1][2] is send
+    # The lifespan reaches the app with the same scope, send and messages; the
+    # middleware reads the startup message on its way (to connect: issue 16 #4).
+    scope = {"type": "lifespan", "asgi": {"version": "3.0"}}
+    await mw(scope, receive, send)
+    assert seen[-1][0] is scope and seen[-1][2] is send
+    assert await seen[-1][1]() == {"type": "lifespan.startup"}
 
 
 @pytest.mark.asyncio
