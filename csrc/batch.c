@@ -310,10 +310,10 @@ int_at(const redisReply *r, size_t i, int *ok)
 #define RG_REPLY_COUNT_MAX (INT64_C(1) << 53)
 #define RG_REPLY_US_MAX (INT64_C(100) * 366 * 86400 * 1000000)
 
-static int
-in_range(int64_t v, int64_t max)
+static int64_t
+clamp(int64_t v, int64_t max)
 {
-    return v >= -max && v <= max;
+    return v < -max ? -max : v > max ? max : v;
 }
 
 static void
@@ -374,15 +374,19 @@ rg_batch_decode(rg_batch *b, const redisReply *reply, char *why, size_t whylen)
         c->res.retry_us = len == 5 ? int_at(reply, at + 3, &ok) : 0;
         c->res.block_us = len == 5 ? int_at(reply, at + 4, &ok) : 0;
         at += len;
-        /* a lease: the tokens taken; every number checked as the 64-bit
-         * value it arrived as (a block of 2^62 us would overflow the deny
-         * cache's clock) */
-        if (allowed > (c->lease ? c->cost : 1) || !in_range(c->res.remaining, RG_REPLY_COUNT_MAX) ||
-            !in_range(c->res.reset_us, RG_REPLY_US_MAX) || !in_range(c->res.retry_us, RG_REPLY_US_MAX) ||
-            !in_range(c->res.block_us, RG_REPLY_US_MAX)) {
+        /* a lease: the tokens taken */
+        if (allowed > (c->lease ? c->cost : 1)) {
             ok = 0;
             allowed = 0;
         }
+        /* Counts and times as the 64-bit values they arrived as, clamped
+         * (a cost larger than a bucket legitimately waits "forever"): the
+         * engine adds times to the clock in nanoseconds, which must not
+         * wrap (a block of 2^62 us would make a denial end at once). */
+        c->res.remaining = clamp(c->res.remaining, RG_REPLY_COUNT_MAX);
+        c->res.reset_us = clamp(c->res.reset_us, RG_REPLY_US_MAX);
+        c->res.retry_us = clamp(c->res.retry_us, RG_REPLY_US_MAX);
+        c->res.block_us = clamp(c->res.block_us, RG_REPLY_US_MAX);
         c->res.allowed = (int)allowed;
         if (ok && b->xslot && allowed == -2) {
             /* Not this node's key: nothing was written; the engine sends
