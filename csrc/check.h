@@ -208,5 +208,6 @@ void rg_fd_install_atfork(void);
 /* Live objects, for the leak tests (always on: two relaxed atomics). */
 extern atomic_long rg_live_checks;
 extern atomic_long rg_live_ports;
+extern atomic_long rg_live_conns; /* connections (conn.c), open or closing */
 
 #endif

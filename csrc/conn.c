@@ -9,6 +9,8 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -24,6 +26,7 @@
 #include "check.h"
 
 #define RG_READ_CHUNK 65536
+#define RG_TLS_CHUNK 16384 /* a TLS record's plaintext */
 
 enum conn_state {
     CS_RESOLVING,  /* host name on the thread pool */
@@ -74,6 +77,9 @@ struct rg_conn {
     struct addrinfo *ai, *ai_next; /* the name's addresses; the next to try */
     redisReader *reader;
     int hello_left;          /* handshake replies still owed (they come first) */
+    int hello_script;        /* hello_left when the SCRIPT LOAD / PING reply comes */
+    int got_bytes;           /* anything was read (for the TLS hint of a failure) */
+    unsigned char first_byte; /* the first byte read */
     char sha[41];
     /* TLS: SSL reads network bytes from rbio and writes them to wbio. */
     SSL *ssl;
@@ -216,14 +222,23 @@ conn_free(rg_conn *c)
 {
     if (c->reader != NULL)
         redisReaderFree(c->reader);
-    if (c->ssl != NULL)
+    if (c->ssl != NULL) {
+        /* OpenSSL makes the session of a connection that ended without
+         * close_notify unresumable (a TLS 1.2-era rule; TLS 1.3 dropped
+         * it): a Redis restart or a dropped connection would cost the next
+         * connection a full handshake.  Once the handshake was done, the
+         * end of the stream says nothing against the session. */
+        if (c->tls_done)
+            SSL_set_shutdown(c->ssl, SSL_SENT_SHUTDOWN | SSL_RECEIVED_SHUTDOWN);
         SSL_free(c->ssl); /* frees both BIOs */
+    }
     rg_buf_free(&c->pending);
     rg_buf_free(&c->out);
     if (c->ai != NULL)
         freeaddrinfo(c->ai);
     free(c->fifo);
     free(c);
+    atomic_fetch_sub_explicit(&rg_live_conns, 1, memory_order_relaxed);
 }
 
 static void
@@ -263,11 +278,45 @@ fail_owed(rg_conn *c)
         c->ops->reply(c->owner, c, fifo_pop(c), NULL);
 }
 
+/* TLS close_notify, best effort: written now if the socket takes it at
+ * once and nothing is queued before it (a record after a gap would be a
+ * bad record, not a goodbye). */
+static void
+tls_goodbye(rg_conn *c)
+{
+    char buf[128];
+    uv_buf_t b;
+    int n;
+
+    if (c->ssl == NULL || !c->tls_done || !c->h_init || c->out.len > 0)
+        return;
+    ERR_clear_error();
+    if (SSL_shutdown(c->ssl) < 0) {
+        ERR_clear_error();
+        return;
+    }
+    n = BIO_read(c->wbio, buf, sizeof(buf));
+    if (n > 0) {
+        b = uv_buf_init(buf, (unsigned int)n);
+        (void)uv_try_write(&c->h.stream, &b, 1);
+    }
+}
+
+void
+rg_conn_memo_clear(rg_conn_memo *m)
+{
+    if (m->session != NULL)
+        SSL_SESSION_free(m->session);
+    m->session = NULL;
+    m->ready = 0;
+}
+
 void
 rg_conn_close(rg_conn *c)
 {
     if (c->state == CS_CLOSED)
         return;
+    tls_goodbye(c);
     conn_shut(c);
     fail_owed(c);
 }
@@ -389,23 +438,22 @@ write_raw(rg_conn *c, char *data, size_t len)
     return 0;
 }
 
-/* Send what TLS has written to the memory BIO. */
+/* Move what TLS has written to the memory BIO into the bytes that leave
+ * at the end of the turn (out, handed to libuv whole, as the plain path
+ * does): the BIO never holds more than one chunk, so its buffer, which
+ * never shrinks, stays small. */
 static int
 tls_flush(rg_conn *c)
 {
     size_t n = (size_t)BIO_ctrl_pending(c->wbio);
-    char *p;
 
     if (n == 0)
         return 0;
-    p = malloc(n);
-    if (p == NULL)
+    if (rg_buf_reserve(&c->out, n) != 0 || BIO_read(c->wbio, c->out.p + c->out.len, (int)n) != (int)n)
         return -1;
-    if (BIO_read(c->wbio, p, (int)n) != (int)n) {
-        free(p);
-        return -1;
-    }
-    return write_raw(c, p, n);
+    c->out.len += n;
+    uv_prepare_start(&c->flusher, flush_cb);
+    return 0;
 }
 
 /*
@@ -420,17 +468,14 @@ flush_cb(uv_prepare_t *p)
     rg_conn *c = p->data;
     int r;
 
+    rg_buf o = c->out;
+
     uv_prepare_stop(p);
     if (c->state == CS_CLOSED)
         return;
-    if (c->ssl == NULL) {
-        rg_buf o = c->out;
-        c->out.p = NULL;
-        c->out.len = c->out.cap = 0;
-        r = write_raw(c, o.p, o.len);
-    } else {
-        r = tls_flush(c);
-    }
+    c->out.p = NULL;
+    c->out.len = c->out.cap = 0;
+    r = write_raw(c, o.p, o.len);
     if (r != 0) {
         conn_losef(c, "write to %s failed: %s", c->addr, "out of memory");
         c->ops->settle(c->owner);
@@ -442,6 +487,7 @@ flush_cb(uv_prepare_t *p)
 static int
 send_bytes(rg_conn *c, rg_buf *cmd)
 {
+    size_t off, n;
     int r = 0;
 
     if (c->ssl == NULL) {
@@ -470,12 +516,14 @@ send_bytes(rg_conn *c, rg_buf *cmd)
         rg_buf_free(cmd);
         return r;
     }
-    /* Memory BIOs take everything: SSL_write writes it all or fails. */
-    if (cmd->len > 0 && SSL_write(c->ssl, cmd->p, (int)cmd->len) <= 0)
-        r = -1;
+    /* Memory BIOs take everything: SSL_write writes it all or fails.  In
+     * chunks of a record, each moved out at once (see tls_flush). */
+    for (off = 0; r == 0 && off < cmd->len; off += n) {
+        n = cmd->len - off < RG_TLS_CHUNK ? cmd->len - off : RG_TLS_CHUNK;
+        if (SSL_write(c->ssl, cmd->p + off, (int)n) <= 0 || tls_flush(c) != 0)
+            r = -1;
+    }
     rg_buf_free(cmd);
-    if (r == 0)
-        uv_prepare_start(&c->flusher, flush_cb);
     return r;
 }
 
@@ -530,6 +578,9 @@ tls_begin(rg_conn *c)
     }
     SSL_set_bio(c->ssl, c->rbio, c->wbio); /* the SSL owns them now */
     SSL_set_connect_state(c->ssl);
+    SSL_set_app_data(c->ssl, c); /* for new_session */
+    if (cfg->memo != NULL && cfg->memo->session != NULL)
+        SSL_set_session(c->ssl, cfg->memo->session); /* resumed if the server still has it */
     if (cfg->host != NULL) {
         /* SNI only for names (RFC 6066 forbids addresses). */
         if (!is_ip && !SSL_set_tlsext_host_name(c->ssl, cfg->host))
@@ -546,11 +597,43 @@ tls_begin(rg_conn *c)
 
 /* ---- reading ------------------------------------------------------------------ */
 
-/* A reply to AUTH, SELECT or SCRIPT LOAD (they come first, in that order). */
+/* Whether a plain connection that failed in its set-up may have met a TLS
+ * port: the first byte read is a TLS record's (alert 0x15, handshake
+ * 0x16), or nothing came and no plain connection to this server was ever
+ * ready. */
+static int
+tls_like(const rg_conn *c)
+{
+    if (c->got_bytes)
+        return c->first_byte == 0x15 || c->first_byte == 0x16;
+    return c->cfg->memo == NULL || !c->cfg->memo->ready;
+}
+
+/* Whether r, the reply to ROLE, says "master"; if not, what it says goes
+ * into role (for a message). */
+static int
+role_master(const redisReply *r, char *role, size_t rolelen)
+{
+    const redisReply *e;
+
+    if (r->type != REDIS_REPLY_ARRAY || r->elements == 0 ||
+        r->element[0]->type != REDIS_REPLY_STRING) {
+        rg_msgf(role, rolelen, "%s", "something unexpected");
+        return 0;
+    }
+    e = r->element[0];
+    if (e->len == 6 && memcmp(e->str, "master", 6) == 0)
+        return 1;
+    rg_msgf(role, rolelen, "%.*s", (int)(e->len > 40 ? 40 : e->len), e->str);
+    return 0;
+}
+
+/* A reply of the handshake: AUTH, SELECT, SCRIPT LOAD (or PING), ROLE
+ * (they come first, in that order; each within connect_timeout). */
 static void
 hello_reply(rg_conn *c, redisReply *r)
 {
-    char why[400];
+    char why[400], role[48];
 
     if (r->type == REDIS_REPLY_ERROR) {
         rg_msgf(why, sizeof(why), "Redis refused the connection set-up on %s: %.*s", c->addr,
@@ -558,9 +641,7 @@ hello_reply(rg_conn *c, redisReply *r)
         conn_lose(c, why);
         return;
     }
-    if (--c->hello_left > 0)
-        return;
-    if (c->cfg->script != NULL) {
+    if (c->hello_left == c->hello_script && c->cfg->script != NULL) {
         if (r->type != REDIS_REPLY_STRING || r->len != 40) {
             conn_lose(c, "unexpected reply to SCRIPT LOAD");
             return;
@@ -568,8 +649,18 @@ hello_reply(rg_conn *c, redisReply *r)
         memcpy(c->sha, r->str, 40);
         c->sha[40] = '\0';
     }
+    if (c->hello_left == 1 && c->cfg->check_role && !role_master(r, role, sizeof(role))) {
+        /* A stale answer (a failover under way, a demoted master back up). */
+        rg_msgf(why, sizeof(why), "%s answers ROLE as %s, not master", c->addr, role);
+        conn_lose(c, why);
+        return;
+    }
+    if (--c->hello_left > 0)
+        return;
     c->state = CS_READY;
     c->ever_ready = 1;
+    if (c->cfg->memo != NULL)
+        c->cfg->memo->ready = 1;
     uv_timer_stop(&c->timer);
     c->ops->ready(c->owner, c, c->sha);
 }
@@ -585,7 +676,9 @@ feed(rg_conn *c, const char *p, size_t n)
     }
     while (c->state != CS_CLOSED) {
         if (redisReaderGetReply(c->reader, &r) != REDIS_OK) {
-            conn_losef(c, "protocol error from %s: %s", c->addr, c->reader->errstr);
+            conn_losef(c, "protocol error from %s: %s", c->addr,
+                       c->state == CS_HELLO && tls_like(c) ? "(is this a TLS port? use rediss://)"
+                                                           : c->reader->errstr);
             return;
         }
         if (r == NULL)
@@ -625,10 +718,12 @@ read_cb(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf)
             tls_fail(c, "handshake with");
         else {
             /* Dropped before the handshake's replies: a TLS port answers a
-             * plain client so (Redis resets or closes it). */
+             * plain client so (Redis resets or closes it), and so does a
+             * server being killed: the hint only when what came looks like
+             * TLS, or this server was never reached in plain. */
             const char *hint = c->state != CS_HELLO ? ""
-                               : c->ssl == NULL ? " during the set-up (if this is a TLS port, use rediss://)"
-                                                : " during the set-up";
+                               : c->ssl == NULL && tls_like(c) ? " during the set-up (if this is a TLS port, use rediss://)"
+                                                               : " during the set-up";
             char why[512];
             if (nread == UV_EOF)
                 rg_msgf(why, sizeof(why), "connection closed by %s%s", c->addr, hint);
@@ -638,6 +733,10 @@ read_cb(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf)
             conn_lose(c, why);
         }
         goto out;
+    }
+    if (!c->got_bytes) {
+        c->got_bytes = 1;
+        c->first_byte = (unsigned char)c->rbuf[0];
     }
     if (c->ssl == NULL) {
         feed(c, c->rbuf, (size_t)nread);
@@ -733,6 +832,16 @@ send_hello(rg_conn *c)
         rg_resp_bulk(&b, "PING", 4);
         c->hello_left++;
     }
+    c->hello_script = 1;
+    if (cfg->check_role) {
+        if (rg_buf_reserve(&b, 32))
+            goto done;
+        rg_resp_array(&b, 1);
+        rg_resp_bulk(&b, "ROLE", 4);
+        /* counted so: the replies are numbered by what is left */
+        c->hello_script = 2;
+        c->hello_left++;
+    }
     r = send_bytes(c, &b);
 done:
     rg_buf_free(&b);
@@ -740,6 +849,22 @@ done:
 }
 
 static void connect_to(rg_conn *c, const struct sockaddr *sa);
+
+/* TCP keepalive: a peer that vanished (a host gone, a silent middlebox)
+ * is found in about 30 s even while nothing is owed: probes after 15 s
+ * idle, every 5 s, 3 unanswered.  Best effort. */
+static void
+keepalive(rg_conn *c)
+{
+    int fd, v;
+
+    if (uv_tcp_keepalive(&c->h.tcp, 1, 15) != 0 || uv_fileno(&c->h.handle, &fd) != 0)
+        return;
+    v = 5;
+    (void)setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &v, sizeof(v));
+    v = 3;
+    (void)setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &v, sizeof(v));
+}
 
 /* The failed attempt's socket is closed: connect to the next address. */
 static void
@@ -779,8 +904,10 @@ connected_cb(uv_connect_t *req, int status)
     }
     if (uv_fileno(&c->h.handle, &fd) == 0)
         rg_fd_own(fd);
-    if (c->cfg->host != NULL)
+    if (c->cfg->host != NULL) {
         uv_tcp_nodelay(&c->h.tcp, 1);
+        keepalive(c);
+    }
     c->state = CS_HELLO;
     if (uv_read_start(&c->h.stream, alloc_cb, read_cb) != 0) {
         conn_losef(c, "connect failed: %s: %s", c->addr, "cannot read the socket");
@@ -957,6 +1084,7 @@ rg_conn_open(uv_loop_t *loop, const rg_conn_cfg *cfg, const rg_conn_ops *ops, vo
         rg_msgf(err, errlen, "out of memory");
         return NULL;
     }
+    atomic_fetch_add_explicit(&rg_live_conns, 1, memory_order_relaxed);
     c->loop = loop;
     c->cfg = cfg;
     c->ops = ops;
@@ -1022,6 +1150,23 @@ ssl_reason(char *buf, size_t len)
     ERR_clear_error();
 }
 
+/* A session ticket (TLS 1.3 sends them after the handshake): kept in the
+ * server's memo for the next connection (loop thread, inside SSL_read or
+ * the handshake of a live connection).  1: we took the reference. */
+static int
+new_session(SSL *ssl, SSL_SESSION *sess)
+{
+    rg_conn *c = SSL_get_app_data(ssl);
+    rg_conn_memo *m = c != NULL ? c->cfg->memo : NULL;
+
+    if (m == NULL)
+        return 0;
+    if (m->session != NULL)
+        SSL_SESSION_free(m->session);
+    m->session = sess;
+    return 1;
+}
+
 struct ssl_ctx_st *
 rg_tls_ctx_new(const char *ca_certs, const char *certfile, const char *keyfile, int verify,
                char *err, size_t errlen)
@@ -1037,6 +1182,10 @@ rg_tls_ctx_new(const char *ca_certs, const char *certfile, const char *keyfile, 
     }
     SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
     SSL_CTX_set_mode(ctx, SSL_MODE_RELEASE_BUFFERS);
+    /* Sessions are kept per server by the connections' owners (memo), not
+     * in the context's cache: resumed on reconnects and map refreshes. */
+    SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_CLIENT | SSL_SESS_CACHE_NO_INTERNAL_STORE);
+    SSL_CTX_sess_set_new_cb(ctx, new_session);
     SSL_CTX_set_verify(ctx, verify ? SSL_VERIFY_PEER : SSL_VERIFY_NONE, NULL);
     if (ca_certs != NULL) {
         if (file_check("ssl_ca_certs", ca_certs, err, errlen) != 0)

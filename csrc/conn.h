@@ -5,8 +5,10 @@
  * libuv's thread pool (never on the loop thread), bytes read go into our
  * buffer and through hiredis's redisReader (hiredis is the RESP codec only),
  * and with TLS through OpenSSL's memory BIOs in between.  The handshake
- * (AUTH [user] pass, SELECT db, SCRIPT LOAD) is pipelined behind the connect
- * and bounded, with resolution, by connect_timeout.
+ * (AUTH [user] pass, SELECT db, SCRIPT LOAD, ROLE) is pipelined behind the
+ * connect and bounded, with resolution, by connect_timeout.  Every TCP
+ * connection has keepalive on, so a peer that vanished is found even while
+ * nothing is owed.
  *
  * The connection knows nothing of shards, checks or batches.  Its owner
  * sends whole commands (already in RESP) each with an opaque `priv`, and
@@ -28,6 +30,21 @@
 
 struct redisReply;
 struct ssl_ctx_st;
+struct ssl_session_st;
+
+/*
+ * What the connections to one server remember from one to the next: the
+ * TLS session to resume (no full handshake on a reconnect or a map
+ * refresh), and whether one ever became ready (a port once reached in
+ * plain is no TLS port: no "use rediss://" hint when it drops).  The
+ * owner's, on its loop thread; emptied with rg_conn_memo_clear.
+ */
+typedef struct rg_conn_memo {
+    struct ssl_session_st *session;
+    int ready;
+} rg_conn_memo;
+
+void rg_conn_memo_clear(rg_conn_memo *m);
 
 /* Where and how to connect; owned by the caller, read-only, and must
  * outlive every connection made from it. */
@@ -46,6 +63,8 @@ typedef struct rg_conn_cfg {
     struct ssl_ctx_st *tls;       /* NULL: plain */
     int tls_check_hostname;       /* verify the name (or IP) against the certificate */
     unsigned resolve_delay_ms;    /* tests only: hold resolution this long */
+    int check_role;               /* ROLE in the handshake: a server not a master fails it */
+    rg_conn_memo *memo;           /* or NULL: nothing remembered */
 } rg_conn_cfg;
 
 typedef struct rg_conn rg_conn;

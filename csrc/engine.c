@@ -249,7 +249,7 @@ batch_send(rg_shard *s, rg_dest *d, rg_batch *b)
 static void dest_connect(rg_dest *d);
 static void dest_move(rg_dest *d);
 static void send_waiting(rg_shard *s);
-static void map_soon(rg_shard *s, uint64_t ms);
+static void rearm(rg_shard *s);
 static int cluster_error(rg_shard *s, rg_dest *d, rg_batch *b, const char *why);
 
 /* A ready connection that lived this long counts as healthy when it drops. */
@@ -284,9 +284,10 @@ dest_down(rg_dest *d)
          * replica may be promoted). */
         if (s->closing)
             return;
+        if (d->node != NULL)
+            rg_map_ready(s->map, d->node, 0); /* reads the map again */
         send_waiting(s);
-        map_soon(s, 0);
-        if (!d->in_map)
+        if (d->node == NULL || !d->node->in_map)
             return; /* no slot of ours there any more: no reconnecting */
     } else {
         atomic_store(&s->connected, 0);
@@ -302,7 +303,7 @@ dest_down(rg_dest *d)
 }
 
 /* The priv of a ROLE or an ASKING command (never a batch). */
-static char role_priv, asking_priv;
+static char asking_priv;
 
 /* The connection is ready and (behind Sentinel) its server a master. */
 static void
@@ -320,56 +321,24 @@ dest_ready(rg_dest *d)
     d->ever_ready = 1;
     d->backoff_ms = 10;
     d->why[0] = '\0';
+    if (d->node != NULL)
+        rg_map_ready(s->map, d->node, 1);
     s->topo_dirty = 1; /* `connected` is worked out there */
     if (!s->eng->cfg.cluster)
         atomic_store(&s->down, 0);
     send_waiting(s);
 }
 
+/* The connection is ready: its handshake loaded the script and (behind
+ * Sentinel) found the server a master by ROLE, within connect_timeout. */
 static void
 on_ready(void *owner, rg_conn *c, const char *sha)
 {
     rg_dest *d = owner;
-    rg_buf b = {0};
+    (void)c;
 
     memcpy(d->sha, sha, sizeof(d->sha));
-    if (d->disc == NULL) {
-        dest_ready(d);
-        return;
-    }
-    /* Sentinel's answer may be stale (a failover under way, a demoted
-     * master back up): ask the server itself before sending checks. */
-    if (rg_role_cmd(&b) == 0 && rg_conn_send(c, &b, &role_priv) == 0)
-        return;
-    rg_buf_free(&b);
-    set_error(d->shard, "out of memory asking ROLE", NULL);
-    d->conn = NULL;
-    rg_conn_close(c);
-    dest_down(d);
-}
-
-/* The reply to ROLE: ready if the server is a master; otherwise ask the
- * Sentinels again after the backoff. */
-static void
-role_reply(rg_dest *d, rg_conn *c, struct redisReply *r)
-{
-    char why[400];
-
-    char role[48];
-
-    if (r == NULL || c != d->conn)
-        return; /* lost (on_lost decides) or already let go */
-    if (rg_role_master(r, role, sizeof(role))) {
-        dest_ready(d);
-        return;
-    }
-    rg_msgf(why, sizeof(why),
-             "Sentinel named %s:%d as the master of '%s', but it answers ROLE as %s",
-             d->host, d->ccfg.port, d->shard->eng->cfg.service, role);
-    set_error(d->shard, why, NULL);
-    d->conn = NULL;
-    rg_conn_close(c);
-    dest_down(d);
+    dest_ready(d);
 }
 
 static void
@@ -389,20 +358,28 @@ on_lost(void *owner, rg_conn *c, int was_ready, const char *why)
     }
     /* (Behind Sentinel, a connection lost before its ROLE answered was
      * never ready for us: a failed attempt.) */
-    if (was_ready && d->state == RG_READY &&
-        (d->answered || rg_now_ns() - d->ready_ns >= RG_HEALTHY_NS)) {
-        /* Healthy until now (an idle timeout, CLIENT KILL, a proxy's reset):
-         * connect again at once, no backoff, not `down`.  Checks keep
-         * waiting for it within their deadlines.  A connection dropped
-         * before it answered anything or lived a second (a proxy that
-         * closes each one) counts as a failed attempt: no tight loop. */
+    if (was_ready && d->state == RG_READY) {
+        /* It was ready, so the server is up and answered the handshake: an
+         * idle timeout, CLIENT KILL, a proxy's reset.  Connect again at once,
+         * not `down`: checks keep waiting for it within their deadlines.  A
+         * replacement killed before its first reply (CLIENT KILL TYPE
+         * normal kills it too) is no failed attempt either.  Only a server
+         * or proxy that drops every connection before it answers, three in
+         * a row, is reconnected after the backoff instead of at once (no
+         * tight loop); checks still wait, within their deadlines. */
+        d->drops = d->answered || rg_now_ns() - d->ready_ns >= RG_HEALTHY_NS ? 0 : d->drops + 1;
         d->state = RG_CONNECTING;
         d->again = 1;
-        if (s->eng->cfg.cluster)
-            map_soon(s, 0); /* a failover, perhaps: who owns its slots now? */
+        if (d->node != NULL)
+            rg_map_ready(s->map, d->node, 0); /* a failover, perhaps: who owns its slots now? */
         else
             atomic_store(&s->connected, 0);
-        dest_connect(d);
+        if (d->drops < 3) {
+            dest_connect(d);
+        } else {
+            int k = d->drops - 3 > 6 ? 6 : d->drops - 3;
+            uv_timer_start(&d->retry_timer, retry_cb, 10u << k, 0); /* 10 ms to 640 ms */
+        }
         return;
     }
     dest_down(d);
@@ -555,11 +532,20 @@ spin_pays(rg_shard *s, uint64_t spin)
 
 /* ---- operators' commands (Engine.command, Engine.connect) ---------------- */
 
+/* Cluster: the destination of the map's node i when the map names it
+ * (a slot's master), else NULL. */
+static rg_dest *
+map_dest(rg_shard *s, int i)
+{
+    rg_node *n = rg_map_at(s->map, i);
+    return n->in_map ? n->data : NULL;
+}
+
 /* "host:port" of a destination ("[v6]:port"), or its unix socket path. */
 static void
 dest_addr(const rg_dest *d, char *buf, size_t len)
 {
-    const rg_conn_cfg *cc = d != &d->shard->dest || d->disc != NULL ? &d->ccfg : &d->shard->eng->conn;
+    const rg_conn_cfg *cc = &d->ccfg;
 
     if (cc->path != NULL)
         rg_msgf(buf, len, "%s", cc->path);
@@ -597,12 +583,14 @@ shard_waits_for(rg_shard *s, char *buf, size_t len)
             dest_addr(&s->dest, buf, len);
         return;
     }
-    if (s->have_map)
-        for (i = 0; i < s->nnodes; i++)
-            if (s->node[i]->in_map && s->node[i]->state != RG_READY) {
-                dest_addr(s->node[i], buf, len);
+    if (rg_map_state(s->map) > 0)
+        for (i = 0; i < rg_map_count(s->map); i++) {
+            rg_dest *d = map_dest(s, i);
+            if (d != NULL && d->state != RG_READY) {
+                dest_addr(d, buf, len);
                 return;
             }
+        }
     rg_msgf(buf, len, "the cluster nodes for CLUSTER SLOTS (%s:%d%s)", s->eng->cfg.seed_hosts[0],
              s->eng->cfg.seed_ports[0], s->eng->cfg.nseeds > 1 ? ", ..." : "");
 }
@@ -764,10 +752,6 @@ on_reply(void *owner, rg_conn *c, void *priv, struct redisReply *r)
     char why[sizeof(s->eng->last_error)];
     int i, moved = 0;
 
-    if (priv == &role_priv) {
-        role_reply(d, c, r);
-        return;
-    }
     if (priv == &asking_priv)
         return; /* +OK (an error would show in the call that follows) */
     if (b->command) {
@@ -805,9 +789,23 @@ on_reply(void *owner, rg_conn *c, void *priv, struct redisReply *r)
             batch_fail(s, b, RG_ERR_UNAVAILABLE);
             break;
         }
-        if (b->xslot && b->evaled && strncmp(why, "CLUSTERDOWN", 11) != 0) {
+        if (s->eng->cfg.cluster && strncmp(why, "READONLY", 8) == 0 && d->node != NULL) {
+            /* A cluster node that is a replica now (CLUSTER FAILOVER, a
+             * promotion): the call has no declared key to draw MOVED, and
+             * nothing was written.  The map is stale: read it again, and
+             * these checks wait for it (the node gets nothing meanwhile). */
+            set_error(s, "a cluster master became a replica, reading the slot map again", why);
+            rg_map_readonly(s->map, d->node);
+            requeue_batch(s, b);
+            batch_retire(s, b);
+            send_waiting(s);
+            return;
+        }
+        if (b->xslot && b->evaled && strncmp(why, "ERR Error compiling script", 26) == 0) {
             /* Redis < 7.0 cannot compile the script's flags: one call per
-             * slot from now on, these checks included. */
+             * slot from now on, these checks included.  Only this error
+             * says so: READONLY, OOM, BUSY... say nothing of the server's
+             * version. */
             set_error(s, "no cross-slot script on this server, one call per slot", why);
             s->no_xslot = 1;
             for (i = 0; i < b->n; i++)
@@ -851,7 +849,7 @@ on_reply(void *owner, rg_conn *c, void *priv, struct redisReply *r)
     }
     batch_retire(s, b);
     if (moved) {
-        map_soon(s, 0);
+        rg_map_refresh(s->map, 0);
         send_waiting(s);
     }
 }
@@ -882,8 +880,7 @@ dest_connect(rg_dest *d)
         rg_disc_find(d->disc); /* then disc_found connects, or disc_failed */
         return;
     }
-    d->conn = rg_conn_open(&s->loop, d != &s->dest || d->disc != NULL ? &d->ccfg : &s->eng->conn,
-                           &dest_ops, d, err, sizeof(err));
+    d->conn = rg_conn_open(&s->loop, &d->ccfg, &dest_ops, d, err, sizeof(err));
     if (d->conn == NULL) {
         set_error(s, "connect failed", err);
         dest_down(d);
@@ -978,6 +975,14 @@ dest_drop(rg_dest *d, const char *why)
 
 /* ---- what topology() shows ------------------------------------------------- */
 
+/* Cluster: the destination of slot's master in the map as read. */
+static rg_dest *
+owner_at(rg_shard *s, int slot)
+{
+    rg_node *n = rg_map_owner(s->map, slot);
+    return n != NULL ? n->data : NULL;
+}
+
 void
 rg_topo_snap_decref(rg_topo_snap *t)
 {
@@ -1001,15 +1006,14 @@ topo_publish(rg_shard *s)
     size_t size;
 
     if (e->cfg.cluster) {
-        connected = s->have_map;
-        for (i = 0; i < s->nnodes; i++)
-            if (s->node[i]->in_map) {
+        connected = rg_map_state(s->map) > 0;
+        for (i = 0; i < rg_map_count(s->map); i++)
+            if (map_dest(s, i) != NULL) {
                 nm++;
-                connected &= s->node[i]->state == RG_READY;
+                connected &= map_dest(s, i)->state == RG_READY;
             }
-        if (s->have_map)
-            for (slot = 0; slot < 16384; slot++)
-                nr += s->slot_node[slot] != 0 && (slot == 0 || s->slot_node[slot - 1] != s->slot_node[slot]);
+        for (slot = 0; slot < 16384; slot++)
+            nr += owner_at(s, slot) != NULL && (slot == 0 || owner_at(s, slot - 1) != owner_at(s, slot));
     } else {
         rg_dest *d = &s->dest;
         connected = d->state == RG_READY;
@@ -1022,7 +1026,8 @@ topo_publish(rg_shard *s)
     }
     size = sizeof(*t) + (size_t)nm * sizeof(rg_topo_master) + (size_t)nr * sizeof(*rng);
     t = calloc(1, size);
-    if (e->cfg.cluster && t != NULL && (pos = malloc(sizeof(int) * (size_t)(s->nnodes + 1))) == NULL) {
+    if (e->cfg.cluster && t != NULL &&
+        (pos = malloc(sizeof(int) * (size_t)(rg_map_count(s->map) + 1))) == NULL) {
         free(t);
         t = NULL;
     }
@@ -1033,28 +1038,32 @@ topo_publish(rg_shard *s)
     t->masters = (rg_topo_master *)(t + 1);
     rng = (int (*)[2])(t->masters + nm);
     if (e->cfg.cluster) {
-        int j = 0, n;
-        for (i = 0; i < s->nnodes; i++)
-            pos[i] = -1;
+        int j = 0, n = rg_map_count(s->map);
+        rg_dest *d;
         /* masters in the order of their first slot; their ranges after */
-        for (slot = 0; slot < 16384; slot = slot + 1) {
-            n = s->slot_node[slot];
-            if (n != 0 && (slot == 0 || s->slot_node[slot - 1] != n)) {
-                if (pos[n - 1] < 0)
-                    pos[n - 1] = j++;
-                t->masters[pos[n - 1]].nranges++;
+        for (i = 0; i < n; i++) {
+            pos[i] = -1;
+            if ((d = map_dest(s, i)) != NULL)
+                d->node_pos = i; /* the node's index, for the slot walk */
+        }
+        for (slot = 0; slot < 16384; slot++) {
+            d = owner_at(s, slot);
+            if (d != NULL && (slot == 0 || owner_at(s, slot - 1) != d)) {
+                if (pos[d->node_pos] < 0)
+                    pos[d->node_pos] = j++;
+                t->masters[pos[d->node_pos]].nranges++;
             }
         }
-        for (i = 0; i < s->nnodes; i++)
-            if (s->node[i]->in_map && pos[i] < 0)
+        for (i = 0; i < n; i++)
+            if (map_dest(s, i) != NULL && pos[i] < 0)
                 pos[i] = j++; /* in the map by a MOVED only: no range yet */
-        for (i = 0, j = 0; i < s->nnodes; i++) {
+        for (i = 0; i < n; i++) {
             rg_topo_master *m;
-            if (pos[i] < 0)
+            if (pos[i] < 0 || (d = map_dest(s, i)) == NULL)
                 continue;
             m = &t->masters[pos[i]];
-            dest_addr(s->node[i], m->addr, sizeof(m->addr));
-            m->connected = s->node[i]->state == RG_READY;
+            dest_addr(d, m->addr, sizeof(m->addr));
+            m->connected = d->state == RG_READY;
         }
         for (i = 0, j = 0; i < nm; i++) {
             t->masters[i].ranges = rng + j;
@@ -1063,12 +1072,12 @@ topo_publish(rg_shard *s)
         }
         for (slot = 0; slot < 16384; slot++) {
             rg_topo_master *m;
-            n = s->slot_node[slot];
-            if (n == 0 || (slot > 0 && s->slot_node[slot - 1] == n))
+            d = owner_at(s, slot);
+            if (d == NULL || (slot > 0 && owner_at(s, slot - 1) == d))
                 continue;
-            m = &t->masters[pos[n - 1]];
+            m = &t->masters[pos[d->node_pos]];
             m->ranges[m->nranges][0] = slot;
-            while (slot + 1 < 16384 && s->slot_node[slot + 1] == n)
+            while (slot + 1 < 16384 && owner_at(s, slot + 1) == d)
                 slot++;
             m->ranges[m->nranges++][1] = slot;
         }
@@ -1110,10 +1119,10 @@ rg_engine_kind(const rg_engine *e)
 
 static const char stall_msg[] = "no reply from Redis within the stall timeout";
 
+/* Answer every check past its deadline, drop stalled connections. */
 static void
-deadline_cb(uv_timer_t *t)
+deadline_pass(rg_shard *s)
 {
-    rg_shard *s = t->data;
     uint64_t now = rg_now_ns();
     rg_check *c;
     rg_batch *b;
@@ -1132,14 +1141,48 @@ deadline_cb(uv_timer_t *t)
 
     /* Replies are owed and none came for stall_ns: the connection is dead
      * or Redis is stuck; drop it rather than let checks pile up behind it. */
-    for (i = 0; i < s->nnodes; i++) {
-        rg_dest *d = s->node[i];
+    for (i = 0; i < s->ndests; i++) {
+        rg_dest *d = s->dests[i];
         b = d->bsentinel.next;
         if (b != &d->bsentinel && now - b->sent_ns >= s->eng->cfg.stall_ns)
             dest_drop(d, stall_msg);
     }
     flush(s);
     rearm(s);
+}
+
+static void
+poll_now_cb(uv_idle_t *h)
+{
+    (void)h; /* active: the loop's next poll does not block */
+}
+
+/*
+ * A deadline or a stall check is due.  The pass runs after the poll phase
+ * of this loop turn (after_poll_cb), with a poll that does not block
+ * (poll_now): libuv runs due timers before it polls for I/O, so a loop
+ * thread descheduled past a deadline would otherwise time out checks whose
+ * replies sit unread in the socket.  What has arrived is read first.
+ */
+static void
+deadline_cb(uv_timer_t *t)
+{
+    rg_shard *s = t->data;
+
+    s->due = 1;
+    uv_idle_start(&s->poll_now, poll_now_cb);
+}
+
+static void
+after_poll_cb(uv_check_t *h)
+{
+    rg_shard *s = h->data;
+
+    if (!s->due)
+        return;
+    s->due = 0;
+    uv_idle_stop(&s->poll_now);
+    deadline_pass(s);
 }
 
 /* Set the deadline timer for the earliest deadline or stall check. */
@@ -1156,8 +1199,8 @@ rearm(rg_shard *s)
         next = c->deadline_ns;
     if ((c = list_first(&s->sent)) != NULL && c->deadline_ns < next)
         next = c->deadline_ns;
-    for (i = 0; i < s->nnodes; i++) {
-        rg_dest *d = s->node[i];
+    for (i = 0; i < s->ndests; i++) {
+        rg_dest *d = s->dests[i];
         if (d->bsentinel.next != &d->bsentinel) {
             uint64_t st = d->bsentinel.next->sent_ns + s->eng->cfg.stall_ns;
             if (st < next)
@@ -1251,8 +1294,8 @@ static void
 dispatch_flush(rg_shard *s)
 {
     int i;
-    for (i = 0; i < s->nnodes; i++)
-        dest_flush(s, s->node[i]);
+    for (i = 0; i < s->ndests; i++)
+        dest_flush(s, s->dests[i]);
 }
 
 /* Where a check goes: the one destination, or the node that owns its
@@ -1262,15 +1305,14 @@ dispatch_flush(rg_shard *s)
 static rg_dest *
 route(rg_shard *s, rg_check *c, int *wait)
 {
-    int n;
+    rg_node *n;
 
     if (!s->eng->cfg.cluster)
         return &s->dest;
     if (c->cslot < 0)
         c->cslot = rg_check_slot(c);
-    n = s->slot_node[c->cslot];
-    *wait = !s->have_map && !s->map_failed;
-    return n == 0 ? NULL : s->node[n - 1];
+    n = rg_map_route(s->map, c->cslot, wait);
+    return n != NULL ? n->data : NULL;
 }
 
 /* Where an operator's command goes (rg_cmd.route): as route(); when it
@@ -1279,7 +1321,7 @@ static rg_dest *
 cmd_route(rg_shard *s, rg_check *c, int *wait)
 {
     rg_cmd *cmd = c->cmd;
-    rg_dest *d;
+    rg_dest *d, *ready;
     int i;
 
     if (!s->eng->cfg.cluster) {
@@ -1290,36 +1332,39 @@ cmd_route(rg_shard *s, rg_check *c, int *wait)
                  cmd->node, cmd->where);
         return NULL;
     }
-    if (!s->have_map) {
-        *wait = !s->map_failed;
+    if (cmd->route == RG_CMD_KEY) {
+        rg_node *n = rg_map_route(s->map, cmd->slot, wait);
+        if (n != NULL || *wait)
+            return n != NULL ? n->data : NULL;
+        rg_msgf(cmd->why, sizeof(cmd->why), "no master serves slot %d (%s)", cmd->slot,
+                rg_map_state(s->map) < 0 ? rg_map_why(s->map) : "not in the slot map");
         return NULL;
     }
-    if (cmd->route == RG_CMD_KEY) {
-        if (s->slot_node[cmd->slot] != 0)
-            return s->node[s->slot_node[cmd->slot] - 1];
-        rg_msgf(cmd->why, sizeof(cmd->why), "no master serves slot %d in the slot map", cmd->slot);
+    if (rg_map_state(s->map) <= 0) {
+        *wait = rg_map_state(s->map) == 0;
+        rg_msgf(cmd->why, sizeof(cmd->why), "%s", rg_map_why(s->map));
         return NULL;
     }
     if (cmd->route == RG_CMD_NODE) {
-        for (i = 0; i < s->nnodes; i++)
-            if (s->node[i]->in_map && dest_named(s->node[i], cmd->node))
-                return s->node[i];
+        for (i = 0; i < rg_map_count(s->map); i++)
+            if ((d = map_dest(s, i)) != NULL && dest_named(d, cmd->node))
+                return d;
         rg_msgf(cmd->why, sizeof(cmd->why),
-                 "%s is not a master of the cluster now (topology() lists the masters)", cmd->node);
+                "%s is not a master of the cluster now (topology() lists the masters)", cmd->node);
         return NULL;
     }
     /* Any master: a ready one, else one being connected. */
-    for (d = NULL, i = 0; i < s->nnodes; i++) {
-        rg_dest *n = s->node[i];
-        if (n->in_map && n->state == RG_READY)
+    for (ready = NULL, i = 0; i < rg_map_count(s->map); i++) {
+        rg_dest *n = map_dest(s, i);
+        if (n != NULL && n->state == RG_READY)
             return n;
-        if (n->in_map && n->state == RG_CONNECTING && !n->failing && d == NULL)
-            d = n;
+        if (n != NULL && n->state == RG_CONNECTING && !n->failing && ready == NULL)
+            ready = n;
     }
-    if (d == NULL)
+    if (ready == NULL)
         rg_msgf(cmd->why, sizeof(cmd->why), "no master of the cluster is connected (%s)",
-                 s->why[0] ? s->why : "none in the slot map");
-    return d;
+                s->why[0] ? s->why : "none in the slot map");
+    return ready;
 }
 
 /*
@@ -1360,15 +1405,15 @@ shard_answered(rg_shard *s, rg_cmd *cmd)
         rg_msgf(cmd->why, sizeof(cmd->why), "%s", s->dest.why[0] ? s->dest.why : s->why);
         return -1;
     }
-    if (!s->have_map) {
-        if (!s->map_failed)
+    if (rg_map_state(s->map) <= 0) {
+        if (rg_map_state(s->map) == 0)
             return 0;
-        rg_msgf(cmd->why, sizeof(cmd->why), "%s", s->why);
+        rg_msgf(cmd->why, sizeof(cmd->why), "%s", rg_map_why(s->map));
         return -1;
     }
-    for (i = 0; i < s->nnodes; i++) {
-        rg_dest *d = s->node[i];
-        if (!d->in_map)
+    for (i = 0; i < rg_map_count(s->map); i++) {
+        rg_dest *d = map_dest(s, i);
+        if (d == NULL)
             continue;
         if (d->failing) {
             rg_msgf(cmd->why, sizeof(cmd->why), "%s", d->why[0] ? d->why : s->why);
@@ -1483,7 +1528,9 @@ close_noop(uv_handle_t *h)
 static void
 node_closed(uv_handle_t *h)
 {
-    free(h->data);
+    rg_dest *d = h->data;
+    rg_conn_memo_clear(&d->memo);
+    free(d);
 }
 
 /* The shard's own handles. */
@@ -1493,12 +1540,13 @@ shard_close_handles(rg_shard *s)
     uv_close((uv_handle_t *)&s->wake, close_noop);
     uv_close((uv_handle_t *)&s->deadline_timer, close_noop);
     uv_close((uv_handle_t *)&s->dest.retry_timer, close_noop);
-    uv_close((uv_handle_t *)&s->map_timer, close_noop);
+    uv_close((uv_handle_t *)&s->after_poll, close_noop);
+    uv_close((uv_handle_t *)&s->poll_now, close_noop);
 }
 
-/* ---- Cluster: the slot map ------------------------------------------------------ */
+/* ---- destinations ------------------------------------------------------------- */
 
-/* A ready node's retry timer and the dest fields every destination needs. */
+/* A destination's retry timer and the fields every destination needs. */
 static void
 dest_init(rg_shard *s, rg_dest *d)
 {
@@ -1510,114 +1558,94 @@ dest_init(rg_shard *s, rg_dest *d)
     d->retry_timer.data = d;
 }
 
-/* The node at host:port, added (and connecting) if new; NULL when there are
- * RG_MAX_NODES already or no memory. */
-static rg_dest *
-node_get(rg_shard *s, const char *host, int port)
+/* d joins the shard's destinations: 0, or -1 out of memory. */
+static int
+dests_add(rg_shard *s, rg_dest *d)
 {
-    rg_dest *d;
-    int i;
-
-    for (i = 0; i < s->nnodes; i++) {
-        d = s->node[i];
-        if (d->ccfg.port == port && strcmp(d->host, host) == 0)
-            goto found;
+    if (s->ndests == s->dcap) {
+        int cap = s->dcap ? s->dcap * 2 : 8;
+        rg_dest **p = realloc(s->dests, (size_t)cap * sizeof(*p));
+        if (p == NULL)
+            return -1;
+        s->dests = p;
+        s->dcap = cap;
     }
-    if (s->nnodes == RG_MAX_NODES || (d = calloc(1, sizeof(*d))) == NULL) {
-        set_error(s, "too many cluster nodes, or out of memory", NULL);
-        return NULL;
+    d->index = s->ndests;
+    s->dests[s->ndests++] = d;
+    return 0;
+}
+
+static void
+dests_remove(rg_shard *s, rg_dest *d)
+{
+    rg_dest *last = s->dests[--s->ndests];
+    s->dests[d->index] = last;
+    last->index = d->index;
+}
+
+/* ---- Cluster: what the slot map (topology.c) tells ------------------------- */
+
+/* A node the map names, new: its destination, connecting. */
+static void
+node_added(void *owner, rg_node *n)
+{
+    rg_shard *s = owner;
+    rg_dest *d = calloc(1, sizeof(*d));
+
+    if (d == NULL || dests_add(s, d) != 0) {
+        free(d); /* its slots' checks fail until the next map (n->data NULL) */
+        set_error(s, "out of memory adding a cluster node", n->host);
+        return;
     }
     dest_init(s, d);
-    d->index = s->nnodes;
-    rg_msgf(d->host, sizeof(d->host), "%s", host);
+    rg_msgf(d->host, sizeof(d->host), "%s", n->host);
     d->ccfg = s->eng->conn;
     d->ccfg.host = d->host;
-    d->ccfg.port = port;
+    d->ccfg.port = n->port;
     d->ccfg.path = NULL;
+    d->ccfg.memo = &d->memo;
     d->have_addr = 1;
     d->first_ns = rg_now_ns();
-    s->node[s->nnodes++] = d;
+    d->node = n;
+    n->data = d;
     s->topo_dirty = 1;
-found:
-    if (d->state == RG_DOWN && !uv_is_active((uv_handle_t *)&d->retry_timer))
-        dest_connect(d);
-    return d;
+    dest_connect(d);
 }
 
+/* A node the map no longer names: its destination goes (closed, freed
+ * once its timer is).  The calls it owed come back through reply(NULL)
+ * while it counts as reconnecting, so their checks are routed anew (sent
+ * again once, within their deadlines: Redis may have run them). */
 static void
-map_range(void *arg, int first, int last, const char *host, int port)
-{
-    rg_shard *s = arg;
-    rg_dest *d = node_get(s, host, port);
-    int i;
-
-    if (d == NULL)
-        return; /* its slots stay unknown: their checks fail */
-    d->in_map = 1;
-    for (i = first; i <= last; i++)
-        s->slot_node[i] = (uint8_t)(d->index + 1);
-}
-
-static void map_cb(uv_timer_t *t);
-
-/* Ask for the map again in ms (sooner than what is planned). */
-static void
-map_soon(rg_shard *s, uint64_t ms)
-{
-    if (s->closing)
-        return;
-    if (uv_is_active((uv_handle_t *)&s->map_timer) && uv_timer_get_due_in(&s->map_timer) <= ms)
-        return;
-    uv_timer_start(&s->map_timer, map_cb, ms, 0);
-}
-
-static int
-map_answer(void *owner, int idx, const struct redisReply *r, char *why, size_t whylen)
+node_removed(void *owner, rg_node *n)
 {
     rg_shard *s = owner;
-    const char *asked = idx < s->eng->cfg.nseeds ? s->eng->seed_conn[idx].host
-                                                 : s->node[idx - s->eng->cfg.nseeds]->host;
-    int i, settled = 1;
+    rg_dest *d = n->data;
+    rg_conn *c = d->conn;
 
-    for (i = 0; i < s->nnodes; i++)
-        s->node[i]->in_map = 0;
-    memset(s->slot_node, 0, sizeof(s->slot_node));
-    if (rg_cluster_slots(r, asked, map_range, s) != 0) {
-        rg_msgf(why, whylen, "an unexpected reply to CLUSTER SLOTS");
-        return 0;
-    }
-    s->have_map = 1;
-    s->map_failed = 0;
-    s->map_backoff_ms = 10;
+    n->data = NULL;
+    d->node = NULL;
+    dests_remove(s, d);
     s->topo_dirty = 1;
-    for (i = 0; i < s->nnodes; i++) {
-        rg_dest *d = s->node[i];
-        if (!d->in_map)
-            uv_timer_stop(&d->retry_timer); /* no slot there: stop calling it */
-        else if (d->state != RG_READY)
-            settled = 0;
-    }
-    /* Routine refresh every 5 s; every 100 ms while a node of the map is
-     * not ready (a failover under way: heal soon after it ends). */
-    uv_timer_start(&s->map_timer, map_cb, settled ? 5000 : 100, 0);
-    send_waiting(s);
-    return 1;
+    d->state = RG_CONNECTING;
+    d->conn = NULL;
+    if (c != NULL)
+        rg_conn_close(c);
+    uv_timer_stop(&d->retry_timer);
+    uv_close((uv_handle_t *)&d->retry_timer, node_closed);
 }
 
+/* The map was read (or reading it failed): route what waits anew. */
 static void
-map_failed(void *owner, const char *why)
+map_changed(void *owner)
 {
     rg_shard *s = owner;
 
-    set_error(s, "no cluster node answered CLUSTER SLOTS", why);
-    if (s->closing)
-        return;
-    if (!s->have_map) {
-        s->map_failed = 1; /* answer at once until a map comes */
-        fail_list(s, &s->waiting, RG_ERR_UNAVAILABLE);
-    }
-    uv_timer_start(&s->map_timer, map_cb, s->map_backoff_ms, 0);
-    s->map_backoff_ms = s->map_backoff_ms * 2 > 500 ? 500 : s->map_backoff_ms * 2;
+    s->topo_dirty = 1;
+    if (rg_map_why(s->map)[0] != '\0')
+        set_error(s, rg_map_why(s->map), NULL); /* no node answered this round */
+    if (!s->closing)
+        send_waiting(s);
 }
 
 static void
@@ -1628,47 +1656,7 @@ map_settle(void *owner)
     rearm(s);
 }
 
-static const rg_ask_ops map_ops = {map_answer, map_failed, map_settle};
-
-/* Ask the seeds, then every node known, for CLUSTER SLOTS. */
-static void
-map_refresh(rg_shard *s)
-{
-    const rg_conn_cfg *cfgs[RG_ASK_MAX];
-    rg_buf b = {0};
-    int i, n = 0;
-
-    if (s->closing || rg_ask_busy(s->slots_ask))
-        return;
-    for (i = 0; i < s->eng->cfg.nseeds; i++)
-        cfgs[n++] = &s->eng->seed_conn[i];
-    for (i = 0; i < s->nnodes && n < RG_ASK_MAX; i++)
-        cfgs[n++] = &s->node[i]->ccfg;
-    if (rg_buf_reserve(&b, 64) == 0) {
-        rg_resp_array(&b, 2);
-        rg_resp_bulk(&b, "CLUSTER", 7);
-        rg_resp_bulk(&b, "SLOTS", 5);
-        if (rg_ask_start(s->slots_ask, cfgs, n, &b) == 0) {
-            rg_buf_free(&b);
-            return;
-        }
-    }
-    rg_buf_free(&b);
-    map_failed(s, "out of memory");
-}
-
-/* The map's timer: refresh it, and route again what waits (checks put
- * back after TRYAGAIN or CLUSTERDOWN). */
-static void
-map_cb(uv_timer_t *t)
-{
-    rg_shard *s = t->data;
-
-    map_refresh(s);
-    send_waiting(s);
-    flush(s);
-    rearm(s);
-}
+static const rg_map_ops map_ops = {node_added, node_removed, map_changed, map_settle};
 
 /*
  * A cluster error in reply to batch b (one slot's checks; Redis checked
@@ -1689,6 +1677,7 @@ cluster_error(rg_shard *s, rg_dest *d, rg_batch *b, const char *why)
     char host[256];
     int slot, port, kind = rg_cluster_redirect(why, &slot, host, sizeof(host), &port);
     rg_dest *t;
+    rg_node *n;
     rg_buf cmd = {0};
 
     if (kind == RG_REDIRECT_NONE) {
@@ -1718,30 +1707,29 @@ cluster_error(rg_shard *s, rg_dest *d, rg_batch *b, const char *why)
             return 1;
         }
         requeue_batch(s, b);
-        map_soon(s, 20);
+        rg_map_refresh(s->map, 20); /* its answer routes them again */
         return 1;
     }
-    t = node_get(s, host, port);
-    if (t == NULL)
-        return 0;
+    /* MOVED: noted in the map at once (and the whole map read again). */
+    n = kind == RG_REDIRECT_MOVED ? rg_map_moved(s->map, slot, host, port)
+                                  : rg_map_node(s->map, host, port);
+    if (n == NULL || (t = n->data) == NULL)
+        return 0; /* out of memory: the error is the answer */
     if (kind == RG_REDIRECT_MOVED) {
-        t->in_map = 1;
-        s->slot_node[slot] = (uint8_t)(t->index + 1);
         requeue_batch(s, b);
-        map_soon(s, 0);
         send_waiting(s);
         return 1;
     }
     if (t->state != RG_READY || b->asked || rg_buf_reserve(&cmd, 32) != 0) {
         requeue_batch(s, b);
-        map_soon(s, 20);
+        rg_map_refresh(s->map, 20);
         return 1;
     }
     rg_resp_array(&cmd, 1);
     rg_resp_bulk(&cmd, "ASKING", 6);
     if (rg_conn_send(t->conn, &cmd, &asking_priv) != 0) {
         requeue_batch(s, b);
-        map_soon(s, 20);
+        rg_map_refresh(s->map, 20);
         return 1;
     }
     /* The same call, now owed by the target. */
@@ -1769,18 +1757,23 @@ shutdown_shard(rg_shard *s, rg_check *queued)
     if (s->dest.disc != NULL)
         rg_disc_free(s->dest.disc); /* closes the Sentinel connections */
     s->dest.disc = NULL;
-    if (s->slots_ask != NULL)
-        rg_ask_free(s->slots_ask); /* closes its connection */
-    s->slots_ask = NULL;
-    for (i = 0; i < s->nnodes; i++) {
-        rg_dest *d = s->node[i];
+    for (i = 0; i < s->ndests; i++) {
+        rg_dest *d = s->dests[i];
         rg_conn *c = d->conn;
         d->conn = NULL;
+        d->node = NULL;
         if (c != NULL)
             rg_conn_close(c); /* answers every sent check */
         if (d != &s->dest)
             uv_close((uv_handle_t *)&d->retry_timer, node_closed);
     }
+    s->ndests = 0;
+    if (s->map != NULL)
+        rg_map_free(s->map); /* closes its connection; the nodes go (their dests went) */
+    s->map = NULL;
+    rg_conn_memo_clear(&s->dest.memo);
+    for (i = 0; i < s->eng->cfg.nseeds; i++)
+        rg_conn_memo_clear(&s->seed_memo[i]);
     flush(s);
     shard_close_handles(s);
 }
@@ -1833,8 +1826,8 @@ static int
 shard_owes(rg_shard *s)
 {
     int i;
-    for (i = 0; i < s->nnodes; i++)
-        if (s->node[i]->bsentinel.next != &s->node[i]->bsentinel)
+    for (i = 0; i < s->ndests; i++)
+        if (s->dests[i]->bsentinel.next != &s->dests[i]->bsentinel)
             return 1;
     return 0;
 }
@@ -1958,30 +1951,41 @@ shard_init(rg_engine *e, rg_shard *s, int i, char *errbuf, size_t errlen)
     }
     loop_fds(&s->loop, 1);
     uv_timer_init(&s->loop, &s->deadline_timer);
-    uv_timer_init(&s->loop, &s->map_timer);
+    uv_check_init(&s->loop, &s->after_poll);
+    uv_idle_init(&s->loop, &s->poll_now);
+    uv_check_start(&s->after_poll, after_poll_cb);
     dest_init(s, &s->dest);
+    /* The shard's own copies: each remembers its server (TLS session). */
+    for (r = 0; r < e->cfg.nseeds; r++) {
+        s->seeds[r] = e->seed_conn[r];
+        s->seeds[r].memo = &s->seed_memo[r];
+    }
+    s->dest.ccfg = e->conn;
+    s->dest.ccfg.memo = &s->dest.memo;
     s->wake.data = s;
     s->deadline_timer.data = s;
-    s->map_timer.data = s;
-    s->map_backoff_ms = 10;
+    s->after_poll.data = s;
+    s->poll_now.data = s;
     if (e->cfg.cluster) {
         /* The nodes come from the slot map, asked for at once. */
-        s->slots_ask = rg_ask_new(&s->loop, &map_ops, s);
-        if (s->slots_ask == NULL) {
+        s->map = rg_map_new(&s->loop, s->seeds, e->cfg.nseeds, &map_ops, s);
+        if (s->map == NULL) {
             snprintf(errbuf, errlen, "out of memory");
             shard_discard(s);
             return -1;
         }
-        uv_timer_start(&s->map_timer, map_cb, 0, 0);
         return 0;
     }
-    s->node[0] = &s->dest;
-    s->nnodes = 1;
+    if (dests_add(s, &s->dest) != 0) {
+        snprintf(errbuf, errlen, "out of memory");
+        shard_discard(s);
+        return -1;
+    }
     if (e->cfg.nseeds > 0) {
-        s->dest.ccfg = e->conn;
         s->dest.ccfg.host = s->dest.host;
         s->dest.ccfg.path = NULL;
-        s->dest.disc = rg_disc_new(&s->loop, e->seed_conn, e->cfg.nseeds, e->cfg.service,
+        s->dest.ccfg.check_role = 1; /* Sentinel's answer may be stale */
+        s->dest.disc = rg_disc_new(&s->loop, s->seeds, e->cfg.nseeds, e->cfg.service,
                                    &disc_ops, &s->dest);
         if (s->dest.disc == NULL) {
             snprintf(errbuf, errlen, "out of memory");
@@ -2004,6 +2008,8 @@ loop_close(rg_shard *s)
     loop_fds(&s->loop, 0);
     uv_loop_close(&s->loop);
     pthread_mutex_destroy(&s->mu);
+    free(s->dests);
+    s->dests = NULL;
 }
 
 /* Close a shard whose thread never ran (start failed half-way). */
@@ -2013,9 +2019,9 @@ shard_discard(rg_shard *s)
     if (s->dest.disc != NULL)
         rg_disc_free(s->dest.disc); /* never asked anything: no connection */
     s->dest.disc = NULL;
-    if (s->slots_ask != NULL)
-        rg_ask_free(s->slots_ask);
-    s->slots_ask = NULL;
+    if (s->map != NULL)
+        rg_map_free(s->map); /* never ran: no connection */
+    s->map = NULL;
     shard_close_handles(s);
     uv_run(&s->loop, UV_RUN_DEFAULT);
     loop_close(s);

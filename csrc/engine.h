@@ -24,9 +24,10 @@
 
 struct ssl_ctx_st;
 struct rg_disc;
+struct rg_map;
+struct rg_node;
 
 #define RG_MAX_SEEDS 16   /* Sentinels, or cluster nodes, in a URL */
-#define RG_MAX_NODES 64   /* cluster masters a shard talks to */
 
 typedef struct rg_engine_cfg {
     char *host;       /* TCP host, or NULL */
@@ -113,8 +114,11 @@ typedef struct rg_dest {
     rg_conn_cfg ccfg;
     char host[256];
     int have_addr;
-    int index;                 /* in the shard's node[] */
-    int in_map;                /* Cluster: the slot map names it */
+    int index;                 /* in the shard's dests[] */
+    struct rg_node *node;      /* Cluster: the master of the map it talks to */
+    int node_pos;              /* scratch, for topo_publish */
+    int drops;                 /* ready connections lost before they answered, in a row */
+    rg_conn_memo memo;         /* what its connections remember (TLS session) */
     rg_check *pend[RG_BATCH_MAX]; /* checks for the next script call (dispatch) */
     int npend;
 } rg_dest;
@@ -140,19 +144,18 @@ typedef struct rg_shard {
     int closing;
     unsigned int rand_state;
     rg_dest dest;
-    /* The destinations: &dest alone, or (Cluster) one per master node,
-     * allocated as the slot map names them and freed at shutdown. */
-    rg_dest *node[RG_MAX_NODES];
-    int nnodes;
-    /* Cluster: slot -> node index + 1 (0: unknown); the question for the
-     * map; its timer (periodic refresh, and retries after TRYAGAIN). */
-    uint8_t slot_node[16384];
-    struct rg_ask *slots_ask;
-    uv_timer_t map_timer;
-    int have_map;
-    int map_failed;            /* no node answered: checks fail at once */
+    /* The destinations: &dest alone, or (Cluster) one per node the slot
+     * map names (topology.h's rg_map owns the nodes and the map; a node it
+     * forgets takes its destination with it), a growing array. */
+    rg_dest **dests;
+    int ndests, dcap;
+    struct rg_map *map;        /* Cluster */
+    rg_conn_cfg seeds[RG_MAX_SEEDS]; /* the engine's seed_conn, each with its memo */
+    rg_conn_memo seed_memo[RG_MAX_SEEDS];
+    uv_check_t after_poll;     /* the deadline pass, after the poll phase (see deadline_cb) */
+    uv_idle_t poll_now;        /* makes that poll not block when a deadline is due */
+    int due;                   /* a deadline or stall check is due */
     int no_xslot;              /* a node cannot run rg_script_xslot (Redis < 7.0) */
-    uint64_t map_backoff_ms;
     rg_list waiting;           /* queued while connecting */
     rg_list sent;              /* in a batch, awaiting the reply */
     rg_check *done_head, *done_tail; /* finished, pushed to ports at flush */

@@ -675,8 +675,8 @@ mod_live(PyObject *module, PyObject *unused)
 {
     (void)module;
     (void)unused;
-    return Py_BuildValue("{slsl}", "checks", atomic_load(&rg_live_checks), "ports",
-                         atomic_load(&rg_live_ports));
+    return Py_BuildValue("{slslsl}", "checks", atomic_load(&rg_live_checks), "ports",
+                         atomic_load(&rg_live_ports), "conns", atomic_load(&rg_live_conns));
 }
 
 
@@ -758,7 +758,7 @@ done:
 static PyMethodDef module_methods[] = {
     {"_gcra_check", mod_gcra_check, METH_VARARGS, "The C GCRA, for tests."},
     {"_denials", mod_denials, METH_VARARGS, "The denial summary (topk.h), for tests."},
-    {"_live", mod_live, METH_NOARGS, "Live checks and ports (leak tests)."},
+    {"_live", mod_live, METH_NOARGS, "Live checks, ports and connections (leak tests)."},
     {NULL, NULL, 0, NULL},
 };
 

