@@ -175,8 +175,9 @@ def test_the_denial_log_sample_is_what_it_writes() -> None:
 # -- the README, and every code block of the docs ------------------------------------------------
 _FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<lang>[\w+-]*)[^\n]*$")
 #: What a fenced block may be: Python (type-checked by tests/test_typing_docs.py), commands
-#: (checked or run below), a TOML sample (loaded above), or text: what a program printed or wrote.
-LANGS = {"python", "sh", "toml", "text"}
+#: (checked or run below), a TOML sample (loaded above), or text: what a program printed or wrote
+#: (pycon: what an interactive Python session printed).
+LANGS = {"python", "sh", "toml", "text", "pycon"}
 
 
 def markdown_files() -> list[str]:
