@@ -122,8 +122,8 @@ flush(rg_shard *s)
                 rg_check_free(first);
                 first = next;
             }
-        } else if (rg_port_push(first->port, first, last)) {
-            atomic_fetch_add_explicit(&s->eng->wakeups_port, 1, memory_order_relaxed);
+        } else {
+            rg_port_push(first->port, first, last, &s->eng->wakeups_port);
         }
     }
 }

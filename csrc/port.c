@@ -53,7 +53,7 @@ rg_port_decref(rg_port *p)
 }
 
 int
-rg_port_push(rg_port *p, rg_check *head, rg_check *tail)
+rg_port_push(rg_port *p, rg_check *head, rg_check *tail, atomic_long *wakeups)
 {
     int wake = 0;
 
@@ -78,6 +78,11 @@ rg_port_push(rg_port *p, rg_check *head, rg_check *tail)
     if (!p->signalled) {
         p->signalled = 1;
         wake = 1;
+        /* Counted under the lock: the Python thread this write wakes takes
+         * the lock before it resolves anything, so it never reads a count
+         * without this wake-up (test_spin counts them per check). */
+        if (wakeups != NULL)
+            atomic_fetch_add_explicit(wakeups, 1, memory_order_relaxed);
         /* Once unlocked, Python may take these checks, free them (dropping
          * their references) and shut the port down, closing the eventfd:
          * our own reference keeps the port and its fd alive for the write. */

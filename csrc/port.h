@@ -34,8 +34,10 @@ void rg_port_decref(rg_port *p);
 /* Append a chain of finished checks (linked by ->next); any thread.  It holds
  * its own reference across the eventfd write, so a port that Python shuts
  * down meanwhile keeps its fd open (and unreused) until the write is done.
- * Returns 1 if it wrote the eventfd (a wake-up of asyncio), else 0. */
-int rg_port_push(rg_port *p, rg_check *head, rg_check *tail);
+ * Returns 1 if it wrote the eventfd (a wake-up of asyncio), else 0; a
+ * wake-up is counted in *wakeups (may be NULL) BEFORE the write, so that
+ * Python, woken by it, never reads a count that lacks it. */
+int rg_port_push(rg_port *p, rg_check *head, rg_check *tail, atomic_long *wakeups);
 /* Clear the eventfd and take every finished check (Python thread). */
 rg_check *rg_port_take(rg_port *p);
 /* Python has let go: later pushes are freed, queued ones returned to free. */
