@@ -106,7 +106,7 @@
  * owned by a thread (the kernel's TID), so a pid reused by another process
  * cannot be mistaken for the dead owner.
  *
- * Threads: every call is made with the GIL held (pyshm.c), so the threads
+ * Threads: every call is made with the GIL held (pylocal.c), so the threads
  * of one process never meet here; the locks order processes.
  */
 #ifndef _GNU_SOURCE

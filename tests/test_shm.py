@@ -1,4 +1,4 @@
-"""shm://NAME (csrc/shmstore.c, csrc/pyshm.c): the buckets of every process of
+"""shm://NAME (csrc/shmstore.c, csrc/pylocal.c): the buckets of every process of
 one host in a shared memory segment.
 
 In one process: the URL and its mistakes, the segment file, the same
