@@ -114,6 +114,8 @@
 #endif
 #include "shmstore.h"
 
+#include "cache.h"
+
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
@@ -187,17 +189,6 @@ siphash13(const uint64_t key[2], const void *src, size_t len)
     SIPROUND;
     SIPROUND;
     return v0 ^ v1 ^ v2 ^ v3;
-}
-
-static uint64_t
-mix64(uint64_t h)
-{
-    h ^= h >> 30;
-    h *= 0xbf58476d1ce4e5b9ULL;
-    h ^= h >> 27;
-    h *= 0x94d049bb133111ebULL;
-    h ^= h >> 31;
-    return h;
 }
 
 /* A key as entries store it: itself up to RG_SHM_KMAX bytes, else its
@@ -297,7 +288,7 @@ ident_hash(const shm_key *k, const shm_id *id)
         h ^= (unsigned char)id->p[i];
         h *= 0x100000001b3ULL;
     }
-    return mix64(k->kh ^ mix64(h));
+    return rg_mix64(k->kh ^ rg_mix64(h));
 }
 
 static int
@@ -407,11 +398,11 @@ choices(const shm_txn *t, uint64_t h, uint64_t out[CHOICES])
     out[0] = t->first + a * W;
     if (sps < 2)
         return 1;
-    b = (a + 1 + mix64(h ^ 0x243f6a8885a308d3ULL) % (sps - 1)) % sps; /* != a */
+    b = (a + 1 + rg_mix64(h ^ 0x243f6a8885a308d3ULL) % (sps - 1)) % sps; /* != a */
     out[1] = t->first + b * W;
     if (sps < 3)
         return 2;
-    c = mix64(h ^ 0x13198a2e03707344ULL) % sps;
+    c = rg_mix64(h ^ 0x13198a2e03707344ULL) % sps;
     while (c == a || c == b)
         c = (c + 1) % sps;
     out[2] = t->first + c * W;
