@@ -208,13 +208,6 @@ def test_expired_slots_are_not_counted(shm_name: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    lp = asyncio.new_event_loop()
-    yield lp
-    lp.close()
-
-
-@pytest.fixture(scope="module")
 def shm_limiter() -> Iterator[rategate.Limiter]:
     name = fresh_name("prop")
     lim = rategate.Limiter(f"shm://{name}?capacity=20000", timeout=2.0)
