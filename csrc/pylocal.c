@@ -173,7 +173,8 @@ store_op(LocalObject *self, int kind, int op, const rg_spec *spec, const char *k
         return rg_memstore_op(&MEM(self)->mem, op, spec, key, keylen, sid, sidlen, cost, now, r) < 0
                    ? RG_ERR_OVERLOADED
                    : RG_ERR_NONE;
-    rc = rg_shm_op(&SHM(self)->shm, op, spec, key, keylen, sid, sidlen, cost, SHM(self)->timeout_ns, r);
+    rc = rg_shm_op(&SHM(self)->shm, op, spec, key, keylen, sid, sidlen, cost, SHM(self)->timeout_ns,
+                   r);
     return rc == RG_SHM_OK        ? RG_ERR_NONE
            : rc == RG_SHM_FULL    ? RG_ERR_OVERLOADED
            : rc == RG_SHM_TIMEOUT ? RG_ERR_TIMEOUT
