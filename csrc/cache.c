@@ -30,13 +30,8 @@ rg_hash_from(uint64_t h, const char *key, size_t len)
         h ^= (unsigned char)key[i];
         h *= 0x100000001b3ULL;
     }
-    /* splitmix64 finaliser: FNV's low bits are weak, and we index with them */
-    h ^= h >> 30;
-    h *= 0xbf58476d1ce4e5b9ULL;
-    h ^= h >> 27;
-    h *= 0x94d049bb133111ebULL;
-    h ^= h >> 31;
-    return h;
+    /* FNV's low bits are weak, and we index with them */
+    return rg_mix64(h);
 }
 
 #define FIRST_SETS 16 /* 64 entries, about 11 KiB, until a flood needs more */

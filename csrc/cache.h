@@ -89,4 +89,17 @@ uint64_t rg_hash(const char *key, size_t len);
 uint64_t rg_hash_from(uint64_t h, const char *key, size_t len);
 void rg_hash_seed(uint64_t seed);
 
+/* splitmix64's finaliser: every bit of h moves every bit of the result
+ * (rg_hash's final mix; shmstore.c's set choices). */
+static inline uint64_t
+rg_mix64(uint64_t h)
+{
+    h ^= h >> 30;
+    h *= 0xbf58476d1ce4e5b9ULL;
+    h ^= h >> 27;
+    h *= 0x94d049bb133111ebULL;
+    h ^= h >> 31;
+    return h;
+}
+
 #endif

@@ -791,7 +791,8 @@ module_exec(PyObject *m)
     TYPE(DecisionType, decision_spec, NULL);
     TYPE(SpecType, spec_spec, NULL);
 #undef TYPE
-    if (rg_engine_types_init(m, st) < 0 || rg_shm_types_init(m) < 0 || rg_gate_types_init(m) < 0)
+    if (rg_engine_types_init(m, st) < 0 || rg_local_types_init(m, st) < 0 ||
+        rg_gate_types_init(m) < 0)
         goto done;
 
     st->err_str[0] = Py_NewRef(Py_None);

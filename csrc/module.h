@@ -1,5 +1,6 @@
 /*
- * module.h: what the Python-facing files share (module.c, pyengine.c).
+ * module.h: what the Python-facing files share (module.c, pyengine.c,
+ * pylocal.c, pygate.c).
  * Everything here runs on a thread holding the GIL.
  */
 #ifndef RG_MODULE_H
@@ -54,7 +55,7 @@ typedef struct {
     PyObject *rates; /* tuple of Rate */
 } SpecObject;
 
-/* Counters kept under the GIL by both engines. */
+/* Counters kept under the GIL by every engine. */
 typedef struct rg_counters {
     unsigned long long checks, allowed, denied, cached;
     unsigned long long leased; /* allowed from a lease, without Redis (lease.h) */
@@ -114,8 +115,8 @@ int rg_gate_types_init(PyObject *module);
 int rg_parse_prefix(PyObject *const *args, Py_ssize_t nargs, const char **prefix,
                     Py_ssize_t *plen);
 
-/* ShmEngine and shm_unlink() (pyshm.c). */
-int rg_shm_types_init(PyObject *module);
+/* MemoryEngine, ShmEngine and shm_unlink() (pylocal.c). */
+int rg_local_types_init(PyObject *module, rg_state *st);
 
 /* Bumped in the child after fork(): engines started before it are gone. */
 extern unsigned long rg_fork_generation;

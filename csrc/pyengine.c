@@ -10,7 +10,8 @@
  *              eventfd the loop watches with add_reader, and the futures
  *              waiting on it, by slot.  _drain() resolves every finished
  *              check in one call.
- * MemoryEngine memory://, answered synchronously under the GIL.
+ * (MemoryEngine and ShmEngine, which answer in the caller's thread, are in
+ * pylocal.c.)
  *
  * All of this runs with the GIL held; the only calls into the loop threads
  * are rg_engine_start/submit/stop (engine.h).
@@ -22,7 +23,6 @@
 #include "cache.h"
 #include "engine.h"
 #include "lease.h"
-#include "memstore.h"
 #include "port.h"
 #include "topk.h"
 
@@ -1865,252 +1865,6 @@ static PyType_Spec engine_spec = {
     .slots = engine_slots,
 };
 
-/* ---- MemoryEngine -------------------------------------------------------------- */
-
-typedef struct {
-    PyObject_HEAD
-    rg_state *st;
-    PyObject *module;
-    rg_memstore mem;
-    rg_counters k;
-    rg_denials denials;
-    int failure_open;
-    int closed;
-} MemoryEngineObject;
-
-static PyObject *
-mem_tp_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
-{
-    static char *kwlist[] = {"failure_open", NULL};
-    int failure_open = 0;
-    rg_state *st = rg_state_of_type(tp);
-    MemoryEngineObject *self;
-
-    if (st == NULL)
-        return NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|p:MemoryEngine", kwlist, &failure_open))
-        return NULL;
-    self = (MemoryEngineObject *)tp->tp_alloc(tp, 0);
-    if (self == NULL)
-        return NULL;
-    self->st = st;
-    self->failure_open = failure_open;
-    self->module = Py_XNewRef(PyType_GetModuleByDef(tp, &rg_module_def));
-    if (self->module == NULL) {
-        Py_DECREF(self);
-        return NULL;
-    }
-    if (rg_memstore_init(&self->mem) < 0) {
-        Py_DECREF(self);
-        return PyErr_NoMemory();
-    }
-    return (PyObject *)self;
-}
-
-static int
-mem_ready(MemoryEngineObject *self)
-{
-    if (self->closed) {
-        PyErr_SetString(PyExc_RuntimeError, "this Limiter is closed (aclose() was called)");
-        return -1;
-    }
-    return 0;
-}
-
-static PyObject *
-mem_submit(MemoryEngineObject *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    const char *key, *sid;
-    Py_ssize_t keylen, sidlen;
-    SpecObject *spec;
-    long long cost;
-    uint64_t now;
-    rg_result r;
-
-    if (rg_parse_submit(self->st, args, nargs, &key, &keylen, &spec, &cost) < 0 ||
-        rg_parse_sid(spec, args, nargs, &sid, &sidlen) < 0 || mem_ready(self) < 0)
-        return NULL;
-    self->k.checks++;
-    now = rg_now_ns();
-    if (rg_memstore_op(&self->mem, RG_OP_HIT, spec->spec, key, (size_t)keylen, sid,
-                       (size_t)sidlen, cost, now, &r) < 0)
-        return rg_failure(self->st, &self->k, spec->spec, self->failure_open, RG_ERR_OVERLOADED);
-    if (!r.allowed)
-        rg_denials_note(&self->denials, rg_hash(key, (size_t)keylen), key, (size_t)keylen, now);
-    return rg_answer(self->st, &self->k, spec->spec, &r, cost);
-}
-
-/* charge(key, spec, cost) -> Decision (not counted as a check). */
-static PyObject *
-mem_charge(MemoryEngineObject *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    const char *key;
-    Py_ssize_t keylen;
-    SpecObject *spec;
-    long long cost;
-    rg_counters scratch;
-    rg_result r;
-
-    if (rg_parse_charge(self->st, args, nargs, &key, &keylen, &spec, &cost) < 0 ||
-        mem_ready(self) < 0)
-        return NULL;
-    if (rg_memstore_op(&self->mem, RG_OP_CHARGE, spec->spec, key, (size_t)keylen, NULL, 0, cost,
-                       rg_now_ns(), &r) < 0)
-        return rg_failure(self->st, &scratch, spec->spec, self->failure_open, RG_ERR_OVERLOADED);
-    return rg_answer(self->st, &scratch, spec->spec, &r, cost);
-}
-
-/* release(key, spec, slot_id) -> True: the slot is given back. */
-static PyObject *
-mem_release(MemoryEngineObject *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    const char *key, *sid;
-    Py_ssize_t keylen, sidlen;
-    SpecObject *spec;
-    rg_result r;
-
-    if (rg_parse_release(self->st, args, nargs, &key, &keylen, &spec, &sid, &sidlen) < 0 ||
-        mem_ready(self) < 0)
-        return NULL;
-    /* Allocates nothing: cannot fail. */
-    rg_memstore_op(&self->mem, RG_OP_RELEASE, spec->spec, key, (size_t)keylen, sid,
-                   (size_t)sidlen, 0, rg_now_ns(), &r);
-    Py_RETURN_TRUE;
-}
-
-/* reset(key, spec) -> True: the key's buckets for the spec's rates are full. */
-static PyObject *
-mem_reset(MemoryEngineObject *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    const char *key;
-    Py_ssize_t keylen;
-    SpecObject *spec;
-
-    if (rg_parse_reset(self->st, args, nargs, &key, &keylen, &spec) < 0 || mem_ready(self) < 0)
-        return NULL;
-    rg_memstore_delete(&self->mem, spec->spec, key, (size_t)keylen);
-    Py_RETURN_TRUE;
-}
-
-/* clear() -> int: forget every bucket and slot set; how many were live. */
-static PyObject *
-mem_clear(MemoryEngineObject *self, PyObject *unused)
-{
-    (void)unused;
-    if (mem_ready(self) < 0)
-        return NULL;
-    return PyLong_FromSize_t(rg_memstore_clear(&self->mem, rg_now_ns()));
-}
-
-static PyObject *
-mem_close(MemoryEngineObject *self, PyObject *unused)
-{
-    (void)unused;
-    self->closed = 1;
-    rg_memstore_free(&self->mem);
-    Py_RETURN_NONE;
-}
-
-static PyObject *
-mem_stats(MemoryEngineObject *self, PyObject *unused)
-{
-    PyObject *d = rg_counters_dict(self->st, &self->k), *v;
-    (void)unused;
-    if (d == NULL)
-        return NULL;
-    v = Py_BuildValue("{sisisOsOsnsi}", "in_flight", 0, "reconnects", 0, "connected", Py_True,
-                      "last_error", Py_None, "keys", (Py_ssize_t)rg_memstore_size(&self->mem),
-                      "threads", 0);
-    if (v == NULL || PyDict_Update(d, v) < 0 || rg_denials_into(d, &self->denials, RG_DENIALS_SHOWN, rg_now_ns()) < 0) {
-        Py_XDECREF(v);
-        Py_DECREF(d);
-        return NULL;
-    }
-    Py_DECREF(v);
-    return d;
-}
-
-/* entries(prefix=b"") -> [(key, key_id, value)] (Seam 2): every live entry
- * whose key starts with prefix; value: microseconds until a rate's bucket is
- * full, or a key's live slots (key_id b"c").  Builds bytes only: no Python
- * code runs while the table is walked. */
-static PyObject *
-mem_entries(MemoryEngineObject *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    const char *prefix;
-    Py_ssize_t plen;
-    const rg_mem_entry *e;
-    uint64_t now = rg_now_ns();
-    size_t i = 0;
-    double v;
-    PyObject *out;
-
-    if (rg_parse_prefix(args, nargs, &prefix, &plen) < 0 || mem_ready(self) < 0)
-        return NULL;
-    if ((out = PyList_New(0)) == NULL)
-        return NULL;
-    while ((e = rg_memstore_next(&self->mem, &i, now, &v)) != NULL) {
-        const char *nul = memrchr(e->key, '\0', e->keylen);
-        size_t kl = (size_t)(nul - e->key);
-        PyObject *t;
-        if (kl < (size_t)plen || memcmp(e->key, prefix, (size_t)plen) != 0)
-            continue;
-        t = Py_BuildValue("(y#y#d)", e->key, (Py_ssize_t)kl, nul + 1,
-                          (Py_ssize_t)(e->keylen - kl - 1), v);
-        if (t == NULL || PyList_Append(out, t) < 0) {
-            Py_XDECREF(t);
-            Py_DECREF(out);
-            return NULL;
-        }
-        Py_DECREF(t);
-    }
-    return out;
-}
-
-static void
-mem_dealloc(MemoryEngineObject *self)
-{
-    PyTypeObject *tp = Py_TYPE(self);
-    rg_memstore_free(&self->mem);
-    rg_denials_free(&self->denials);
-    Py_CLEAR(self->module);
-    tp->tp_free((PyObject *)self);
-    Py_DECREF(tp);
-}
-
-static PyMethodDef mem_methods[] = {
-    {"submit", (PyCFunction)(void (*)(void))mem_submit, METH_FASTCALL,
-     "submit(key, spec, cost) -> Decision"},
-    {"reset", (PyCFunction)(void (*)(void))mem_reset, METH_FASTCALL,
-     "reset(key, spec) -> True"},
-    {"charge", (PyCFunction)(void (*)(void))mem_charge, METH_FASTCALL,
-     "charge(key, spec, cost) -> Decision"},
-    {"release", (PyCFunction)(void (*)(void))mem_release, METH_FASTCALL,
-     "release(key, spec, slot_id) -> True"},
-    {"clear", (PyCFunction)mem_clear, METH_NOARGS,
-     "clear() -> int: forget every bucket and slot set (how many were live)"},
-    {"close", (PyCFunction)mem_close, METH_NOARGS, "Forget every bucket."},
-    {"stats", (PyCFunction)mem_stats, METH_NOARGS, "Counters."},
-    {"entries", (PyCFunction)(void (*)(void))mem_entries, METH_FASTCALL,
-     "entries(prefix=b'') -> [(key, key_id, value)]"},
-    {NULL, NULL, 0, NULL},
-};
-
-static PyType_Slot mem_slots[] = {
-    {Py_tp_new, mem_tp_new},
-    {Py_tp_dealloc, mem_dealloc},
-    {Py_tp_methods, mem_methods},
-    {Py_tp_doc, "memory://: the same GCRA in process, answered synchronously."},
-    {0, NULL},
-};
-
-static PyType_Spec mem_spec = {
-    .name = "rategate._core.MemoryEngine",
-    .basicsize = sizeof(MemoryEngineObject),
-    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE,
-    .slots = mem_slots,
-};
-
 int
 rg_engine_types_init(PyObject *m, rg_state *st)
 {
@@ -2122,9 +1876,6 @@ rg_engine_types_init(PyObject *m, rg_state *st)
         return -1;
     st->EngineType = (PyTypeObject *)PyType_FromModuleAndSpec(m, &engine_spec, NULL);
     if (st->EngineType == NULL || PyModule_AddType(m, st->EngineType) < 0)
-        return -1;
-    st->MemoryEngineType = (PyTypeObject *)PyType_FromModuleAndSpec(m, &mem_spec, NULL);
-    if (st->MemoryEngineType == NULL || PyModule_AddType(m, st->MemoryEngineType) < 0)
         return -1;
     st->PortType = (PyTypeObject *)PyType_FromModuleAndSpec(m, &port_spec, NULL);
     if (st->PortType == NULL || PyModule_AddType(m, st->PortType) < 0)

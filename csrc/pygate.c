@@ -708,6 +708,41 @@ no_client:
     return ip_walk(g, k, scope, g->unknown);
 }
 
+/* keys.key_digest(k) as ASCII bytes (the digest of a key past
+ * MAX_KEY_LENGTH), or NULL with an error. */
+static PyObject *
+digest_bytes(GateObject *g, PyObject *k)
+{
+    PyObject *dg = PyObject_CallOneArg(g->key_digest, k), *enc;
+    if (dg == NULL)
+        return NULL;
+    enc = PyUnicode_AsASCIIString(dg);
+    Py_DECREF(dg);
+    return enc;
+}
+
+/* prefix (bytes) + the n bytes at s: new bytes, or NULL with an error. */
+static PyObject *
+prefixed(PyObject *prefix, const char *s, Py_ssize_t n)
+{
+    Py_ssize_t pn = PyBytes_GET_SIZE(prefix);
+    PyObject *out = PyBytes_FromStringAndSize(NULL, pn + n);
+    if (out != NULL) {
+        memcpy(PyBytes_AS_STRING(out), PyBytes_AS_STRING(prefix), (size_t)pn);
+        memcpy(PyBytes_AS_STRING(out) + pn, s, (size_t)n);
+    }
+    return out;
+}
+
+/* prefixed() of the bytes b, whose reference it takes. */
+static PyObject *
+prefixed_del(PyObject *prefix, PyObject *b)
+{
+    PyObject *out = prefixed(prefix, PyBytes_AS_STRING(b), PyBytes_GET_SIZE(b));
+    Py_DECREF(b);
+    return out;
+}
+
 /* The client key of rule r for this request: str or bytes, Py_None (not
  * limited), HANDOVER, or NULL with an error. */
 static PyObject *
@@ -739,37 +774,15 @@ client_key(GateObject *g, const grule *r, PyObject *scope)
             while (b > a && (v[b - 1] == ' ' || (v[b - 1] >= 9 && v[b - 1] <= 13)))
                 b--;
             if (b > a) {
-                PyObject *out;
+                PyObject *part, *enc;
                 Py_DECREF(hs);
-                if (b - a > MAX_KEY_LENGTH) {
-                    PyObject *part = PyBytes_FromStringAndSize(v + a, b - a), *dg, *enc;
-                    if (part == NULL)
-                        return NULL;
-                    dg = PyObject_CallOneArg(g->key_digest, part);
-                    Py_DECREF(part);
-                    if (dg == NULL)
-                        return NULL;
-                    enc = PyUnicode_AsASCIIString(dg);
-                    Py_DECREF(dg);
-                    if (enc == NULL)
-                        return NULL;
-                    out = PyBytes_FromStringAndSize(NULL, PyBytes_GET_SIZE(r->key.hhashed) + PyBytes_GET_SIZE(enc));
-                    if (out != NULL) {
-                        memcpy(PyBytes_AS_STRING(out), PyBytes_AS_STRING(r->key.hhashed),
-                               (size_t)PyBytes_GET_SIZE(r->key.hhashed));
-                        memcpy(PyBytes_AS_STRING(out) + PyBytes_GET_SIZE(r->key.hhashed), PyBytes_AS_STRING(enc),
-                               (size_t)PyBytes_GET_SIZE(enc));
-                    }
-                    Py_DECREF(enc);
-                    return out;
-                }
-                out = PyBytes_FromStringAndSize(NULL, PyBytes_GET_SIZE(r->key.heq) + (b - a));
-                if (out != NULL) {
-                    memcpy(PyBytes_AS_STRING(out), PyBytes_AS_STRING(r->key.heq),
-                           (size_t)PyBytes_GET_SIZE(r->key.heq));
-                    memcpy(PyBytes_AS_STRING(out) + PyBytes_GET_SIZE(r->key.heq), v + a, (size_t)(b - a));
-                }
-                return out;
+                if (b - a <= MAX_KEY_LENGTH)
+                    return prefixed(r->key.heq, v + a, b - a);
+                if ((part = PyBytes_FromStringAndSize(v + a, b - a)) == NULL)
+                    return NULL;
+                enc = digest_bytes(g, part);
+                Py_DECREF(part);
+                return enc == NULL ? NULL : prefixed_del(r->key.hhashed, enc);
             }
             break;
         }
@@ -786,7 +799,7 @@ client_key(GateObject *g, const grule *r, PyObject *scope)
 static PyObject *
 store_key(GateObject *g, const grule *r, PyObject *k)
 {
-    PyObject *out, *dg = NULL, *enc = NULL;
+    PyObject *out, *dg, *enc;
 
     if (PyUnicode_Check(k)) {
         if (PyUnicode_GET_LENGTH(k) <= MAX_KEY_LENGTH)
@@ -798,21 +811,10 @@ store_key(GateObject *g, const grule *r, PyObject *k)
         Py_DECREF(dg);
         return out;
     }
-    if (PyBytes_GET_SIZE(k) <= MAX_KEY_LENGTH) {
-        out = Py_NewRef(r->bprefix);
-        PyBytes_Concat(&out, k);
-        return out;
-    }
-    dg = PyObject_CallOneArg(g->key_digest, k);
-    if (dg == NULL)
-        return NULL;
-    enc = PyUnicode_AsASCIIString(dg);
-    Py_DECREF(dg);
-    if (enc == NULL)
-        return NULL;
-    out = Py_NewRef(r->bhprefix);
-    PyBytes_ConcatAndDel(&out, enc);
-    return out;
+    if (PyBytes_GET_SIZE(k) <= MAX_KEY_LENGTH)
+        return prefixed(r->bprefix, PyBytes_AS_STRING(k), PyBytes_GET_SIZE(k));
+    enc = digest_bytes(g, k);
+    return enc == NULL ? NULL : prefixed_del(r->bhprefix, enc);
 }
 
 /* ---- counts, headers, answers --------------------------------------------------- */

@@ -106,13 +106,15 @@
  * owned by a thread (the kernel's TID), so a pid reused by another process
  * cannot be mistaken for the dead owner.
  *
- * Threads: every call is made with the GIL held (pyshm.c), so the threads
+ * Threads: every call is made with the GIL held (pylocal.c), so the threads
  * of one process never meet here; the locks order processes.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
 #endif
 #include "shmstore.h"
+
+#include "cache.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -187,17 +189,6 @@ siphash13(const uint64_t key[2], const void *src, size_t len)
     SIPROUND;
     SIPROUND;
     return v0 ^ v1 ^ v2 ^ v3;
-}
-
-static uint64_t
-mix64(uint64_t h)
-{
-    h ^= h >> 30;
-    h *= 0xbf58476d1ce4e5b9ULL;
-    h ^= h >> 27;
-    h *= 0x94d049bb133111ebULL;
-    h ^= h >> 31;
-    return h;
 }
 
 /* A key as entries store it: itself up to RG_SHM_KMAX bytes, else its
@@ -297,7 +288,7 @@ ident_hash(const shm_key *k, const shm_id *id)
         h ^= (unsigned char)id->p[i];
         h *= 0x100000001b3ULL;
     }
-    return mix64(k->kh ^ mix64(h));
+    return rg_mix64(k->kh ^ rg_mix64(h));
 }
 
 static int
@@ -407,11 +398,11 @@ choices(const shm_txn *t, uint64_t h, uint64_t out[CHOICES])
     out[0] = t->first + a * W;
     if (sps < 2)
         return 1;
-    b = (a + 1 + mix64(h ^ 0x243f6a8885a308d3ULL) % (sps - 1)) % sps; /* != a */
+    b = (a + 1 + rg_mix64(h ^ 0x243f6a8885a308d3ULL) % (sps - 1)) % sps; /* != a */
     out[1] = t->first + b * W;
     if (sps < 3)
         return 2;
-    c = mix64(h ^ 0x13198a2e03707344ULL) % sps;
+    c = rg_mix64(h ^ 0x13198a2e03707344ULL) % sps;
     while (c == a || c == b)
         c = (c + 1) % sps;
     out[2] = t->first + c * W;
@@ -882,6 +873,36 @@ count_slots(shm_txn *t, uint32_t *count)
     }
 }
 
+/* Lock stripe i into t for a walk of its entries (clear(), entries()), and
+ * count its sets' live slots into slots (count_slots): RG_SHM_OK, or the
+ * lock's failure (not held).  The caller unlocks. */
+static int
+walk_begin(rg_shm *s, uint32_t i, uint64_t timeout_ns, shm_txn *t, uint32_t *slots)
+{
+    int rc;
+    txn_init(t, s, i);
+    if ((rc = lock(s, t->st, timeout_ns)) != RG_SHM_OK)
+        return rc;
+    t->now = shm_now(s);
+    count_slots(t, slots);
+    return RG_SHM_OK;
+}
+
+/* What entries() lists for the used entry g of the walked stripe: a rate's
+ * microseconds until its bucket is full, a set head's live slots; 0 for
+ * what is not live (a full bucket, a set with no live slot, a slot). */
+static double
+live_value(const shm_txn *t, const uint32_t *slots, uint64_t g)
+{
+    const rg_shm_entry *e = &t->s->entries[g];
+    double x = *exp_of(t->s, g);
+    if (e->kind == RG_SHM_RATE && x > t->now)
+        return x - t->now;
+    if (e->kind == RG_SHM_HEAD && slots[g - t->first] > 0)
+        return (double)slots[g - t->first];
+    return 0;
+}
+
 int
 rg_shm_clear(rg_shm *s, uint64_t timeout_ns, uint64_t *count)
 {
@@ -895,20 +916,16 @@ rg_shm_clear(rg_shm *s, uint64_t timeout_ns, uint64_t *count)
         shm_txn t;
         uint64_t g, last;
         int pass;
-        txn_init(&t, s, i);
-        if ((rc = lock(s, t.st, timeout_ns)) != RG_SHM_OK)
+        if ((rc = walk_begin(s, i, timeout_ns, &t, slots)) != RG_SHM_OK)
             break;
-        t.now = shm_now(s);
-        count_slots(&t, slots);
         last = t.first + s->sps * W;
         /* Slots before sets: a live slot never outlives its set's count. */
         for (pass = 0; pass < 2; pass++)
             for (g = t.first; g < last; g++) {
-                const rg_shm_entry *e = &s->entries[g];
-                if (set_of(s, g)->fp[g % W] == 0 || (e->kind == RG_SHM_SLOT) != (pass == 0))
+                if (set_of(s, g)->fp[g % W] == 0 ||
+                    (s->entries[g].kind == RG_SHM_SLOT) != (pass == 0))
                     continue;
-                if ((e->kind == RG_SHM_RATE && *exp_of(s, g) > t.now) ||
-                    (e->kind == RG_SHM_HEAD && slots[g - t.first] > 0))
+                if (live_value(&t, slots, g) > 0)
                     (*count)++;
                 __atomic_store_n(fp_ptr(s, g), 0, __ATOMIC_RELAXED);
             }
@@ -948,25 +965,15 @@ rg_shm_entries(rg_shm *s, const char *prefix, size_t plen, uint64_t timeout_ns,
     for (i = 0; i < s->nstripes && rc == RG_SHM_OK; i++) {
         shm_txn t;
         uint64_t g, last;
-        txn_init(&t, s, i);
-        if ((rc = lock(s, t.st, timeout_ns)) != RG_SHM_OK)
+        if ((rc = walk_begin(s, i, timeout_ns, &t, slots)) != RG_SHM_OK)
             break;
-        t.now = shm_now(s);
-        count_slots(&t, slots);
         last = t.first + s->sps * W;
         for (g = t.first; g < last && rc == RG_SHM_OK; g++) {
             const rg_shm_entry *e = &s->entries[g];
-            double x = *exp_of(s, g), v;
             rg_shm_item *it;
-            if (set_of(s, g)->fp[g % W] == 0 || !entry_sane(e))
-                continue;
-            if (e->kind == RG_SHM_RATE && x > t.now)
-                v = x - t.now;
-            else if (e->kind == RG_SHM_HEAD && slots[g - t.first] > 0)
-                v = (double)slots[g - t.first];
-            else
-                continue;
-            if (!prefix_match(e, prefix, plen, pdigest))
+            double v;
+            if (set_of(s, g)->fp[g % W] == 0 || !entry_sane(e) ||
+                (v = live_value(&t, slots, g)) <= 0 || !prefix_match(e, prefix, plen, pdigest))
                 continue;
             if (*n == cap) {
                 size_t nc = cap ? cap * 2 : 64;

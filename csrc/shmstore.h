@@ -4,7 +4,7 @@
  * The design, why it is exact, and what a killed process can cost: the
  * comment at the top of shmstore.c.
  *
- * No Python here (tests/test_thread_boundary.py): pyshm.c is the Python
+ * No Python here (tests/test_thread_boundary.py): pylocal.c is the Python
  * type over it, and calls it with the GIL held.  Nothing in an rg_shm is
  * per thread; everything per process is in the rg_shm itself (a mapping is
  * inherited across fork() and keeps working in the child).
@@ -43,7 +43,7 @@ enum {
     RG_SHM_BROKEN = 3,  /* the lock cannot be used (ENOTRECOVERABLE, ...) */
 };
 
-/* Why rg_shm_open failed: the error class pyshm.c raises. */
+/* Why rg_shm_open failed: the error class pylocal.c raises. */
 enum {
     RG_SHM_EOS = 1,     /* a system call failed: errno says which (OSError) */
     RG_SHM_EPERM,       /* another user's segment, or open to others (PermissionError) */

@@ -166,6 +166,16 @@ def storage_url(request: pytest.FixtureRequest) -> str:
     return str(request.getfixturevalue("redis_url"))
 
 
+# -- an event loop for a module's synchronous tests ------------------------------
+@pytest.fixture(scope="module")
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    """One asyncio loop per test module, for tests that drive coroutines with
+    ``loop.run_until_complete`` (hypothesis-driven ones among them)."""
+    lp = asyncio.new_event_loop()
+    yield lp
+    lp.close()
+
+
 # -- limiters -----------------------------------------------------------------
 @pytest.fixture
 async def make_limiter() -> AsyncIterator[Callable[..., Any]]:

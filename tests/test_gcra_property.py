@@ -177,13 +177,6 @@ def test_c_charge_equals_the_model(rates: tuple[rategate.Rate, ...], seq: list[t
 _keys = itertools.count()
 
 
-@pytest.fixture(scope="module")
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    lp = asyncio.new_event_loop()
-    yield lp
-    lp.close()
-
-
 def check_store(lim: Any, loop: asyncio.AbstractEventLoop, rates: tuple[rategate.Rate, ...],
                 costs: list[int]) -> None:
     key = f"prop{next(_keys)}"

@@ -13,11 +13,6 @@ hypercorn and granian do with a startup error (a configuration mistake).
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -25,25 +20,14 @@ from typing import Any
 import httpx
 import pytest
 from redisserver import free_port
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
+from serverproc import HERE, ServerProcess
 
 
-class Server:
+class Server(ServerProcess):
     """``python -m <argv>`` (a server) on a free loopback port, in its own process group."""
 
     def __init__(self, argv: list[str], port: int, env: dict[str, str] | None = None, *, ready: bool = True) -> None:
-        self.port = port
-        self.url = f"http://127.0.0.1:{port}"
-        self._logf = tempfile.NamedTemporaryFile(prefix="rategate-server-", suffix=".log", delete=False)
-        full_env = dict(os.environ)
-        full_env["PYTHONPATH"] = os.pathsep.join([REPO, HERE] + ([full_env["PYTHONPATH"]]
-                                                                 if full_env.get("PYTHONPATH") else []))
-        full_env.update(env or {})
-        self.proc = subprocess.Popen([sys.executable, "-m", *argv], cwd=HERE, env=full_env,
-                                     stdin=subprocess.DEVNULL, stdout=self._logf, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        super().__init__(argv, port, env=env, cwd=HERE)
         if ready:
             try:
                 self.wait("/health")
@@ -63,27 +47,6 @@ class Server:
                 pass
             time.sleep(0.1)
         raise RuntimeError(f"no {want} from {path} in 40 s:\n{self.log()}")
-
-    def log(self) -> str:
-        with open(self._logf.name, encoding="utf-8", errors="replace") as f:
-            return f.read()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-            except ProcessLookupError:  # pragma: no cover
-                pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # workers left behind
-        except ProcessLookupError:
-            pass
-        self._logf.close()
-        os.unlink(self._logf.name)
 
 
 def argv_for(server: str, app: str, port: int) -> list[str]:

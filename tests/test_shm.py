@@ -1,4 +1,4 @@
-"""shm://NAME (csrc/shmstore.c, csrc/pyshm.c): the buckets of every process of
+"""shm://NAME (csrc/shmstore.c, csrc/pylocal.c): the buckets of every process of
 one host in a shared memory segment.
 
 In one process: the URL and its mistakes, the segment file, the same
@@ -205,13 +205,6 @@ def test_expired_slots_are_not_counted(shm_name: str) -> None:
     assert not lim.submit("k", spec, 1, b"z").allowed
     lim.release("k", spec, b"x")
     assert lim.submit("k", spec, 1, b"z").remaining == 0
-
-
-@pytest.fixture(scope="module")
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    lp = asyncio.new_event_loop()
-    yield lp
-    lp.close()
 
 
 @pytest.fixture(scope="module")

@@ -16,10 +16,6 @@ run as written, from the repository root.
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -27,34 +23,28 @@ from typing import Any
 import httpx
 import pytest
 from redisserver import free_port
+from serverproc import REPO, ServerProcess
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
 HANG = 5.0  # hang detection for one request; the limiter's deadline is 0.05 s
 
 
-class Uvicorn:
+class Uvicorn(ServerProcess):
     """``python -m uvicorn ARGS`` on a free 127.0.0.1 port, in its own process group.
 
     Waits until ``ready_path`` answers (and, with ``--workers N``, until N
-    workers say "Application startup complete"); :meth:`stop` ends the group.
+    workers say "Application startup complete"); :meth:`stop` ends the group
+    (SIGTERM: the workers shut down; SIGKILL after 5 s).
     """
+
+    term_wait = 5.0
 
     def __init__(self, app: str, *args: str, env: dict[str, str] | None = None, workers: int = 1,
                  ready_path: str = "/health", cwd: str = REPO) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._logf = tempfile.NamedTemporaryFile(prefix="rategate-uvicorn-", suffix=".log", delete=False)
-        argv = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(self.port),
-                "--no-access-log", *args]
+        port = free_port()
+        argv = ["uvicorn", app, "--host", "127.0.0.1", "--port", str(port), "--no-access-log", *args]
         if workers > 1:
             argv += ["--workers", str(workers)]
-        full_env = dict(os.environ)
-        full_env["PYTHONPATH"] = os.pathsep.join(
-            [REPO, HERE] + ([full_env["PYTHONPATH"]] if full_env.get("PYTHONPATH") else []))
-        full_env.update(env or {})
-        self.proc = subprocess.Popen(argv, cwd=cwd, env=full_env, stdin=subprocess.DEVNULL,
-                                     stdout=self._logf, stderr=subprocess.STDOUT, start_new_session=True)
+        super().__init__(argv, port, env=env, cwd=cwd, log_prefix="rategate-uvicorn-")
         try:
             self._wait(ready_path, workers)
         except BaseException:
@@ -80,32 +70,6 @@ class Uvicorn:
                     pass
             time.sleep(0.1)
         raise RuntimeError(f"uvicorn did not start in 40 s:\n{self.log()}")
-
-    def log(self) -> str:
-        with open(self._logf.name, encoding="utf-8", errors="replace") as f:
-            return f.read()
-
-    def stop(self, graceful: bool = True) -> None:
-        """End the process group: SIGTERM (workers shut down), then SIGKILL after 5 s."""
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM if graceful else signal.SIGKILL)
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-            except ProcessLookupError:  # pragma: no cover
-                pass
-        else:
-            try:  # the master is gone; its workers may not be
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self._logf.close()
-        try:
-            os.unlink(self._logf.name)
-        except OSError:  # pragma: no cover
-            pass
 
     def client(self, source: str = "127.0.0.1", **kw: Any) -> httpx.Client:
         """A client connecting from loopback address ``source``."""
