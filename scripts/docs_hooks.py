@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +75,27 @@ def summary(results: dict[str, Any]) -> str:
     day = str(results.get("started", ""))[:10]
     command = str(results.get("command") or "").strip()
     return (f"`{command}` on commit {commit}, {day}, {workers} uvicorn workers "
-            f"({(results.get('machine') or {}).get('cores')} cores):\n\n" + "\n".join(out) + "\n")
+            f"({(results.get('machine') or {}).get('cores')} cores):\n\n" + "\n".join(out) + "\n"
+            + _request_path(results))
+
+
+def _request_path(results: dict[str, Any]) -> str:
+    """One sentence on the middleware's own cost (issue 20's first two figures,
+    bench/middleware_cost.py), when the run measured it; else nothing."""
+    figs = {t.get("name"): t for t in results.get("targets_20") or []}
+    allowed, denied = figs.get("middleware CPU, allowed"), figs.get("middleware CPU, denied")
+    if not allowed or not denied or allowed.get("value") is None or denied.get("value") is None:
+        return ""
+
+    def said(t: dict[str, Any]) -> str:
+        other = re.search(r"Python path ([0-9.]+)", str(t.get("compare") or ""))
+        return f"{t['value']:.2f} µs" + (f" (the Python path: {float(other[1]):.2f})" if other else "")
+
+    n = (allowed.get("spread") or {}).get("n", 1)
+    text = ("The middleware's own event-loop CPU per request over the bare app "
+            f"(`bench/middleware_cost.py`, median of {n} round{'s' if n != 1 else ''}): "
+            f"{said(allowed)} for an allowed request, {said(denied)} for one denied from the local cache.")
+    return "\n" + textwrap.fill(text, 100) + "\n"
 
 
 def readme_with_numbers(text: str, results: dict[str, Any]) -> str:
