@@ -14,6 +14,7 @@ import tracemalloc
 from typing import Any
 
 import pytest
+from asgi_call import ok_app
 
 import rategate
 from rategate.middleware import PYTHON_PATH
@@ -31,11 +32,6 @@ def rss_kb() -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     return -1
-
-
-async def _app(scope: Any, receive: Any, send: Any) -> None:
-    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
-    await send({"type": "http.response.body", "body": b"ok"})
 
 
 async def _receive() -> dict[str, Any]:
@@ -59,7 +55,7 @@ async def requests(mw: Any, first: int, n: int) -> None:
 
 def test_a_million_requests_retain_nothing() -> None:
     lim = rategate.Limiter("memory://")
-    mw = rategate.RateLimitMiddleware(_app, limiter=lim, limits="1000000/second", rules={"/flood": "1/hour"},
+    mw = rategate.RateLimitMiddleware(ok_app, limiter=lim, limits="1000000/second", rules={"/flood": "1/hour"},
                                       exempt=["/health"], headers="draft-11",
                                       key=rategate.client_ip(trusted_proxies=["10.0.0.0/8"], ipv6_prefix=64))
     assert mw._gate is not None
@@ -103,7 +99,7 @@ def test_a_redis_backed_stretch_retains_nothing(redis_url: str) -> None:
     # the future path (Pending, resume) and the C send, 100,000 requests
     async def go() -> tuple[int, int]:
         lim = rategate.Limiter(redis_url, timeout=5.0)
-        mw = rategate.RateLimitMiddleware(_app, limiter=lim, limits="1000000/hour")
+        mw = rategate.RateLimitMiddleware(ok_app, limiter=lim, limits="1000000/hour")
         mw.rule_for("/", "GET")
 
         async def batch(first: int, n: int) -> None:
